@@ -9,3 +9,4 @@ from vgs_kernels._backend import BACKENDS, get_backend, set_backend, use_backend
 __version__ = "0.1.0"
 
 # Public API (each module adds its names below).
+from vgs_kernels.decomposed_kl import KLTerms, decomposed_kl, decomposed_kl_reference

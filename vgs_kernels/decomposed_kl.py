@@ -1,0 +1,290 @@
+"""Decomposed KL: the four per-position KL terms of Visual Gradient Steering in one fused op.
+
+With p = softmax(s/T), pu = softmax(u/T), qa = softmax(a/T), qb = softmax(b/T) and
+q* = softmax((u + a - b)/T) (DESIGN.md §1):
+
+    Std = KL(p ‖ qa)   Vis = KL(p ‖ q*)   Lang = KL(pu ‖ qb)   VDS = KL(qa ‖ qb)
+
+Forward reads the four logit rows once and returns the terms plus per-row log-sum-exps; backward
+takes one cotangent per term per row and writes ds, du in one more pass, so any weighting of the
+terms (γ, per-token γ_t, the LP gate, masks) costs no extra kernel. Nothing of size [N, V] in fp32
+is kept between the passes.
+
+Backends (vgs_kernels._backend.resolve): C++ on CPU (csrc/decomposed_kl.cpp), Triton on CUDA (this
+file), and a plain-torch reference (this file). All accumulate in fp32.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from vgs_kernels._backend import resolve
+
+# Rows of the `stats` tensor: natural-log log-sum-exps of s/T, u/T, a/T, b/T, (u+a-b)/T.
+N_STATS = 5
+
+
+class KLTerms(NamedTuple):
+    """Per-position KL terms, each of the inputs' leading shape; float32 (float64 if any input is)."""
+
+    std: Tensor
+    vis: Tensor
+    lang: Tensor
+    vds: Tensor
+
+
+# ----------------------------------------------------------------------------- input checks
+
+
+def _check_inputs(s, u, a, b, mask, temperature: float = 1.0) -> None:
+    """Raises TypeError / ValueError naming the offending argument."""
+    if (u is None) != (b is None):
+        raise ValueError("u and b must be given together (decomposed mode) or both be None "
+                         f"(monolithic mode); got u={'None' if u is None else 'tensor'}, "
+                         f"b={'None' if b is None else 'tensor'}")
+    named = [(n, t) for n, t in (("s", s), ("u", u), ("a", a), ("b", b)) if t is not None or n in "sa"]
+    for name, t in named:
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor of logits, got dtype {t.dtype}")
+    if s.dim() < 1 or s.shape[-1] < 1:
+        raise ValueError(f"s must have shape [..., V] with V >= 1, got {tuple(s.shape)}")
+    for name, t in named[1:]:
+        if t.shape[-1] != s.shape[-1]:
+            raise ValueError(f"{name} has vocabulary size {t.shape[-1]} but s has {s.shape[-1]}: "
+                             f"expected {name} of shape {tuple(s.shape)}")
+        if t.shape != s.shape:
+            raise ValueError(f"{name} must have the shape of s {tuple(s.shape)}, got {tuple(t.shape)}")
+        if t.device != s.device:
+            raise ValueError(f"{name} is on {t.device} but s is on {s.device}")
+    if mask is not None:
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+        if mask.shape != s.shape[:-1]:
+            raise ValueError(f"mask must have the leading shape of s {tuple(s.shape[:-1])}, "
+                             f"got {tuple(mask.shape)}")
+        if mask.device != s.device:
+            raise ValueError(f"mask is on {mask.device} but s is on {s.device}")
+        if mask.is_complex():
+            raise TypeError(f"mask must be bool or 0/1 numbers, got dtype {mask.dtype}")
+    if not isinstance(temperature, (int, float)) or not (0 < temperature < math.inf):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+
+
+def _rows(x: Optional[Tensor], v: int) -> Optional[Tensor]:
+    """[..., V] -> [N, V] with unit stride along V (a view when possible)."""
+    if x is None:
+        return None
+    x = x.reshape(-1, v)
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _row_mask(mask: Optional[Tensor]) -> Optional[Tensor]:
+    """Leading-shape mask (bool or 0/1 numbers; nonzero = valid) -> contiguous bool [N]."""
+    if mask is None:
+        return None
+    return (mask if mask.dtype == torch.bool else mask != 0).reshape(-1).contiguous()
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def _acc_dtype(*xs: Optional[Tensor]) -> torch.dtype:
+    """fp32 accumulation, or fp64 when any input is fp64 (so that float64 gradcheck is exact)."""
+    return torch.float64 if any(x is not None and x.dtype == torch.float64 for x in xs) else torch.float32
+
+
+def _forward_reference(s, u, a, b, inv_t: float, mask):
+    """Plain-torch row forward with the same outputs as the kernels (terms [4, N], stats [5, N])."""
+    mono = u is None
+    n, acc = s.shape[0], _acc_dtype(s, u, a, b)
+    valid = torch.ones(n, dtype=torch.bool, device=s.device) if mask is None else mask
+    # Masked rows are zeroed first so that garbage there cannot leak into anything.
+    xs, xu, xa, xb = (None if x is None else torch.where(valid[:, None], x.to(acc) * inv_t, 0.0)
+                      for x in (s, u, a, b))
+    zero = torch.zeros(n, dtype=acc, device=s.device)
+
+    def kl(x, lse_x, y, lse_y):
+        lx = x - lse_x[:, None]
+        return (lx.exp() * (lx - y + lse_y[:, None])).sum(-1)
+
+    lse_s, lse_a = xs.logsumexp(-1), xa.logsumexp(-1)
+    std = kl(xs, lse_s, xa, lse_a)
+    if mono:
+        terms = torch.stack([std, zero, zero, zero])
+        stats = torch.stack([lse_s, zero, lse_a, zero, zero])
+    else:
+        xq = xu + xa - xb
+        lse_u, lse_b, lse_q = xu.logsumexp(-1), xb.logsumexp(-1), xq.logsumexp(-1)
+        terms = torch.stack([std, kl(xs, lse_s, xq, lse_q), kl(xu, lse_u, xb, lse_b),
+                             kl(xa, lse_a, xb, lse_b)])
+        stats = torch.stack([lse_s, lse_u, lse_a, lse_b, lse_q])
+    return terms * valid, stats * valid
+
+
+def _backward_reference(s, u, a, b, stats, terms, grad_terms, inv_t: float, detach_prior: bool,
+                        mask, out_dtype):
+    """Plain-torch row backward from the closed-form gradients (DESIGN.md §1)."""
+    n, acc = s.shape[0], _acc_dtype(s, u, a, b)
+    valid = torch.ones(n, dtype=torch.bool, device=s.device) if mask is None else mask
+    g = grad_terms.to(acc) * valid
+    xs, xu, xa, xb = (None if x is None else torch.where(valid[:, None], x.to(acc) * inv_t, 0.0)
+                      for x in (s, u, a, b))
+    lse_s, lse_u, lse_a, lse_b, lse_q = (r[:, None] for r in stats * valid)
+    g_std, g_vis, g_lang = (r[:, None] for r in g[:3])
+    std, vis, lang = (r[:, None] for r in terms[:3] * valid)
+    ls = xs - lse_s
+    p = ls.exp()
+    ds = g_std * p * (ls - xa + lse_a - std)
+    if u is None:
+        return (ds * inv_t).to(out_dtype or s.dtype), None
+    lq = xu + xa - xb - lse_q
+    ds = ds + g_vis * p * (ls - lq - vis)
+    lu = xu - lse_u
+    du = g_lang * lu.exp() * (lu - xb + lse_b - lang)
+    if not detach_prior:
+        du = du + g_vis * (lq.exp() - p)
+    return (ds * inv_t).to(out_dtype or s.dtype), (du * inv_t).to(out_dtype or u.dtype)
+
+
+def decomposed_kl_reference(s: Tensor, u: Optional[Tensor], a: Tensor, b: Optional[Tensor],
+                            mask: Optional[Tensor] = None, temperature: float = 1.0,
+                            detach_prior: bool = True) -> KLTerms:
+    """Plain-torch (log_softmax, autograd) version of `decomposed_kl`, for tests and as a spec."""
+    _check_inputs(s, u, a, b, mask, temperature)
+    keep = None if mask is None else (mask if mask.dtype == torch.bool else mask != 0)[..., None]
+
+    acc = _acc_dtype(s, u, a, b)
+
+    def logp(x):  # masked positions are zeroed before anything so NaN there cannot leak
+        x = x.to(acc) / temperature
+        return (x if keep is None else torch.where(keep, x, 0.0)).log_softmax(-1)
+
+    def kl(lp, lq):
+        return (lp.exp() * (lp - lq)).sum(-1)
+
+    ls, la = logp(s), logp(a.detach())
+    std = kl(ls, la)
+    if u is None:
+        vis = lang = vds = torch.zeros_like(std)
+    else:
+        lu, lb = logp(u), logp(b.detach())
+        lq = (lu.detach() if detach_prior else lu) + la - lb
+        vis, lang, vds = kl(ls, lq.log_softmax(-1)), kl(lu, lb), kl(la, lb)
+    terms = (std, vis, lang, vds)
+    if keep is not None:
+        terms = tuple(t * keep[..., 0] for t in terms)
+    return KLTerms(*terms)
+
+
+# ----------------------------------------------------------------------------- row API
+
+
+def kl_forward(s: Tensor, u: Optional[Tensor], a: Tensor, b: Optional[Tensor], inv_temperature: float,
+               mask: Optional[Tensor] = None, *, backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
+    """Row forward, no autograd.
+
+    s, u, a, b: [N, V] logits, any float dtypes, unit stride along V (row stride free); u and b
+    both None = monolithic mode (only Std). mask: bool [N] or None (False rows are not read).
+    Returns terms: [4, N] fp32 (rows std, vis, lang, vds; zero where masked, and vis/lang/vds
+    zero in monolithic mode) and stats: [5, N] fp32 natural-log LSEs of s/T, u/T, a/T, b/T,
+    (u+a-b)/T (the input of `kl_backward`; interchangeable between backends).
+    """
+    name = resolve(s.device, backend)
+    if name == "cpp":
+        return torch.ops.vgs_kernels.decomposed_kl_forward(s, u, a, b, inv_temperature, mask)
+    if name == "triton":
+        return torch.ops.vgs_kernels.decomposed_kl_forward_triton(s, u, a, b, inv_temperature, mask)
+    return _forward_reference(s, u, a, b, inv_temperature, mask)
+
+
+def kl_backward(s: Tensor, u: Optional[Tensor], a: Tensor, b: Optional[Tensor], stats: Tensor,
+                terms: Tensor, grad_terms: Tensor, inv_temperature: float, detach_prior: bool,
+                mask: Optional[Tensor] = None, *, backend: Optional[str] = None,
+                out_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Optional[Tensor]]:
+    """Row backward, no autograd: ds, du from one cotangent per term per row.
+
+    s, u, a, b, mask, inv_temperature: as given to `kl_forward`; stats [5, N] and terms [4, N]:
+    its outputs. grad_terms: [4, N] fp32 cotangents of std, vis, lang (the vds row is ignored:
+    nothing flows into the teacher). Returns ds: [N, V] and du: [N, V] (None in monolithic mode),
+    in s.dtype / u.dtype, or both in `out_dtype` when given; zero on masked rows.
+    """
+    name = resolve(s.device, backend)
+    grad_terms = grad_terms.to(_acc_dtype(s, u, a, b)).contiguous()
+    if name == "reference":
+        return _backward_reference(s, u, a, b, stats, terms, grad_terms, inv_temperature,
+                                   detach_prior, mask, out_dtype)
+    op = (torch.ops.vgs_kernels.decomposed_kl_backward if name == "cpp"
+          else torch.ops.vgs_kernels.decomposed_kl_backward_triton)
+    ds, du = op(s, u, a, b, stats, terms, grad_terms, inv_temperature, detach_prior, mask, out_dtype)
+    return ds, (None if u is None else du)
+
+
+# ----------------------------------------------------------------------------- autograd
+
+
+class DecomposedKLFunction(torch.autograd.Function):
+    """Rows [N, V] -> terms [4, N]; backward writes ds, du in one pass (any backend)."""
+
+    @staticmethod
+    def forward(ctx, s, u, a, b, mask, inv_t: float, detach_prior: bool, backend: Optional[str]):
+        terms, stats = kl_forward(s, u, a, b, inv_t, mask, backend=backend)
+        ctx.save_for_backward(s, u, a, b, mask, stats, terms)
+        ctx.inv_t, ctx.detach_prior, ctx.backend = inv_t, detach_prior, backend
+        return terms
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_terms):
+        s, u, a, b, mask, stats, terms = ctx.saved_tensors
+        need_s, need_u = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (need_s or need_u):
+            return (None,) * 8
+        ds, du = kl_backward(s, u, a, b, stats, terms, grad_terms, ctx.inv_t, ctx.detach_prior,
+                             mask, backend=ctx.backend)
+        return (ds if need_s else None), (du if need_u else None), None, None, None, None, None, None
+
+
+def decomposed_kl(s: Tensor, u: Optional[Tensor], a: Tensor, b: Optional[Tensor],
+                  mask: Optional[Tensor] = None, temperature: float = 1.0, detach_prior: bool = True,
+                  *, backend: Optional[str] = None, check_finite: bool = False) -> KLTerms:
+    """Std, Vis, Lang, VDS per position (DESIGN.md §1), differentiable w.r.t. s and u.
+
+    s, u: student logits with / without the image, a, b: teacher logits with / without it; all
+    [..., V], any float dtypes (student and teacher may differ), any strides. u = b = None is the
+    monolithic mode: only Std is computed (u, b never read; vis, lang, vds are zeros).
+    mask: bool or 0/1 of the leading shape; masked positions give 0 terms and 0 gradients and
+    are never read (padding garbage there cannot leak). temperature divides all four rows.
+    detach_prior: no gradient from Vis into u through q* (the default; DESIGN.md §1).
+    backend: force "cpp" | "triton" | "reference" (default: by device, see vgs_kernels._backend).
+    Non-finite logits in a valid row make that row's terms NaN; check_finite=True instead raises
+    a ValueError naming the tensor (costs a host synchronisation, so off by default).
+
+    Returns KLTerms of float32 tensors of the leading shape (float64 when any input is float64:
+    every backend then accumulates in float64, which is what float64 gradcheck needs). Gradients arrive in s.dtype, u.dtype;
+    the teacher rows a, b get none.
+    """
+    _check_inputs(s, u, a, b, mask, temperature)
+    lead, v = s.shape[:-1], s.shape[-1]
+    rows = [_rows(x, v) for x in (s, u, a, b)]
+    row_mask = _row_mask(mask)
+    terms = DecomposedKLFunction.apply(*rows, row_mask, 1.0 / temperature, detach_prior, backend)
+    if check_finite:
+        _raise_if_not_finite(terms, rows, row_mask)
+    return KLTerms(*terms.reshape(4, *lead).unbind(0))
+
+
+def _raise_if_not_finite(terms: Tensor, rows, mask: Optional[Tensor]) -> None:
+    if bool(terms.isfinite().all()):
+        return
+    for name, x in zip("suab", rows):
+        if x is not None:
+            bad = ~x.isfinite().all(-1) if mask is None else ~x.isfinite().all(-1) & mask
+            if bool(bad.any()):
+                raise ValueError(f"{name} has non-finite logits at (flattened) positions "
+                                 f"{bad.nonzero().flatten()[:8].tolist()}")
+    raise ValueError("decomposed_kl produced non-finite terms from finite logits (overflow?)")
