@@ -1,0 +1,193 @@
+"""The paper's loss (Eq. 13-18, App. E): per-term cotangents on top of the decomposed KL.
+
+    total = η · [Std + γ·Vis + λ·LP]
+
+Std, Vis, Lang and VDS are the per-position terms of `decomposed_kl` (DESIGN.md §1). LP is Lang
+counted only on the tokens whose (detached) VDS lies above the `lp_quantile` quantile of the
+batch's valid tokens. Every reduced term is a weighted sum of per-position terms,
+
+    std = Σ_t w_t Std_t      vis = Σ_t w_t f_t Vis_t      lp = Σ_t w_t g_t Lang_t
+
+with w_t the reduction weight (below), g_t ∈ {0, 1} the LP gate and f_t the adaptive-γ factor
+(App. E: f_t = 0 below the 0.4 VDS quantile, 1/2 up to 0.7, 1 above; f_t = 1 when not adaptive).
+Since γ_t = γ·f_t, `total = η(std + γ·vis + λ·lp)` holds in both modes and `vis` stays the
+component the steering hook weighs by γ. The weights are detached, so the backward of each
+reduced term is one call of the op's backward with per-position cotangents (no extra kernel).
+
+Reductions (w_t is zero on masked positions):
+  "sequence"  the paper's: mean over each sequence's valid tokens, then mean over sequences (the
+              last leading dimension is the sequence). Sequences without any valid token are left
+              out of the mean over sequences (they would otherwise pull the loss towards 0 by an
+              amount that depends on padding); an all-masked batch gives 0.
+  "token"     Σ over valid tokens / num_items_in_batch (default: this call's valid-token count).
+              Pass the whole batch's count to every micro-batch to make gradient accumulation
+              exact (the VDS quantiles are still per call; see `VGSLoss.forward`).
+  "sum"       Σ over valid tokens.
+  "none"      per position (masked positions 0); total, std, vis, lp then have the leading shape.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from vgs_kernels.decomposed_kl import KLTerms, decomposed_kl
+
+REDUCTIONS = ("sequence", "token", "sum", "none")
+Number = Union[int, float]
+
+
+class VGSLossOutput(NamedTuple):
+    """total = η(std + γ·vis + λ·lp). total, std, vis, lp: scalars (leading shape for reduction
+    "none"), differentiable; vds: detached per-position VDS, float32, zero where masked (None for
+    the monolithic loss, which does not compute it)."""
+
+    total: Tensor
+    std: Tensor
+    vis: Tensor
+    lp: Tensor
+    vds: Optional[Tensor]
+
+
+def masked_quantile(x: Tensor, valid: Tensor, q: Sequence[float]) -> Tensor:
+    """Quantiles `q` of x[valid] (torch.quantile's linear interpolation), without a host sync.
+
+    x, valid: same shape (valid bool). Returns [len(q)] in x.dtype; zeros when nothing is valid.
+    """
+    x, valid = x.detach().reshape(-1), valid.reshape(-1)
+    n = valid.sum()
+    v = torch.where(valid, x, torch.inf).sort().values  # the valid values first, in order
+    pos = torch.tensor(q, dtype=x.dtype, device=x.device) * (n - 1).clamp(min=0)
+    lo, hi = pos.floor().long(), pos.ceil().long()
+    out = torch.lerp(v[lo], v[hi], pos - lo)
+    return torch.where(n > 0, out, torch.zeros_like(out))
+
+
+class VGSLoss(nn.Module):
+    """The paper's distillation loss from the four logit sets (module form of `vgs_loss`).
+
+    gamma, lam: γ and λ of Eq. 13-18. lp_quantile: LP counts Lang only on tokens with VDS strictly
+    above this quantile of the valid tokens' VDS. adaptive: per-token γ_t (App. E) with the
+    quantiles `adaptive_quantiles` (low, high): γ_t = 0 if VDS < low quantile, γ if VDS > high
+    quantile, γ/2 in between. eta: fixed η scaling the total (None: 1); a float or a 0-dim tensor.
+    reduction: "sequence" | "token" | "sum" | "none" (module docstring). temperature divides all
+    four logit sets; detach_prior: no gradient from Vis into u (DESIGN.md §1). monolithic: the
+    standard loss η·Std only (also selected by passing u = b = None), through the op's fast
+    Std-only mode; then vis = lp = 0 and vds = None. backend: forces the op's backend.
+    """
+
+    def __init__(self, gamma: float = 2.0, lam: float = 0.01, lp_quantile: float = 0.7,
+                 adaptive: bool = False, eta: Optional[Union[float, Tensor]] = None,
+                 reduction: str = "sequence", *,
+                 adaptive_quantiles: Tuple[float, float] = (0.4, 0.7), temperature: float = 1.0,
+                 detach_prior: bool = True, monolithic: bool = False, backend: Optional[str] = None,
+                 check_finite: bool = False):
+        super().__init__()
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        for name, value in (("gamma", gamma), ("lam", lam)):
+            if not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        lo, hi = adaptive_quantiles
+        for name, value in (("lp_quantile", lp_quantile), ("adaptive_quantiles", lo),
+                            ("adaptive_quantiles", hi)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
+        if lo > hi:
+            raise ValueError(f"adaptive_quantiles must be (low, high) with low <= high, got {(lo, hi)}")
+        self.gamma, self.lam, self.lp_quantile = float(gamma), float(lam), float(lp_quantile)
+        self.adaptive, self.adaptive_quantiles = adaptive, (float(lo), float(hi))
+        self.eta, self.reduction = eta, reduction
+        self.temperature, self.detach_prior = temperature, detach_prior
+        self.monolithic, self.backend, self.check_finite = monolithic, backend, check_finite
+
+    def extra_repr(self) -> str:
+        if self.monolithic:
+            return f"monolithic, eta={self.eta}, reduction={self.reduction!r}"
+        return (f"gamma={self.gamma}, lam={self.lam}, lp_quantile={self.lp_quantile}, "
+                f"adaptive={self.adaptive}, eta={self.eta}, reduction={self.reduction!r}")
+
+    def forward(self, s: Tensor, u: Optional[Tensor], a: Tensor, b: Optional[Tensor],
+                mask: Optional[Tensor] = None, *,
+                num_items_in_batch: Optional[Union[Number, Tensor]] = None) -> VGSLossOutput:
+        """s, u, a, b: logits [..., T, V] (student/teacher, with/without the image); mask: bool or
+        0/1 of the leading shape (True = response token). num_items_in_batch: reduction "token"
+        only. The VDS quantiles are taken over this call's valid tokens (under gradient
+        accumulation the LP gate and γ_t follow each micro-batch, as in a per-batch quantile)."""
+        mono = self.monolithic or (u is None and b is None)
+        terms = decomposed_kl(s, None if mono else u, a, None if mono else b, mask,
+                              self.temperature, self.detach_prior, backend=self.backend,
+                              check_finite=self.check_finite)
+        return self.reduce(terms, mask, monolithic=mono, num_items_in_batch=num_items_in_batch)
+
+    # ------------------------------------------------------------------ per-term cotangents
+
+    def reduction_weights(self, valid: Tensor, dtype: torch.dtype,
+                          num_items_in_batch: Optional[Union[Number, Tensor]] = None) -> Tensor:
+        """w_t of the leading shape: every reduced term is Σ_t w_t · term_t (or w_t · term_t)."""
+        if num_items_in_batch is not None and self.reduction != "token":
+            raise ValueError("num_items_in_batch applies to reduction='token' only, "
+                             f"but reduction={self.reduction!r}")
+        w = valid.to(dtype)
+        if self.reduction == "sequence":
+            if valid.dim() < 1:
+                raise ValueError("reduction='sequence' needs logits of shape [..., T, V] (the last "
+                                 f"leading dimension is the sequence), got leading shape {tuple(valid.shape)}")
+            per_seq = w.sum(-1, keepdim=True)
+            n_seq = (per_seq > 0).sum()
+            return w / per_seq.clamp(min=1) / n_seq.clamp(min=1)
+        if self.reduction == "token":
+            if num_items_in_batch is None:
+                return w / w.sum().clamp(min=1)
+            if not isinstance(num_items_in_batch, Tensor) and not num_items_in_batch > 0:
+                raise ValueError(f"num_items_in_batch must be > 0, got {num_items_in_batch!r}")
+            return w / num_items_in_batch
+        return w
+
+    def vds_factors(self, vds: Tensor, valid: Tensor) -> Tuple[Optional[Tensor], Tensor]:
+        """(f, g) from the detached VDS: the adaptive-γ factor f_t ∈ {0, 1/2, 1} (None when not
+        adaptive, i.e. 1) and the LP gate g_t ∈ {0, 1}, both in vds.dtype."""
+        vds = vds.detach()
+        q = masked_quantile(vds, valid, (self.lp_quantile,) + self.adaptive_quantiles)
+        gate = (vds > q[0]).to(vds.dtype)
+        if not self.adaptive:
+            return None, gate
+        f = torch.where(vds < q[1], 0.0, torch.where(vds > q[2], 1.0, 0.5)).to(vds.dtype)
+        return f, gate
+
+    def combine(self, std: Tensor, vis: Tensor, lp: Tensor) -> Tensor:
+        total = std + self.gamma * vis + self.lam * lp
+        return total if self.eta is None else self.eta * total
+
+    def reduce(self, terms: KLTerms, mask: Optional[Tensor], *, monolithic: bool = False,
+               num_items_in_batch: Optional[Union[Number, Tensor]] = None) -> VGSLossOutput:
+        """The loss from per-position terms (e.g. of `decomposed_kl`, leading shape [..., T])."""
+        valid = (torch.ones_like(terms.std, dtype=torch.bool) if mask is None
+                 else mask if mask.dtype == torch.bool else mask != 0)
+        w = self.reduction_weights(valid, terms.std.dtype, num_items_in_batch)
+        red = (lambda x: w * x) if self.reduction == "none" else (lambda x: (w * x).sum())
+        std = red(terms.std)
+        if monolithic:
+            zero = torch.zeros_like(std)
+            return VGSLossOutput(self.combine(std, zero, zero), std, zero, zero.clone(), None)
+        vds = terms.vds.detach()
+        f, gate = self.vds_factors(vds, valid)
+        vis = red(terms.vis if f is None else f * terms.vis)
+        lp = red(gate * terms.lang)
+        return VGSLossOutput(self.combine(std, vis, lp), std, vis, lp, vds)
+
+
+def vgs_loss(s: Tensor, u: Optional[Tensor], a: Tensor, b: Optional[Tensor],
+             mask: Optional[Tensor] = None, *, gamma: float = 2.0, lam: float = 0.01,
+             lp_quantile: float = 0.7, adaptive: bool = False,
+             adaptive_quantiles: Tuple[float, float] = (0.4, 0.7),
+             eta: Optional[Union[float, Tensor]] = None, reduction: str = "sequence",
+             num_items_in_batch: Optional[Union[Number, Tensor]] = None,
+             temperature: float = 1.0, detach_prior: bool = True, monolithic: bool = False,
+             backend: Optional[str] = None, check_finite: bool = False) -> VGSLossOutput:
+    """Functional form of `VGSLoss` (same arguments; see its docstring)."""
+    return VGSLoss(gamma, lam, lp_quantile, adaptive, eta, reduction,
+                   adaptive_quantiles=adaptive_quantiles, temperature=temperature,
+                   detach_prior=detach_prior, monolithic=monolithic, backend=backend,
+                   check_finite=check_finite)(s, u, a, b, mask, num_items_in_batch=num_items_in_batch)
