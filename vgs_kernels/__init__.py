@@ -11,3 +11,4 @@ __version__ = "0.1.0"
 # Public API (each module adds its names below).
 from vgs_kernels.decomposed_kl import KLTerms, decomposed_kl, decomposed_kl_reference
 from vgs_kernels.loss import VGSLoss, VGSLossOutput, vgs_loss
+from vgs_kernels.fused_linear import FusedLinearVGSLoss, fused_linear_decomposed_kl

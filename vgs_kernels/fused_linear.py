@@ -1,0 +1,432 @@
+"""Fused-linear decomposed KL: LM heads + KL split + backward, chunked over tokens (issue 7).
+
+At Qwen3-VL's vocabulary (V = 151,936) the four [N, V] logit tensors dominate memory. Here the
+student's hidden states h_s, h_u ([N, H_s]) and the teacher's h_a, h_b ([N, H_t]) go through the
+LM heads a chunk of rows at a time, so at most [chunk, V] logits exist at once; the row kernels of
+`decomposed_kl` (kl_forward / kl_backward) run on each chunk while its logits are fresh, and the
+chunk's logit gradients go straight into dh = dz @ W and dW += dz^T h (torch matmuls: cuBLAS on
+CUDA, MKL/oneDNN on CPU). Logits are z = logit_scale · (h @ W^T + bias), optionally soft-capped
+to cap · tanh(z / cap) (Gemma-2 style), then divided by the temperature inside the KL kernels.
+
+Two entry points:
+
+* `fused_linear_decomposed_kl` -> KLTerms per position, for any per-term cotangents. Its backward
+  must recompute the four chunk logits (the cotangents are not known in forward): 4 + 4 + 3 head
+  matmuls (in units of one N x H x V product) against 4 + 3 for the materialised path.
+
+* `FusedLinearVGSLoss` -> the paper's loss (same config and `VGSLossOutput` as `VGSLoss`). Here the
+  cotangents of every term are known up to the VDS quantile, so the gradients are computed during
+  forward (Liger-Kernel's approach) and backward only scales them:
+    phase 1  adaptive γ only: VDS from the teacher rows alone (2 matmuls) -> per-token γ_t
+    phase 2  s, u, a, b logits (4), terms, and the Std/Vis gradient into h_s, W (2)
+    phase 3  LP: the quantile of the batch's VDS gates Lang to ~30% of the tokens; only those
+             rows recompute u, b (2 x 0.3) and get a Lang gradient (2 x 0.3).
+  That is 7.2 matmuls for the default loss (9.2 adaptive) against 8 for the materialised path
+  (4 logits, dh_s, dh_u and dW over both), so the fused step is not slower in arithmetic. The
+  alternative, a VDS-only first pass for every configuration, costs 2 more matmuls (8.6 - 9.2);
+  recomputing in backward costs 11-12. Component-wise gradients (`components=True`, for exact
+  steering) keep the Std, Vis and LP gradients apart: one more kl_backward pass per chunk and
+  2 more matmuls (dh_s and dW for Vis separately), never more teacher logits.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from vgs_kernels.decomposed_kl import N_STATS, KLTerms, decomposed_kl_reference, kl_backward, kl_forward
+from vgs_kernels.loss import VGSLoss, VGSLossOutput
+
+Pair = Union[float, Tuple[float, float]]
+Rows = Union[slice, Tensor]
+
+DEFAULT_MEMORY_BUDGET = 512 << 20  # bytes of chunk workspace (logits, their gradients, temporaries)
+
+
+def chunk_rows(n: int, vocab: int, itemsize: int, memory_budget: Optional[int] = None) -> int:
+    """Rows per chunk so that the chunk's four logit rows, ds, du and one fp32 temporary fit in
+    `memory_budget` bytes (default DEFAULT_MEMORY_BUDGET)."""
+    per_row = vocab * (6 * itemsize + 4)
+    return max(1, min(n, (memory_budget or DEFAULT_MEMORY_BUDGET) // per_row))
+
+
+def _pair(x: Optional[Pair], name: str) -> Tuple[Optional[float], Optional[float]]:
+    """One value for both models, or (student, teacher)."""
+    pair = tuple(x) if isinstance(x, (tuple, list)) else (x, x)
+    if len(pair) != 2:
+        raise ValueError(f"{name} must be a number or a (student, teacher) pair, got {x!r}")
+    return pair
+
+
+class _Heads:
+    """Student (0) and teacher (1) LM heads with their logit transforms."""
+
+    def __init__(self, w_s, b_s, w_t, b_t, dtypes, logit_scale: Pair, softcap: Optional[Pair]):
+        # The heads run in the hidden states' dtype (like autocast does for an fp32 master weight).
+        self.w = [w.detach().to(dt) for w, dt in zip((w_s, w_t), dtypes)]
+        self.bias = [None if bb is None else bb.detach().to(dt) for bb, dt in zip((b_s, b_t), dtypes)]
+        self.scale, self.cap = _pair(logit_scale, "logit_scale"), _pair(softcap, "softcap")
+
+    def logits(self, h: Tensor, k: int) -> Tensor:
+        """cap · tanh(scale · (h @ W^T + bias) / cap): [rows, V] in h's dtype."""
+        w, bias, scale, cap = self.w[k], self.bias[k], self.scale[k], self.cap[k]
+        z = h @ w.T if bias is None else torch.addmm(bias, h, w.T)
+        if scale != 1:
+            z.mul_(scale)
+        if cap is not None:
+            z.div_(cap).tanh_().mul_(cap)
+        return z
+
+    def to_preactivation(self, dl: Tensor, logits: Tensor) -> Tensor:
+        """Student logit gradient -> gradient of h @ W^T + bias (in place on dl)."""
+        scale, cap = self.scale[0], self.cap[0]
+        if cap is not None:  # d cap·tanh(z/cap) / dz = 1 - tanh² = 1 - (logits/cap)²
+            dl.mul_(torch.div(logits, cap).square_().neg_().add_(1))
+        if scale != 1:
+            dl.mul_(scale)
+        return dl
+
+
+class _Grads:
+    """Gradients of one loss component w.r.t. h_s, h_u, the student weight and bias (None when
+    not wanted). The weight gradient is accumulated over chunks in `acc_dtype`."""
+
+    def __init__(self, h_s, h_u, w, bias, want: Sequence[bool], acc_dtype: torch.dtype):
+        self.h = [torch.zeros_like(h) if h is not None and ok else None for h, ok in zip((h_s, h_u), want)]
+        self.w = torch.zeros(w.shape, dtype=acc_dtype, device=w.device) if want[2] else None
+        self.bias = (torch.zeros(w.shape[0], dtype=torch.promote_types(w.dtype, torch.float32), device=w.device)
+                     if bias is not None and want[3] else None)
+
+    def add(self, k: int, rows: Rows, dz: Tensor, h: Tensor, w: Tensor) -> None:
+        """Rows `rows` of input k (0: h_s, 1: h_u) had pre-activation gradient dz [rows, V]."""
+        if self.h[k] is not None:
+            self.h[k][rows] += dz @ w
+        if self.w is not None:
+            if self.w.dtype == dz.dtype:
+                self.w.addmm_(dz.T, h)
+            else:  # one rounding per chunk, the sum over chunks in acc_dtype
+                self.w += dz.T @ h
+        if self.bias is not None:
+            self.bias += dz.sum(0, dtype=self.bias.dtype)
+
+    def outputs(self) -> List[Optional[Tensor]]:
+        return [self.h[0], self.h[1], self.w, self.bias]
+
+
+def _chunks(n: int, rows: Optional[Tensor], size: int) -> Iterator[Rows]:
+    """Consecutive slices of range(n), or pieces of the index tensor `rows`."""
+    if rows is None:
+        yield from (slice(i, min(n, i + size)) for i in range(0, n, size))
+    else:
+        yield from (rows[i:i + size] for i in range(0, rows.numel(), size))
+
+
+class _Config:
+    """Everything but the tensors: the heads' transforms, temperature, chunking, backend."""
+
+    def __init__(self, temperature, logit_scale, softcap, detach_prior, chunk_size, memory_budget,
+                 fp32_weight_grad, backend):
+        self.inv_t, self.logit_scale, self.softcap = 1.0 / temperature, logit_scale, softcap
+        self.detach_prior, self.chunk_size, self.memory_budget = detach_prior, chunk_size, memory_budget
+        self.fp32_weight_grad, self.backend = fp32_weight_grad, backend
+
+    def setup(self, h_s, h_u, w_s, b_s, h_a, h_b, w_t, b_t):
+        """(heads, chunk rows, logits for rows r) for these tensors."""
+        heads = _Heads(w_s, b_s, w_t, b_t, (h_s.dtype, h_a.dtype), self.logit_scale, self.softcap)
+        itemsize = max(h_s.element_size(), h_a.element_size())
+        chunk = self.chunk_size or chunk_rows(h_s.shape[0], w_s.shape[0], itemsize, self.memory_budget)
+
+        def logits(r: Rows) -> Tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]:
+            return (heads.logits(h_s[r], 0), None if h_u is None else heads.logits(h_u[r], 0),
+                    heads.logits(h_a[r], 1), None if h_b is None else heads.logits(h_b[r], 1))
+
+        return heads, chunk, logits
+
+    def grads(self, h_s, h_u, w_s, b_s, want) -> _Grads:
+        acc = torch.promote_types(w_s.dtype, torch.float32) if self.fp32_weight_grad else w_s.dtype
+        return _Grads(h_s, h_u, w_s, b_s, want, acc)
+
+
+def _acc_dtype(*hs: Optional[Tensor]) -> torch.dtype:
+    return torch.float64 if any(h is not None and h.dtype == torch.float64 for h in hs) else torch.float32
+
+
+# ----------------------------------------------------------------------------- KLTerms op
+
+
+class FusedLinearKLFunction(torch.autograd.Function):
+    """Hidden rows [N, H] -> terms [4, N]; backward recomputes the chunk logits."""
+
+    @staticmethod
+    def forward(ctx, h_s, h_u, w_s, b_s, h_a, h_b, w_t, b_t, rows: Optional[Tensor], cfg: _Config):
+        _, chunk, logits = cfg.setup(h_s, h_u, w_s, b_s, h_a, h_b, w_t, b_t)
+        n, acc = h_s.shape[0], _acc_dtype(h_s, h_u, h_a, h_b)
+        terms = torch.zeros(4, n, dtype=acc, device=h_s.device)
+        stats = torch.zeros(N_STATS, n, dtype=acc, device=h_s.device)
+        for r in _chunks(n, rows, chunk):
+            terms[:, r], stats[:, r] = kl_forward(*logits(r), cfg.inv_t, backend=cfg.backend)
+        ctx.save_for_backward(h_s, h_u, w_s, b_s, h_a, h_b, w_t, b_t, rows, stats, terms)
+        ctx.cfg = cfg
+        return terms
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_terms):
+        h_s, h_u, w_s, b_s, h_a, h_b, w_t, b_t, rows, stats, terms = ctx.saved_tensors
+        cfg, want = ctx.cfg, ctx.needs_input_grad[:4]
+        heads, chunk, logits = cfg.setup(h_s, h_u, w_s, b_s, h_a, h_b, w_t, b_t)
+        grads = cfg.grads(h_s, h_u, w_s, b_s, want)
+        # u gets a gradient only from Lang, or from Vis when the prior is not detached.
+        need_u = h_u is not None and (want[1] or want[2] or want[3]) and bool(
+            grad_terms[2].any() or (not cfg.detach_prior and grad_terms[1].any()))
+        for r in _chunks(h_s.shape[0], rows, chunk):
+            s, u, a, b = logits(r)
+            ds, du = kl_backward(s, u, a, b, stats[:, r], terms[:, r], grad_terms[:, r], cfg.inv_t,
+                                 cfg.detach_prior, backend=cfg.backend)
+            grads.add(0, r, heads.to_preactivation(ds, s), h_s[r], heads.w[0])
+            if need_u:
+                grads.add(1, r, heads.to_preactivation(du, u), h_u[r], heads.w[0])
+        return (*grads.outputs(), None, None, None, None, None, None)
+
+
+def _check(h_s, h_u, w_s, h_a, h_b, w_t, mask, b_s, b_t, temperature, softcap, chunk_size) -> None:
+    """Raises TypeError / ValueError naming the offending argument."""
+    if (h_u is None) != (h_b is None):
+        raise ValueError("h_u and h_b must be given together (decomposed) or both be None (monolithic)")
+    named = [(n, t) for n, t in (("h_s", h_s), ("h_u", h_u), ("w_student", w_s), ("h_a", h_a),
+                                  ("h_b", h_b), ("w_teacher", w_t), ("bias_student", b_s),
+                                  ("bias_teacher", b_t)) if t is not None]
+    for name, t in named:
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point torch.Tensor, got "
+                            f"{t.dtype if isinstance(t, Tensor) else type(t).__name__}")
+        if t.device != h_s.device:
+            raise ValueError(f"{name} is on {t.device} but h_s is on {h_s.device}")
+    for name, w in (("w_student", w_s), ("w_teacher", w_t)):
+        if w.dim() != 2:
+            raise ValueError(f"{name} must be an LM-head weight [V, H], got shape {tuple(w.shape)}")
+    if w_s.shape[0] != w_t.shape[0]:
+        raise ValueError(f"student and teacher vocabularies differ: w_student has V={w_s.shape[0]}, "
+                         f"w_teacher has V={w_t.shape[0]} (the KL needs the same vocabulary)")
+    if h_s.dim() < 1 or h_s.shape[-1] != w_s.shape[1]:
+        raise ValueError(f"h_s must be [..., {w_s.shape[1]}] (the hidden size of w_student), "
+                         f"got {tuple(h_s.shape)}")
+    if h_a.shape != h_s.shape[:-1] + (w_t.shape[1],):
+        raise ValueError(f"h_a must be {tuple(h_s.shape[:-1]) + (w_t.shape[1],)} (the positions of h_s, "
+                         f"the hidden size of w_teacher), got {tuple(h_a.shape)}")
+    for name, h, ref in (("h_u", h_u, h_s), ("h_b", h_b, h_a)):
+        if h is not None and (h.shape != ref.shape or h.dtype != ref.dtype):
+            raise ValueError(f"{name} must match {'h_s' if ref is h_s else 'h_a'} "
+                             f"({tuple(ref.shape)}, {ref.dtype}), got ({tuple(h.shape)}, {h.dtype})")
+    for name, bias in (("bias_student", b_s), ("bias_teacher", b_t)):
+        if bias is not None and bias.shape != (w_s.shape[0],):
+            raise ValueError(f"{name} must have shape ({w_s.shape[0]},), got {tuple(bias.shape)}")
+    if mask is not None and (not isinstance(mask, Tensor) or mask.shape != h_s.shape[:-1]):
+        raise ValueError(f"mask must have the leading shape of h_s {tuple(h_s.shape[:-1])}, got "
+                         f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}")
+    if not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    for cap in _pair(softcap, "softcap"):
+        if cap is not None and not 0 < cap < math.inf:
+            raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+
+
+def _valid_rows(mask: Optional[Tensor]) -> Optional[Tensor]:
+    """Indices of the valid positions (None: all). One host sync; masked rows are never computed."""
+    if mask is None:
+        return None
+    return (mask if mask.dtype == torch.bool else mask != 0).reshape(-1).nonzero().squeeze(1)
+
+
+def _flat(h: Optional[Tensor]) -> Optional[Tensor]:
+    return None if h is None else h.reshape(-1, h.shape[-1])
+
+
+def fused_linear_decomposed_kl(h_s: Tensor, h_u: Optional[Tensor], w_student: Tensor, h_a: Tensor,
+                               h_b: Optional[Tensor], w_teacher: Tensor, mask: Optional[Tensor] = None,
+                               *, bias_student: Optional[Tensor] = None,
+                               bias_teacher: Optional[Tensor] = None, temperature: float = 1.0,
+                               logit_scale: Pair = 1.0, softcap: Optional[Pair] = None,
+                               detach_prior: bool = True, chunk_size: Optional[int] = None,
+                               memory_budget: Optional[int] = None, fp32_weight_grad: bool = True,
+                               backend: Optional[str] = None) -> KLTerms:
+    """`decomposed_kl` of the LM heads' logits without materialising them.
+
+    h_s, h_u: student hidden states with / without the image [..., H_s]; w_student: [V, H_s] (may
+    be the tied input embedding); h_a, h_b: teacher hidden states [..., H_t]; w_teacher: [V, H_t].
+    h_u = h_b = None: monolithic mode (Std only). Logits are logit_scale · (h @ W^T + bias),
+    soft-capped to softcap · tanh(z / softcap) when softcap is set (a number for both models or a
+    (student, teacher) pair, also for logit_scale). mask: bool or 0/1 of the leading shape; masked
+    positions are skipped (0 terms, 0 gradients). chunk_size: positions per chunk (default: from
+    `memory_budget` bytes, see `chunk_rows`). fp32_weight_grad: accumulate dW over chunks in fp32.
+    Returns KLTerms of the leading shape, float32 (float64 for float64 inputs), differentiable
+    w.r.t. h_s, h_u, w_student and bias_student; the teacher gets no gradient.
+    """
+    _check(h_s, h_u, w_student, h_a, h_b, w_teacher, mask, bias_student, bias_teacher, temperature,
+           softcap, chunk_size)
+    cfg = _Config(temperature, logit_scale, softcap, detach_prior, chunk_size, memory_budget,
+                  fp32_weight_grad, backend)
+    terms = FusedLinearKLFunction.apply(_flat(h_s), _flat(h_u), w_student, bias_student, _flat(h_a),
+                                        _flat(h_b), w_teacher, bias_teacher, _valid_rows(mask), cfg)
+    return KLTerms(*terms.reshape(4, *h_s.shape[:-1]).unbind(0))
+
+
+def head_logits(h: Tensor, w: Tensor, bias: Optional[Tensor] = None, logit_scale: float = 1.0,
+                softcap: Optional[float] = None) -> Tensor:
+    """The materialised logits [..., V] (plain torch, differentiable): the reference's first step."""
+    z = torch.nn.functional.linear(h, w.to(h.dtype), None if bias is None else bias.to(h.dtype))
+    z = z * logit_scale
+    return z if softcap is None else softcap * torch.tanh(z / softcap)
+
+
+def fused_linear_decomposed_kl_reference(h_s, h_u, w_student, h_a, h_b, w_teacher, mask=None, *,
+                                         bias_student=None, bias_teacher=None, temperature=1.0,
+                                         logit_scale: Pair = 1.0, softcap: Optional[Pair] = None,
+                                         detach_prior=True) -> KLTerms:
+    """Materialise the four logit tensors, then `decomposed_kl_reference` (tests, spec)."""
+    (sc_s, sc_t), (cap_s, cap_t) = _pair(logit_scale, "logit_scale"), _pair(softcap, "softcap")
+    stu = [None if h is None else head_logits(h, w_student, bias_student, sc_s, cap_s) for h in (h_s, h_u)]
+    tea = [None if h is None else head_logits(h, w_teacher, bias_teacher, sc_t, cap_t) for h in (h_a, h_b)]
+    return decomposed_kl_reference(stu[0], stu[1], tea[0], tea[1], mask, temperature, detach_prior)
+
+
+# ----------------------------------------------------------------------------- the loss
+
+
+class _FusedLinearVGSFunction(torch.autograd.Function):
+    """(h_s, h_u, w_student, bias) -> (values [k], components [3], terms [4, N]).
+
+    The gradients of the k values (rows of `coeffs` applied to the std, vis, lp components) are
+    computed in forward; backward scales them by the incoming cotangents.
+    """
+
+    @staticmethod
+    def forward(ctx, h_s, h_u, w_s, b_s, h_a, h_b, w_t, b_t, rows, valid, weights,
+                loss: "FusedLinearVGSLoss", cfg: _Config, coeffs: List[Tuple[float, float, float]]):
+        want = ctx.needs_input_grad[:4]
+        grads = [cfg.grads(h_s, h_u, w_s, b_s, want) for _ in coeffs]
+        comps, terms = _fused_vgs(h_s, h_u, w_s, b_s, h_a, h_b, w_t, b_t, rows, valid, weights, loss,
+                                  cfg, coeffs, grads)
+        ctx.grads = [g.outputs() for g in grads]
+        values = torch.stack([sum(c * x for c, x in zip(cs, comps)) for cs in coeffs])
+        ctx.mark_non_differentiable(comps, terms)
+        return values, comps, terms
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_values, _grad_comps, _grad_terms):
+        out = []
+        for i in range(4):  # h_s, h_u, w_s, b_s: Σ_k grad_k · G_k (stored tensors stay intact for
+            parts = [g * gr[i] for g, gr in zip(grad_values, ctx.grads) if gr[i] is not None]
+            out.append(sum(parts[1:], parts[0]) if parts else None)  # a second backward pass)
+        return (*out,) + (None,) * 10
+
+
+def _fused_vgs(h_s, h_u, w_s, b_s, h_a, h_b, w_t, b_t, rows, valid, weights, loss, cfg, coeffs, grads):
+    """The three phases of the module docstring; fills `grads` (one _Grads per row of coeffs).
+    valid: bool [N]; rows: its indices (None: all); weights: the reduction weights [N].
+    Returns (components std, vis, lp [3], terms [4, N])."""
+    heads, chunk, logits = cfg.setup(h_s, h_u, w_s, b_s, h_a, h_b, w_t, b_t)
+    n, mono, inv_t, be = h_s.shape[0], h_u is None, cfg.inv_t, cfg.backend
+    terms = torch.zeros(4, n, dtype=weights.dtype, device=h_s.device)
+    w_vis = weights
+    if not mono and loss.adaptive:  # phase 1: VDS = KL(qa ‖ qb) is the monolithic KL of (a, b)
+        for r in _chunks(n, rows, chunk):
+            terms[3, r] = kl_forward(heads.logits(h_a[r], 1), None, heads.logits(h_b[r], 1), None,
+                                     inv_t, backend=be)[0][0]
+        w_vis = weights * loss.vds_factors(terms[3], valid)[0]
+    # phase 2: the Std and Vis gradients, one kl_backward per component that has them
+    for r in _chunks(n, rows, chunk):
+        s, u, a, b = logits(r)
+        t, st = kl_forward(s, u, a, b, inv_t, backend=be)
+        terms[:3 if loss.adaptive else 4, r] = t[:3 if loss.adaptive else 4]
+        for (c_std, c_vis, _), g in zip(coeffs, grads):
+            if c_std == 0 and (c_vis == 0 or mono):
+                continue
+            cot = torch.zeros_like(t)
+            cot[0], cot[1] = c_std * weights[r], c_vis * w_vis[r]
+            ds, du = kl_backward(s, u, a, b, st, t, cot, inv_t, cfg.detach_prior, backend=be)
+            g.add(0, r, heads.to_preactivation(ds, s), h_s[r], heads.w[0])
+            if not mono and not cfg.detach_prior and c_vis != 0:
+                g.add(1, r, heads.to_preactivation(du, u), h_u[r], heads.w[0])
+    if mono:
+        return torch.stack([(weights * terms[0]).sum(), weights.new_zeros(()), weights.new_zeros(())]), terms
+    # phase 3: LP, Lang = KL(pu ‖ qb) on the tokens above the VDS quantile only
+    w_lang = weights * loss.vds_factors(terms[3], valid)[1]
+    lp = [(c_lang, g) for (_, _, c_lang), g in zip(coeffs, grads) if c_lang != 0]
+    if lp:
+        gated = w_lang.nonzero().squeeze(1)
+        for r in _chunks(n, gated, chunk):
+            u, b = heads.logits(h_u[r], 0), heads.logits(h_b[r], 1)
+            t, st = kl_forward(u, None, b, None, inv_t, backend=be)
+            for c_lang, g in lp:
+                cot = torch.zeros_like(t)
+                cot[0] = c_lang * w_lang[r]
+                du = kl_backward(u, None, b, None, st, t, cot, inv_t, True, backend=be)[0]
+                g.add(1, r, heads.to_preactivation(du, u), h_u[r], heads.w[0])
+    comps = torch.stack([(weights * terms[0]).sum(), (w_vis * terms[1]).sum(), (w_lang * terms[2]).sum()])
+    return comps, terms
+
+
+class FusedLinearVGSLoss(VGSLoss):
+    """`VGSLoss` from hidden states and LM-head weights, never materialising the [N, V] logits.
+
+    Same configuration as VGSLoss (reductions "sequence", "token", "sum"), plus: logit_scale,
+    softcap (number or (student, teacher) pair), chunk_size / memory_budget, fp32_weight_grad (see
+    `fused_linear_decomposed_kl`) and
+    components: True (default) keeps the gradients of std, vis and lp apart, so out.std, out.vis
+      and out.lp are each differentiable (exact steering: one backward per component) and
+      out.total too; False computes only the combined gradient (fixed / auto η: 2 matmuls and
+      one kl_backward pass per chunk fewer, one dW buffer instead of three); then only out.total
+      is differentiable and out.std, out.vis, out.lp are detached values.
+    The gradients are computed in forward (module docstring); backward only scales them, so
+    calling backward on several outputs (retain_graph=True) costs no recomputation.
+    """
+
+    def __init__(self, gamma: float = 2.0, lam: float = 0.01, lp_quantile: float = 0.7,
+                 adaptive: bool = False, eta=None, reduction: str = "sequence", *,
+                 components: bool = True, logit_scale: Pair = 1.0, softcap: Optional[Pair] = None,
+                 chunk_size: Optional[int] = None, memory_budget: Optional[int] = None,
+                 fp32_weight_grad: bool = True, **kwargs):
+        super().__init__(gamma, lam, lp_quantile, adaptive, eta, reduction, **kwargs)
+        if reduction == "none":
+            raise ValueError("FusedLinearVGSLoss needs a scalar reduction ('sequence', 'token', "
+                             "'sum'); use fused_linear_decomposed_kl for per-position terms")
+        self.components, self.logit_scale, self.softcap = components, logit_scale, softcap
+        self.chunk_size, self.memory_budget, self.fp32_weight_grad = chunk_size, memory_budget, fp32_weight_grad
+
+    def forward(self, h_s: Tensor, h_u: Optional[Tensor], w_student: Tensor, h_a: Tensor,
+                h_b: Optional[Tensor], w_teacher: Tensor, mask: Optional[Tensor] = None, *,
+                bias_student: Optional[Tensor] = None, bias_teacher: Optional[Tensor] = None,
+                num_items_in_batch=None) -> VGSLossOutput:
+        """Shapes as `fused_linear_decomposed_kl`; returns VGSLossOutput like VGSLoss.forward."""
+        mono = self.monolithic or (h_u is None and h_b is None)
+        h_u, h_b = (None, None) if mono else (h_u, h_b)
+        _check(h_s, h_u, w_student, h_a, h_b, w_teacher, mask, bias_student, bias_teacher,
+               self.temperature, self.softcap, self.chunk_size)
+        lead = h_s.shape[:-1]
+        valid = (torch.ones(lead, dtype=torch.bool, device=h_s.device) if mask is None
+                 else mask if mask.dtype == torch.bool else mask != 0)
+        weights = self.reduction_weights(valid, _acc_dtype(h_s, h_a), num_items_in_batch).reshape(-1)
+        coeffs = ([(1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)] if self.components
+                  else [(1.0, self.gamma, self.lam)])
+        cfg = _Config(self.temperature, self.logit_scale, self.softcap, self.detach_prior,
+                      self.chunk_size, self.memory_budget, self.fp32_weight_grad, self.backend)
+        values, comps, terms = _FusedLinearVGSFunction.apply(
+            _flat(h_s), _flat(h_u), w_student, bias_student, _flat(h_a), _flat(h_b), w_teacher,
+            bias_teacher, _valid_rows(mask), valid.reshape(-1), weights, self, cfg, coeffs)
+        if self.check_finite and not bool(terms.isfinite().all()):
+            raise ValueError("fused_linear VGS loss: non-finite KL terms (NaN/Inf in the hidden "
+                             "states or LM-head weights?)")
+        if self.components:
+            std, vis, lp = values.unbind(0)
+            total = self.combine(std, vis, lp)
+        else:
+            std, vis, lp = comps.unbind(0)
+            total = values[0] if self.eta is None else self.eta * values[0]
+        vds = None if mono else terms[3].reshape(lead)
+        return VGSLossOutput(total, std, vis, lp, vds)
