@@ -1,0 +1,395 @@
+"""Timing, peak-memory and bandwidth measurement shared by every suite.
+
+A suite describes `Case`s: one input shape, several `Impl`s of the same computation, a reference
+impl whose output the others must match, and the minimal number of bytes the computation must move.
+`run_case` checks agreement first (a benchmark never times a wrong kernel), then times the impls
+interleaved repeat by repeat, so that the ratios between them are measured side by side.
+
+Peak memory is the peak *above what was live before the timed step* (inputs, parameters, saved
+activations of an earlier forward): on CUDA `torch.cuda.max_memory_allocated`; on CPU the peak
+resident set size (Linux `VmHWM`, reset through `/proc/self/clear_refs`), with glibc's mmap threshold
+pinned at 128 KiB so that every freed tensor goes back to the OS and the resident set follows the
+live tensors (and whatever a C++ kernel allocates outside torch's allocator).
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import datetime
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+
+MiB = 1 << 20
+
+
+# ----------------------------------------------------------------------------------------- device
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    return f"{name} ({torch.get_num_threads()} threads)"
+
+
+def environment(device: torch.device) -> Dict[str, str]:
+    """What the CSV records about the run: device, library versions, date."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    return {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+
+
+# ----------------------------------------------------------------------------------------- memory
+
+_STATUS = "/proc/self/status"
+
+
+def _status_kib(key: str) -> int:
+    with open(_STATUS) as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{key} not in {_STATUS}")
+
+
+def cpu_peak_supported() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        _status_kib("VmHWM")
+        return True
+    except (OSError, RuntimeError):
+        return False
+
+
+def pin_malloc_threshold() -> None:
+    """Make glibc return every allocation >= 128 KiB to the OS on free (no dynamic threshold)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+        libc.malloc_trim(0)
+
+
+class PeakMemory:
+    """Peak bytes allocated above the level at `__enter__`; `.peak` is None where unsupported."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak: Optional[int] = None
+        self._cpu = device.type == "cpu" and cpu_peak_supported()
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            sync(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        elif self._cpu:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # VmHWM := VmRSS
+            self._base = _status_kib("VmRSS") * 1024
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            sync(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
+        elif self._cpu:
+            self.peak = max(0, _status_kib("VmHWM") * 1024 - self._base)
+
+
+# ------------------------------------------------------------------------------------------ timing
+
+class Timer:
+    """Seconds spent in a region; CUDA events on GPU, perf_counter on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self) -> "Timer":
+        if self.device.type == "cuda":
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._end = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            self._end.record()
+            self._end.synchronize()
+            self.seconds = self._start.elapsed_time(self._end) / 1e3
+        else:
+            self.seconds = time.perf_counter() - self._t0
+
+
+def copy_bandwidth(device: torch.device, nbytes: int, repeats: int = 5) -> float:
+    """Measured copy bandwidth in bytes/s: a `dst.copy_(src)` of `nbytes` reads and writes them."""
+    src = torch.ones(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(repeats + 1):
+        sync(device)
+        with Timer(device) as t:
+            dst.copy_(src)
+        times.append(t.seconds)
+    return 2 * src.numel() * 4 / statistics.median(times[1:])
+
+
+# ------------------------------------------------------------------------------------------- cases
+
+@dataclass
+class Impl:
+    """One way of computing a case.
+
+    `setup()` (untimed) returns a state; `step(state)` is the timed region and returns what the
+    agreement check compares (any nesting of tensors, lists, tuples, dicts), or `finish(state,
+    output)` (untimed) derives it. The same `setup` + `step` is used for the check, so the timed
+    code is exactly the checked code.
+    """
+
+    name: str
+    step: Callable[[Any], Any]
+    setup: Callable[[], Any] = lambda: None
+    reference: Optional[str] = None    # the impl whose output this one must match (None: itself a reference)
+    bytes_moved: Optional[int] = None  # minimal bytes this computation must read + write
+    finish: Optional[Callable[[Any, Any], Any]] = None  # (state, step output) -> what to check; untimed
+    timed: bool = True                 # False: a reference used only by the check
+
+
+@dataclass
+class Case:
+    suite: str
+    params: Dict[str, Any]           # shape / dtype / mode ... (CSV columns, table columns)
+    impls: List[Impl]
+    baselines: List[str]             # time and memory ratios are reported against each of these
+    check: Callable[[Any, Any], Optional[str]]  # (got, reference's output) -> problem or None
+    ratio: str = "speedup"           # speedup: baseline time / impl time; slowdown: impl / baseline
+
+
+@dataclass
+class Result:
+    suite: str
+    params: Dict[str, Any]
+    impl: str
+    status: str = "ok"               # ok | mismatch: ... | OOM | error: ...
+    times: List[float] = field(default_factory=list)
+    peak_bytes: Optional[int] = None
+    bytes_moved: Optional[int] = None
+    copy_bw: Optional[float] = None
+    baselines: List[str] = field(default_factory=list)
+    ratio_kind: str = "speedup"      # how `ratio` reads (see Case.ratio)
+    ratio: Dict[str, float] = field(default_factory=dict)      # baseline -> time ratio
+    mem_ratio: Dict[str, float] = field(default_factory=dict)  # baseline -> this peak / its peak
+
+    @property
+    def median(self) -> Optional[float]:
+        return statistics.median(self.times) if self.times else None
+
+    def quantile(self, q: float) -> Optional[float]:
+        if not self.times:
+            return None
+        xs = sorted(self.times)
+        return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
+
+    @property
+    def bandwidth(self) -> Optional[float]:
+        return self.bytes_moved / self.median if self.bytes_moved and self.median else None
+
+    def row(self) -> Dict[str, Any]:
+        bw = self.bandwidth
+        row = {
+            "suite": self.suite, **self.params, "impl": self.impl, "status": self.status,
+            "median_ms": _r(self.median, 1e3), "p20_ms": _r(self.quantile(0.2), 1e3),
+            "p80_ms": _r(self.quantile(0.8), 1e3), "min_ms": _r(min(self.times, default=None), 1e3),
+            "repeats": len(self.times), "peak_mem_mib": _r(self.peak_bytes, 1 / MiB),
+            "bytes_moved": self.bytes_moved, "gbps": _r(bw, 1e-9), "copy_gbps": _r(self.copy_bw, 1e-9),
+            "frac_copy_bw": _r(bw / self.copy_bw if bw and self.copy_bw else None),
+        }
+        for name, x in self.ratio.items():
+            row[f"{self.ratio_kind}_vs[{name}]"] = _r(x)
+        for name, x in self.mem_ratio.items():
+            row[f"mem_vs[{name}]"] = _r(x)
+        return row
+
+
+def _r(x: Optional[float], scale: float = 1.0) -> Optional[float]:
+    return None if x is None else float(f"{x * scale:.4g}")
+
+
+def _failure(err: BaseException) -> str:
+    oom = isinstance(err, torch.OutOfMemoryError) if hasattr(torch, "OutOfMemoryError") else False
+    if oom or "out of memory" in str(err).lower() or isinstance(err, MemoryError):
+        return "OOM"
+    return f"error: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+
+
+def run_case(case: Case, device: torch.device, repeats: int, warmup: int,
+             copy_bw: Optional[float] = None, tick: Callable[[int], None] = lambda n: None,
+             ) -> List[Result]:
+    """Check every impl against its reference, then time them all interleaved (`repeats` rounds).
+
+    An impl that fails (exception, out of memory) or disagrees with its reference is reported with
+    that status and never timed. `tick(n)` reports n finished calls (for a progress bar); a case
+    makes len(impls) * (max(1, warmup) + repeats) calls (untimed references count their repeats as
+    skipped). Check-only references are not in the returned results.
+    """
+    results = {i.name: Result(case.suite, dict(case.params), i.name, bytes_moved=i.bytes_moved,
+                              copy_bw=copy_bw, baselines=list(case.baselines), ratio_kind=case.ratio)
+               for i in case.impls}
+    untimed = {i.name for i in case.impls if not i.timed}
+
+    def once(impl: Impl, measure: bool) -> Any:
+        state = impl.setup()
+        with PeakMemory(device) as mem, Timer(device) as t:
+            out = impl.step(state)
+        if measure:
+            r = results[impl.name]
+            r.times.append(t.seconds)
+            if mem.peak is not None:
+                r.peak_bytes = max(r.peak_bytes or 0, mem.peak)
+        tick(1)
+        return impl.finish(state, out) if impl.finish and not measure else out
+
+    def fail(impl: Impl, err: BaseException) -> None:
+        results[impl.name].status = _failure(err)
+        results[impl.name].times.clear()
+        _free(device)
+
+    # Warm-up; the first call's output is what the agreement check compares. References first.
+    outputs: Dict[str, Any] = {}
+    for impl in sorted(case.impls, key=lambda i: i.reference is not None):
+        try:
+            for w in range(max(1, warmup)):
+                out = once(impl, measure=False)
+                if w == 0:
+                    outputs[impl.name] = _snapshot(out)
+                del out
+        except Exception as err:  # e.g. OOM, or a backend that cannot run here: report, go on
+            fail(impl, err)
+            continue
+        if impl.reference is not None:
+            want = outputs.get(impl.reference)
+            problem = (f"reference {impl.reference} failed" if want is None
+                       else case.check(outputs[impl.name], want))
+            if problem:
+                results[impl.name].status = f"mismatch: {problem}"
+            del outputs[impl.name]
+    outputs.clear()
+    _free(device)
+    for n in untimed:
+        del results[n]
+
+    for _ in range(repeats):
+        for impl in case.impls:
+            if impl.name in untimed or results[impl.name].status != "ok":
+                tick(1)
+                continue
+            try:
+                once(impl, measure=True)
+            except Exception as err:
+                fail(impl, err)
+
+    for r in results.values():
+        for name in case.baselines:
+            base = results.get(name)
+            if base is None or base is r:
+                continue
+            if base.median and r.median:
+                r.ratio[name] = (base.median / r.median if case.ratio == "speedup"
+                                 else r.median / base.median)
+            if base.peak_bytes and r.peak_bytes is not None:
+                r.mem_ratio[name] = r.peak_bytes / base.peak_bytes
+    return list(results.values())
+
+
+def _snapshot(x: Any) -> Any:
+    """A copy of an impl's outputs (impls may write into shared buffers, e.g. `.grad`)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone()
+    if isinstance(x, (list, tuple)):
+        return [_snapshot(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _snapshot(v) for k, v in x.items()}
+    return x
+
+
+def _free(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------- agreement
+
+def max_rel_error(got: Any, want: Any) -> float:
+    """max |got - want| / max |want| per tensor (nested lists / dicts walked in step), worst case."""
+    if isinstance(want, torch.Tensor):
+        if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+            return float("inf")
+        err = scale = 0.0
+        # fp64 in chunks: exact enough for any dtype, without a full-size fp64 temporary.
+        for g, w in zip(got.reshape(-1).split(1 << 22), want.reshape(-1).split(1 << 22)):
+            g, w = g.double(), w.double()
+            if not bool(torch.isfinite(g).all()):
+                return float("inf")
+            err = max(err, (g - w).abs().max().item())
+            scale = max(scale, w.abs().max().item())
+        return err / scale if scale > 0 else err
+    if isinstance(want, dict):
+        if set(got) != set(want):
+            return float("inf")
+        return max((max_rel_error(got[k], v) for k, v in want.items()), default=0.0)
+    if isinstance(want, (list, tuple)):
+        if len(got) != len(want):
+            return float("inf")
+        return max((max_rel_error(g, w) for g, w in zip(got, want)), default=0.0)
+    return 0.0 if got == want else float("inf")
+
+
+def close(rtol: float) -> Callable[[Any, Any], Optional[str]]:
+    """An agreement check: each tensor within `rtol` of the reference's largest magnitude."""
+
+    def check(got: Any, want: Any) -> Optional[str]:
+        err = max_rel_error(got, want)
+        return None if err <= rtol else f"max error {err:.2e} of max |ref| > {rtol:.0e}"
+
+    return check
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """Agreement tolerance for outputs computed from inputs of `dtype` (fp32 accumulation inside)."""
+    return {torch.float64: 1e-9, torch.float32: 2e-4}.get(dtype, 3e-2)
+
+
+def numel_bytes(shapes: Sequence[Sequence[int]], dtype: torch.dtype) -> int:
+    n = 0
+    for s in shapes:
+        k = 1
+        for d in s:
+            k *= d
+        n += k
+    return n * torch.empty((), dtype=dtype).element_size()

@@ -1,0 +1,159 @@
+"""Suite 1 — the loss: fused decomposed KL against eager decomposed, eager / compiled / fused
+monolithic (and Liger-Kernel's reverse-KL JSD on CUDA when installed).
+
+Every impl computes, from [N, V] logits, the same scalar (masked token mean of Std + γ·Vis + λ·Lang
+for the decomposed impls, of Std for the monolithic ones) and, in `bwd` / `fwdbwd` mode, the
+gradients for the student rows. Modes: `fwd` (forward with autograd recording, as in training),
+`bwd` (backward only; the forward runs untimed before it), `fwdbwd` (both).
+
+Minimal bytes moved (the bandwidth column): the forward must read every logit row once; the
+backward must read them again and write each gradient once. Decomposed: fwd 4·NV·e, bwd 4·NV·e +
+2·NV·e; monolithic: fwd 2·NV·e, bwd 2·NV·e + NV·e (e = element size of the logits' dtype).
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+
+from . import baselines as B
+from .harness import Case, Impl, close, tolerance
+
+MODES = ("fwd", "bwd", "fwdbwd")
+
+
+def make_inputs(n: int, v: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    """Student / teacher logits with realistic structure (the teacher near the student; the
+    text-only rows near the image rows), and an all-valid mask."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=torch.float32)
+
+    s = 2 * randn(n, v)
+    u = s + randn(n, v)
+    a = s + randn(n, v)
+    b = a + randn(n, v)
+    s, u, a, b = (x.to(dtype) for x in (s, u, a, b))
+    s.requires_grad_(True)
+    u.requires_grad_(True)
+    return s, u, a, b, torch.ones(n, dtype=torch.bool, device=device)
+
+
+def _autograd_impl(name: str, forward: Callable[[], Tuple[torch.Tensor, Dict[str, torch.Tensor]]],
+                   leaves: Dict[str, torch.Tensor], mode: str, reference: Optional[str],
+                   bytes_fwd: int, bytes_bwd: int) -> Impl:
+    """An impl from `forward() -> (loss, {term name: per-row values})`, timed in `mode`.
+
+    Its step returns a dict of named outputs (loss, terms, gradients "d<leaf>") for the check.
+    """
+
+    def setup():
+        for x in leaves.values():
+            x.grad = None
+        return forward()[0] if mode == "bwd" else None
+
+    def step(loss):
+        out: Dict[str, torch.Tensor] = {}
+        if mode != "bwd":
+            loss, terms = forward()
+            out = {"loss": loss, **terms}
+        if mode != "fwd":
+            loss.backward()
+            out.update({"d" + k: x.grad for k, x in leaves.items()})
+        return out
+
+    nbytes = {"fwd": bytes_fwd, "bwd": bytes_bwd, "fwdbwd": bytes_fwd + bytes_bwd}[mode]
+    return Impl(name, step, setup, reference=reference, bytes_moved=nbytes)
+
+
+_compiled: Dict[str, Callable] = {}
+
+
+def compiled_monolithic_loss() -> Callable:
+    """torch.compile of the eager monolithic loss (dynamic shapes: one compilation for the sweep)."""
+    if "mono" not in _compiled:
+        _compiled["mono"] = torch.compile(B.eager_monolithic_loss, dynamic=True)
+    return _compiled["mono"]
+
+
+def liger_reverse_kl() -> Optional[Callable]:
+    """Liger-Kernel's JSD with beta = 1 (= reverse KL(student ‖ teacher)), or None if absent."""
+    try:
+        from liger_kernel.transformers import LigerJSD
+    except ImportError:
+        return None
+    jsd = LigerJSD(beta=1.0)
+
+    def loss(s, a, mask):
+        labels = torch.where(mask, 0, -100).long()  # masked rows: ignore_index
+        return jsd(torch.log_softmax(s.float(), -1), torch.log_softmax(a.float(), -1), labels)
+
+    return loss
+
+
+def cases(shapes: List[Tuple[int, int, Tuple[str, ...]]], dtype: torch.dtype,
+          device: torch.device, compile: bool = True) -> Iterator[Case]:
+    """One Case per (N, V, mode); the inputs of a shape are shared by its modes and impls."""
+    import vgs_kernels as vgs
+
+    liger = liger_reverse_kl() if device.type == "cuda" else None
+    check = _check(dtype)
+    for n, v, modes in shapes:
+        s, u, a, b, mask = make_inputs(n, v, dtype, device)
+        e = s.element_size()
+        dec_bytes = (4 * n * v * e, 6 * n * v * e)
+        mono_bytes = (2 * n * v * e, 3 * n * v * e)
+
+        def fused():
+            t = vgs.decomposed_kl(s, u, a, b, mask)
+            return B.weighted_loss(t.std, t.vis, t.lang, mask), t._asdict()
+
+        def eager():
+            t = dict(zip(("std", "vis", "lang", "vds"), B.eager_decomposed_terms(s, u, a, b)))
+            return B.weighted_loss(t["std"], t["vis"], t["lang"], mask), t
+
+        def fused_mono():
+            std = vgs.decomposed_kl(s, None, a, None, mask).std
+            return B.monolithic_loss(std, mask), {"std": std}
+
+        def eager_mono():
+            std = B.eager_monolithic_std(s, a)
+            return B.monolithic_loss(std, mask), {"std": std}
+
+        def compiled_mono():
+            return compiled_monolithic_loss()(s, a, mask), {}
+
+        def liger_mono():
+            return liger(s, a, mask), {}
+
+        su, s_only = {"s": s, "u": u}, {"s": s}
+        spec = [("vgs fused", fused, su, "eager decomposed", dec_bytes),
+                ("eager decomposed", eager, su, None, dec_bytes),
+                ("eager mono", eager_mono, s_only, None, mono_bytes),
+                ("vgs fused mono", fused_mono, s_only, "eager mono", mono_bytes)]
+        if compile:
+            spec.append(("compiled mono", compiled_mono, s_only, "eager mono", mono_bytes))
+        if liger is not None:
+            spec.append(("liger rev-KL", liger_mono, s_only, "eager mono", mono_bytes))
+        for mode in modes:
+            impls = [_autograd_impl(name, f, leaves, mode, ref, *nb) for name, f, leaves, ref, nb in spec]
+            params = {"N": n, "V": v, "dtype": str(dtype).replace("torch.", ""), "mode": mode}
+            yield Case("loss", params, impls, baselines=["eager decomposed", "eager mono"], check=check)
+
+
+def _check(dtype: torch.dtype) -> Callable[[Dict[str, torch.Tensor], Dict[str, torch.Tensor]], Optional[str]]:
+    """Compare the outputs both impls computed (loss, terms, gradients), each to its own scale."""
+    tol = close(tolerance(dtype))
+
+    def check(got, want):
+        common = sorted(set(got) & set(want))
+        if not common:
+            return "nothing in common to compare"
+        for k in common:
+            problem = tol(got[k], want[k])
+            if problem:
+                return f"{k}: {problem}"
+        return None
+
+    return check
