@@ -1,0 +1,80 @@
+"""The benchmark CLI on tiny sizes: it runs every suite, checks before timing, writes its outputs.
+
+No timing assertions (timings belong in the benchmark output, not in tests).
+"""
+import csv
+import importlib
+import os
+
+import pytest
+import torch
+
+try:  # installed: vgs_kernels.benchmarks; from a source checkout: the top-level benchmarks/ package
+    bench = importlib.import_module("vgs_kernels.benchmarks.__main__")
+except ImportError:
+    bench = importlib.import_module("benchmarks.__main__")
+harness = importlib.import_module(bench.__package__ + ".harness")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    argv = ["--sizes", "tiny", "--suite", "all", "--device", "cpu", "--no-compile", "--no-progress",
+            "--out", str(out)]
+    return bench.main(argv), out
+
+
+def _rows(out):
+    with open(os.path.join(out, "results.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def test_cli_runs_every_suite_and_writes_outputs(tiny_run, capsys):
+    status, out = tiny_run
+    rows = _rows(out)
+    assert {r["suite"] for r in rows} == {"loss", "steering", "step", "fused-linear"}
+    for r in rows:  # every row names the run's environment
+        assert r["device"] and r["torch"] == torch.__version__ and r["date"]
+    assert os.path.getsize(os.path.join(out, "results.md")) > 0
+    assert any(name.endswith(".png") for name in os.listdir(out))
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert all(float(r["median_ms"]) > 0 and int(r["repeats"]) == 1 for r in ok)
+    # The baselines are plain torch and must always run; the exit status reports any failed impl.
+    assert {"eager decomposed", "eager mono", "flatten/concat", "foreach", "monolithic"} <= {r["impl"] for r in ok}
+    assert status == (0 if len(ok) == len(rows) else 1)
+
+
+def test_loss_table_has_the_ratios_side_by_side(tiny_run):
+    _, out = tiny_run
+    loss = [r for r in _rows(out) if r["suite"] == "loss" and r["status"] == "ok"]
+    assert {r["mode"] for r in loss} == {"fwd", "bwd", "fwdbwd"}
+    eager = next(r for r in loss if r["impl"] == "eager decomposed" and r["mode"] == "fwdbwd")
+    assert float(eager["speedup_vs[eager mono]"]) > 0 and float(eager["frac_copy_bw"]) > 0
+
+
+def test_a_wrong_kernel_is_reported_and_not_timed():
+    dev = torch.device("cpu")
+    x = torch.randn(4, 8)
+    impls = [harness.Impl("right", lambda _: x * 2),
+             harness.Impl("wrong", lambda _: x * 2 + 1e-2, reference="right")]
+    case = harness.Case("t", {}, impls, baselines=["right"], check=harness.close(1e-4))
+    res = {r.impl: r for r in harness.run_case(case, dev, repeats=2, warmup=1)}
+    assert res["right"].status == "ok" and len(res["right"].times) == 2
+    assert res["wrong"].status.startswith("mismatch") and res["wrong"].times == []
+
+
+def test_cpu_peak_memory_sees_a_large_temporary():
+    if not harness.cpu_peak_supported():
+        pytest.skip("no /proc/self/clear_refs")
+    harness.pin_malloc_threshold()
+    with harness.PeakMemory(torch.device("cpu")) as mem:
+        y = torch.ones(16 << 20)  # 64 MiB, freed before the end
+        del y
+    assert 60 << 20 <= mem.peak <= 80 << 20
+
+
+def test_bad_arguments_are_rejected():
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--suite", "nope"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--modes", "sideways"])
