@@ -20,6 +20,7 @@ from . import baselines as B
 from .harness import Case, Impl, close, tolerance
 
 MODES = ("fwd", "bwd", "fwdbwd")
+N_IMPLS = 6  # per mode, without the optional compiled / Liger impls (4 timed + 2 chunked fallbacks)
 
 
 def make_inputs(n: int, v: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
@@ -65,6 +66,30 @@ def _autograd_impl(name: str, forward: Callable[[], Tuple[torch.Tensor, Dict[str
 
     nbytes = {"fwd": bytes_fwd, "bwd": bytes_bwd, "fwdbwd": bytes_fwd + bytes_bwd}[mode]
     return Impl(name, step, setup, reference=reference, bytes_moved=nbytes)
+
+
+def _chunked_impl(name: str, terms_fn: Callable, leaves: Dict[str, torch.Tensor], mask: torch.Tensor,
+                  loss_fn: Callable, rows: int = 1024) -> Impl:
+    """Check-only stand-in for an eager reference that ran out of memory: the same eager code on
+    `rows` positions at a time, backward per chunk (loss weights of the whole batch)."""
+    names = ("std", "vis", "lang", "vds")
+
+    def step(_):
+        for x in leaves.values():
+            x.grad = None
+        n, total, terms = mask.shape[0], 0.0, []
+        weight = mask.float().sum().clamp_min(1.0)
+        for i in range(0, n, rows):
+            sl = slice(i, i + rows)
+            t = terms_fn(sl)
+            loss = loss_fn(t, sl) * (mask[sl].float().sum().clamp_min(1.0) / weight)
+            loss.backward()
+            total = total + loss.detach()
+            terms.append([x.detach() for x in t])
+        out = {k: torch.cat(v) for k, v in zip(names, zip(*terms))}
+        return {"loss": total, **out, **{"d" + k: x.grad for k, x in leaves.items()}}
+
+    return Impl(name, step, timed=False, fallback_for=name.split(" (")[0])
 
 
 _compiled: Dict[str, Callable] = {}
@@ -136,8 +161,15 @@ def cases(shapes: List[Tuple[int, int, Tuple[str, ...]]], dtype: torch.dtype,
             spec.append(("compiled mono", compiled_mono, s_only, "eager mono", mono_bytes))
         if liger is not None:
             spec.append(("liger rev-KL", liger_mono, s_only, "eager mono", mono_bytes))
+        fallbacks = [
+            _chunked_impl("eager decomposed (chunked)",
+                          lambda sl: B.eager_decomposed_terms(s[sl], u[sl], a[sl], b[sl]), su, mask,
+                          lambda t, sl: B.weighted_loss(*t[:3], mask[sl])),
+            _chunked_impl("eager mono (chunked)", lambda sl: (B.eager_monolithic_std(s[sl], a[sl]),), s_only,
+                          mask, lambda t, sl: B.monolithic_loss(t[0], mask[sl]))]
         for mode in modes:
             impls = [_autograd_impl(name, f, leaves, mode, ref, *nb) for name, f, leaves, ref, nb in spec]
+            impls += fallbacks
             params = {"N": n, "V": v, "dtype": str(dtype).replace("torch.", ""), "mode": mode}
             yield Case("loss", params, impls, baselines=["eager decomposed", "eager mono"], check=check)
 

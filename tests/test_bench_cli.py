@@ -63,6 +63,22 @@ def test_a_wrong_kernel_is_reported_and_not_timed():
     assert res["wrong"].status.startswith("mismatch") and res["wrong"].times == []
 
 
+def test_a_failed_reference_is_replaced_by_its_fallback():
+    dev = torch.device("cpu")
+    x = torch.randn(4, 8)
+
+    def oom(_):
+        raise MemoryError("out of memory")
+
+    impls = [harness.Impl("ref", oom), harness.Impl("ref (chunked)", lambda _: x * 2, fallback_for="ref"),
+             harness.Impl("fast", lambda _: x * 2, reference="ref"),
+             harness.Impl("bad", lambda _: x * 3, reference="ref")]
+    case = harness.Case("t", {}, impls, baselines=["ref"], check=harness.close(1e-4))
+    res = {r.impl: r for r in harness.run_case(case, dev, repeats=1, warmup=1)}
+    assert set(res) == {"ref", "fast", "bad"} and res["ref"].status == "OOM"
+    assert res["fast"].status == "ok" and res["bad"].status.startswith("mismatch")
+
+
 def test_cpu_peak_memory_sees_a_large_temporary():
     if not harness.cpu_peak_supported():
         pytest.skip("no /proc/self/clear_refs")
