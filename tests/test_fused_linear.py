@@ -254,3 +254,20 @@ def test_cuda_matches_materialised_at_qwen_vocab(dtype):
         close(getattr(out, name), getattr(ref, name), dtype, name)
         for x, y in zip(grads(getattr(out, name), [h_s, h_u, w_s]), grads(getattr(ref, name), [h_s, h_u, w_s])):
             close(x, y, dtype, name)
+
+
+def test_no_grad_computes_values_only(monkeypatch):
+    import vgs_kernels.fused_linear as fl
+
+    h_s, h_u, w_s, h_a, h_b, w_t, _, mask = make(dtype=torch.float32)
+    loss = vgs.FusedLinearVGSLoss(adaptive=True, chunk_size=4)
+    want = loss(h_s, h_u, w_s, h_a, h_b, w_t, mask)
+
+    def boom(*args, **kwargs):
+        raise AssertionError("kl_backward ran under torch.no_grad")
+
+    monkeypatch.setattr(fl, "kl_backward", boom)
+    with torch.no_grad():
+        got = loss(h_s, h_u, w_s, h_a, h_b, w_t, mask)
+    for name in ("total", "std", "vis", "lp", "vds"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name).detach())

@@ -114,6 +114,10 @@ class _Grads:
     def outputs(self) -> List[Optional[Tensor]]:
         return [self.h[0], self.h[1], self.w, self.bias]
 
+    @property
+    def active(self) -> bool:
+        return any(x is not None for x in self.outputs())
+
 
 def _chunks(n: int, rows: Optional[Tensor], size: int) -> Iterator[Rows]:
     """Consecutive slices of range(n), or pieces of the index tensor `rows`."""
@@ -181,13 +185,17 @@ class FusedLinearKLFunction(torch.autograd.Function):
         # u gets a gradient only from Lang, or from Vis when the prior is not detached.
         need_u = h_u is not None and (want[1] or want[2] or want[3]) and bool(
             grad_terms[2].any() or (not cfg.detach_prior and grad_terms[1].any()))
-        for r in _chunks(h_s.shape[0], rows, chunk):
+
+        def chunk_step(r: Rows) -> None:  # the chunk's logits die on return, before the next chunk's
             s, u, a, b = logits(r)
             ds, du = kl_backward(s, u, a, b, stats[:, r], terms[:, r], grad_terms[:, r], cfg.inv_t,
                                  cfg.detach_prior, backend=cfg.backend)
             grads.add(0, r, heads.to_preactivation(ds, s), h_s[r], heads.w[0])
             if need_u:
                 grads.add(1, r, heads.to_preactivation(du, u), h_u[r], heads.w[0])
+
+        for r in _chunks(h_s.shape[0], rows, chunk):
+            chunk_step(r)
         return (*grads.outputs(), None, None, None, None, None, None)
 
 
@@ -306,8 +314,9 @@ class _FusedLinearVGSFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h_s, h_u, w_s, b_s, h_a, h_b, w_t, b_t, rows, valid, weights,
-                loss: "FusedLinearVGSLoss", cfg: _Config, coeffs: List[Tuple[float, float, float]]):
-        want = ctx.needs_input_grad[:4]
+                loss: "FusedLinearVGSLoss", cfg: _Config, coeffs: List[Tuple[float, float, float]],
+                grad_enabled: bool):
+        want = [need and grad_enabled for need in ctx.needs_input_grad[:4]]  # no work under no_grad
         grads = [cfg.grads(h_s, h_u, w_s, b_s, want) for _ in coeffs]
         comps, terms = _fused_vgs(h_s, h_u, w_s, b_s, h_a, h_b, w_t, b_t, rows, valid, weights, loss,
                                   cfg, coeffs, grads)
@@ -323,7 +332,7 @@ class _FusedLinearVGSFunction(torch.autograd.Function):
         for i in range(4):  # h_s, h_u, w_s, b_s: Σ_k grad_k · G_k (stored tensors stay intact for
             parts = [g * gr[i] for g, gr in zip(grad_values, ctx.grads) if gr[i] is not None]
             out.append(sum(parts[1:], parts[0]) if parts else None)  # a second backward pass)
-        return (*out,) + (None,) * 10
+        return (*out,) + (None,) * 11
 
 
 def _fused_vgs(h_s, h_u, w_s, b_s, h_a, h_b, w_t, b_t, rows, valid, weights, loss, cfg, coeffs, grads):
@@ -339,13 +348,14 @@ def _fused_vgs(h_s, h_u, w_s, b_s, h_a, h_b, w_t, b_t, rows, valid, weights, los
             terms[3, r] = kl_forward(heads.logits(h_a[r], 1), None, heads.logits(h_b[r], 1), None,
                                      inv_t, backend=be)[0][0]
         w_vis = weights * loss.vds_factors(terms[3], valid)[0]
-    # phase 2: the Std and Vis gradients, one kl_backward per component that has them
-    for r in _chunks(n, rows, chunk):
+    n_terms = 3 if loss.adaptive else 4  # adaptive: keep phase 1's VDS, which set γ_t
+
+    def main_step(r: Rows) -> None:  # phase 2 on rows r: the Std and Vis gradients
         s, u, a, b = logits(r)
         t, st = kl_forward(s, u, a, b, inv_t, backend=be)
-        terms[:3 if loss.adaptive else 4, r] = t[:3 if loss.adaptive else 4]
-        for (c_std, c_vis, _), g in zip(coeffs, grads):
-            if c_std == 0 and (c_vis == 0 or mono):
+        terms[:n_terms, r] = t[:n_terms]
+        for (c_std, c_vis, _), g in zip(coeffs, grads):  # one kl_backward per component
+            if not g.active or (c_std == 0 and (c_vis == 0 or mono)):
                 continue
             cot = torch.zeros_like(t)
             cot[0], cot[1] = c_std * weights[r], c_vis * w_vis[r]
@@ -353,21 +363,29 @@ def _fused_vgs(h_s, h_u, w_s, b_s, h_a, h_b, w_t, b_t, rows, valid, weights, los
             g.add(0, r, heads.to_preactivation(ds, s), h_s[r], heads.w[0])
             if not mono and not cfg.detach_prior and c_vis != 0:
                 g.add(1, r, heads.to_preactivation(du, u), h_u[r], heads.w[0])
+            del ds, du  # before the next component's
+
+    for r in _chunks(n, rows, chunk):
+        main_step(r)
     if mono:
         return torch.stack([(weights * terms[0]).sum(), weights.new_zeros(()), weights.new_zeros(())]), terms
     # phase 3: LP, Lang = KL(pu ‖ qb) on the tokens above the VDS quantile only
     w_lang = weights * loss.vds_factors(terms[3], valid)[1]
-    lp = [(c_lang, g) for (_, _, c_lang), g in zip(coeffs, grads) if c_lang != 0]
+    lp = [(c_lang, g) for (_, _, c_lang), g in zip(coeffs, grads) if c_lang != 0 and g.active]
+
+    def lp_step(r: Rows) -> None:  # phase 3 on gated rows r: the Lang gradient
+        u, b = heads.logits(h_u[r], 0), heads.logits(h_b[r], 1)
+        t, st = kl_forward(u, None, b, None, inv_t, backend=be)
+        for c_lang, g in lp:
+            cot = torch.zeros_like(t)
+            cot[0] = c_lang * w_lang[r]
+            du = kl_backward(u, None, b, None, st, t, cot, inv_t, True, backend=be)[0]
+            g.add(1, r, heads.to_preactivation(du, u), h_u[r], heads.w[0])
+            del du
+
     if lp:
-        gated = w_lang.nonzero().squeeze(1)
-        for r in _chunks(n, gated, chunk):
-            u, b = heads.logits(h_u[r], 0), heads.logits(h_b[r], 1)
-            t, st = kl_forward(u, None, b, None, inv_t, backend=be)
-            for c_lang, g in lp:
-                cot = torch.zeros_like(t)
-                cot[0] = c_lang * w_lang[r]
-                du = kl_backward(u, None, b, None, st, t, cot, inv_t, True, backend=be)[0]
-                g.add(1, r, heads.to_preactivation(du, u), h_u[r], heads.w[0])
+        for r in _chunks(n, w_lang.nonzero().squeeze(1), chunk):
+            lp_step(r)
     comps = torch.stack([(weights * terms[0]).sum(), (w_vis * terms[1]).sum(), (w_lang * terms[2]).sum()])
     return comps, terms
 
@@ -418,7 +436,8 @@ class FusedLinearVGSLoss(VGSLoss):
                       self.chunk_size, self.memory_budget, self.fp32_weight_grad, self.backend)
         values, comps, terms = _FusedLinearVGSFunction.apply(
             _flat(h_s), _flat(h_u), w_student, bias_student, _flat(h_a), _flat(h_b), w_teacher,
-            bias_teacher, _valid_rows(mask), valid.reshape(-1), weights, self, cfg, coeffs)
+            bias_teacher, _valid_rows(mask), valid.reshape(-1), weights, self, cfg, coeffs,
+            torch.is_grad_enabled())
         if self.check_finite and not bool(terms.isfinite().all()):
             raise ValueError("fused_linear VGS loss: non-finite KL terms (NaN/Inf in the hidden "
                              "states or LM-head weights?)")
