@@ -15,13 +15,20 @@ file), and a plain-torch reference (this file). All accumulate in fp32.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from vgs_kernels._backend import resolve
+from vgs_kernels._backend import HAS_CPP, resolve
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the cpp and reference backends still work
+    triton = None
 
 # Rows of the `stats` tensor: natural-log log-sum-exps of s/T, u/T, a/T, b/T, (u+a-b)/T.
 N_STATS = 5
@@ -181,6 +188,184 @@ def decomposed_kl_reference(s: Tensor, u: Optional[Tensor], a: Tensor, b: Option
     return KLTerms(*terms)
 
 
+# ----------------------------------------------------------------------------- Triton
+
+if triton is not None:
+
+    @triton.jit
+    def _kl_forward_kernel(s_ptr, u_ptr, a_ptr, b_ptr, mask_ptr, terms_ptr, stats_ptr,
+                           stride_s, stride_u, stride_a, stride_b, N, V, inv_t,
+                           HAS_MASK: tl.constexpr, MONO: tl.constexpr, BLOCK: tl.constexpr):
+        """One row per program: online max/sums over V in blocks. Scalar running maxima, vector
+        sums (rescaled per block), so each element costs one exp per log-sum-exp."""
+        row = tl.program_id(0).to(tl.int64)
+        valid = tl.load(mask_ptr + row) != 0 if HAS_MASK else row >= 0
+        n_read = tl.where(valid, V, 0)  # masked rows are never read
+        cols0 = tl.arange(0, BLOCK)
+        zero = tl.zeros([BLOCK], tl.float32)
+        ninf = -float("inf")
+        m_s, m_u, m_a, m_b, m_q = ninf, ninf, ninf, ninf, ninf
+        S_s, S_u, S_a, S_b, S_q = zero, zero, zero, zero, zero  # sums of e^(x - m)
+        A_std, A_vis, A_lang, A_vds = zero, zero, zero, zero  # sums of e^(x - m) (x - y)
+        for start in range(0, V, BLOCK):
+            cols = start + cols0
+            cm, lm = cols < V, cols < n_read
+            xs = tl.load(s_ptr + row * stride_s + cols, mask=lm, other=0.0).to(tl.float32) * inv_t
+            xa = tl.load(a_ptr + row * stride_a + cols, mask=lm, other=0.0).to(tl.float32) * inv_t
+            ms = tl.maximum(m_s, tl.max(tl.where(cm, xs, -float("inf")), 0))
+            ma = tl.maximum(m_a, tl.max(tl.where(cm, xa, -float("inf")), 0))
+            al_s, al_a = tl.exp(m_s - ms), tl.exp(m_a - ma)
+            es = tl.where(cm, tl.exp(xs - ms), 0.0)
+            ea = tl.where(cm, tl.exp(xa - ma), 0.0)
+            S_s, S_a = S_s * al_s + es, S_a * al_a + ea
+            A_std = A_std * al_s + es * (xs - xa)
+            if not MONO:
+                xu = tl.load(u_ptr + row * stride_u + cols, mask=lm, other=0.0).to(tl.float32) * inv_t
+                xb = tl.load(b_ptr + row * stride_b + cols, mask=lm, other=0.0).to(tl.float32) * inv_t
+                xq = xu + xa - xb
+                mu = tl.maximum(m_u, tl.max(tl.where(cm, xu, -float("inf")), 0))
+                mb = tl.maximum(m_b, tl.max(tl.where(cm, xb, -float("inf")), 0))
+                mq = tl.maximum(m_q, tl.max(tl.where(cm, xq, -float("inf")), 0))
+                al_u = tl.exp(m_u - mu)
+                eu = tl.where(cm, tl.exp(xu - mu), 0.0)
+                S_u = S_u * al_u + eu
+                S_b = S_b * tl.exp(m_b - mb) + tl.where(cm, tl.exp(xb - mb), 0.0)
+                S_q = S_q * tl.exp(m_q - mq) + tl.where(cm, tl.exp(xq - mq), 0.0)
+                A_vis = A_vis * al_s + es * (xs - xq)
+                A_lang = A_lang * al_u + eu * (xu - xb)
+                A_vds = A_vds * al_a + ea * (xa - xb)
+                m_u, m_b, m_q = mu, mb, mq
+            m_s, m_a = ms, ma
+        # KL(softmax(x) || softmax(y)) = E_x[x - y] - LSE(x) + LSE(y); zeros on masked rows.
+        ss, sa = tl.sum(S_s, 0), tl.sum(S_a, 0)
+        lse_s, lse_a = m_s + tl.log(ss), m_a + tl.log(sa)
+        tl.store(terms_ptr + row, tl.where(valid, tl.sum(A_std, 0) / ss - lse_s + lse_a, 0.0))
+        tl.store(stats_ptr + row, tl.where(valid, lse_s, 0.0))
+        tl.store(stats_ptr + 2 * N + row, tl.where(valid, lse_a, 0.0))
+        if not MONO:
+            su = tl.sum(S_u, 0)
+            lse_u = m_u + tl.log(su)
+            lse_b = m_b + tl.log(tl.sum(S_b, 0))
+            lse_q = m_q + tl.log(tl.sum(S_q, 0))
+            tl.store(terms_ptr + N + row, tl.where(valid, tl.sum(A_vis, 0) / ss - lse_s + lse_q, 0.0))
+            tl.store(terms_ptr + 2 * N + row, tl.where(valid, tl.sum(A_lang, 0) / su - lse_u + lse_b, 0.0))
+            tl.store(terms_ptr + 3 * N + row, tl.where(valid, tl.sum(A_vds, 0) / sa - lse_a + lse_b, 0.0))
+            tl.store(stats_ptr + N + row, tl.where(valid, lse_u, 0.0))
+            tl.store(stats_ptr + 3 * N + row, tl.where(valid, lse_b, 0.0))
+            tl.store(stats_ptr + 4 * N + row, tl.where(valid, lse_q, 0.0))
+
+    @triton.jit
+    def _kl_backward_kernel(s_ptr, u_ptr, a_ptr, b_ptr, mask_ptr, stats_ptr, terms_ptr, g_ptr,
+                            ds_ptr, du_ptr, stride_s, stride_u, stride_a, stride_b, stride_ds,
+                            stride_du, N, V, inv_t, HAS_MASK: tl.constexpr, MONO: tl.constexpr,
+                            DETACH: tl.constexpr, BLOCK: tl.constexpr):
+        """ds = p (g_std (log p - log qa - Std) + g_vis (log p - log q* - Vis)) / T and
+        du = [g_lang pu (log pu - log qb - Lang) + (not DETACH) g_vis (q* - p)] / T, per-row
+        constants folded in first. Masked rows read nothing and get exact zeros."""
+        row = tl.program_id(0).to(tl.int64)
+        valid = tl.load(mask_ptr + row) != 0 if HAS_MASK else row >= 0
+        lse_s = tl.where(valid, tl.load(stats_ptr + row).to(tl.float32), 0.0)
+        lse_a = tl.where(valid, tl.load(stats_ptr + 2 * N + row).to(tl.float32), 0.0)
+        g_std = tl.where(valid, tl.load(g_ptr + row).to(tl.float32), 0.0)
+        std = tl.where(valid, tl.load(terms_ptr + row).to(tl.float32), 0.0)
+        c_s = g_std * (lse_a - lse_s - std)
+        if not MONO:
+            lse_u = tl.where(valid, tl.load(stats_ptr + N + row).to(tl.float32), 0.0)
+            lse_b = tl.where(valid, tl.load(stats_ptr + 3 * N + row).to(tl.float32), 0.0)
+            lse_q = tl.where(valid, tl.load(stats_ptr + 4 * N + row).to(tl.float32), 0.0)
+            g_vis = tl.where(valid, tl.load(g_ptr + N + row).to(tl.float32), 0.0)
+            g_lang = tl.where(valid, tl.load(g_ptr + 2 * N + row).to(tl.float32), 0.0)
+            vis = tl.where(valid, tl.load(terms_ptr + N + row).to(tl.float32), 0.0)
+            lang = tl.where(valid, tl.load(terms_ptr + 2 * N + row).to(tl.float32), 0.0)
+            c_s += g_vis * (lse_q - lse_s - vis)
+            c_u = g_lang * (lse_b - lse_u - lang)
+        n_read = tl.where(valid, V, 0)
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            cm, lm = cols < V, cols < n_read
+            xs = tl.load(s_ptr + row * stride_s + cols, mask=lm, other=0.0).to(tl.float32) * inv_t
+            xa = tl.load(a_ptr + row * stride_a + cols, mask=lm, other=0.0).to(tl.float32) * inv_t
+            p = tl.exp(xs - lse_s)
+            if MONO:
+                ds = p * (g_std * (xs - xa) + c_s)
+            else:
+                xu = tl.load(u_ptr + row * stride_u + cols, mask=lm, other=0.0).to(tl.float32) * inv_t
+                xb = tl.load(b_ptr + row * stride_b + cols, mask=lm, other=0.0).to(tl.float32) * inv_t
+                d_ub = xu - xb
+                ds = p * ((g_std + g_vis) * (xs - xa) - g_vis * d_ub + c_s)
+                du = tl.exp(xu - lse_u) * (g_lang * d_ub + c_u)
+                if not DETACH:
+                    du += g_vis * (tl.exp(d_ub + xa - lse_q) - p)
+                tl.store(du_ptr + row * stride_du + cols, (du * inv_t).to(du_ptr.dtype.element_ty), mask=cm)
+            tl.store(ds_ptr + row * stride_ds + cols, (ds * inv_t).to(ds_ptr.dtype.element_ty), mask=cm)
+
+
+def _triton_launch(x: Tensor, v: int, mono: bool, forward: bool):
+    """(device context, BLOCK, num_warps) for one row per program over V."""
+    block = min(triton.next_power_of_2(v), 2048 if mono or not forward else 1024)
+    ctx = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    return ctx, block, 8 if block >= 1024 else 4
+
+
+def _fake_forward(s, u, a, b, inv_temperature, mask):
+    acc = _acc_dtype(s, u, a, b)
+    return s.new_empty(4, s.shape[0], dtype=acc), s.new_empty(N_STATS, s.shape[0], dtype=acc)
+
+
+def _fake_backward(s, u, a, b, stats, terms, grad_terms, inv_temperature, detach_prior, mask,
+                   out_dtype):
+    ds = s.new_empty(s.shape, dtype=out_dtype or s.dtype)
+    return ds, (s.new_empty(0) if u is None else u.new_empty(u.shape, dtype=out_dtype or u.dtype))
+
+
+if triton is not None:
+
+    @torch.library.custom_op("vgs_kernels::decomposed_kl_forward_triton", mutates_args=())
+    def _forward_triton(s: Tensor, u: Optional[Tensor], a: Tensor, b: Optional[Tensor],
+                        inv_temperature: float, mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        mono, (n, v), acc = u is None, s.shape, _acc_dtype(s, u, a, b)
+        terms = s.new_zeros(4, n, dtype=acc)  # zeros: the kernel skips unused rows when mono
+        stats = s.new_zeros(N_STATS, n, dtype=acc)
+        if n == 0:
+            return terms, stats
+        u, b = (s, a) if mono else (u, b)  # unread placeholders in monolithic mode
+        ctx, block, warps = _triton_launch(s, v, mono, forward=True)
+        with ctx:
+            _kl_forward_kernel[(n,)](s, u, a, b, s if mask is None else mask, terms, stats,
+                                     s.stride(0), u.stride(0), a.stride(0), b.stride(0), n, v,
+                                     inv_temperature, HAS_MASK=mask is not None, MONO=mono,
+                                     BLOCK=block, num_warps=warps)
+        return terms, stats
+
+    @torch.library.custom_op("vgs_kernels::decomposed_kl_backward_triton", mutates_args=())
+    def _backward_triton(s: Tensor, u: Optional[Tensor], a: Tensor, b: Optional[Tensor],
+                         stats: Tensor, terms: Tensor, grad_terms: Tensor, inv_temperature: float,
+                         detach_prior: bool, mask: Optional[Tensor],
+                         out_dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tensor]:
+        mono, (n, v) = u is None, s.shape
+        ds, du = _fake_backward(s, u, a, b, stats, terms, grad_terms, inv_temperature,
+                                detach_prior, mask, out_dtype)
+        if n == 0:
+            return ds, du
+        u, b, du_rows = (s, a, ds) if mono else (u, b, du)
+        ctx, block, warps = _triton_launch(s, v, mono, forward=False)
+        with ctx:
+            _kl_backward_kernel[(n,)](s, u, a, b, s if mask is None else mask, stats.contiguous(),
+                                      terms.contiguous(), grad_terms.contiguous(), ds, du_rows,
+                                      s.stride(0), u.stride(0), a.stride(0), b.stride(0),
+                                      ds.stride(0), du_rows.stride(0), n, v, inv_temperature,
+                                      HAS_MASK=mask is not None, MONO=mono, DETACH=detach_prior,
+                                      BLOCK=block, num_warps=warps)
+        return ds, du
+
+    _forward_triton.register_fake(_fake_forward)
+    _backward_triton.register_fake(_fake_backward)
+
+if HAS_CPP:  # the C++ ops (csrc/decomposed_kl.cpp) get the same shape functions for torch.compile
+    torch.library.register_fake("vgs_kernels::decomposed_kl_forward")(_fake_forward)
+    torch.library.register_fake("vgs_kernels::decomposed_kl_backward")(_fake_backward)
+
+
 # ----------------------------------------------------------------------------- row API
 
 
@@ -288,3 +473,22 @@ def _raise_if_not_finite(terms: Tensor, rows, mask: Optional[Tensor]) -> None:
                 raise ValueError(f"{name} has non-finite logits at (flattened) positions "
                                  f"{bad.nonzero().flatten()[:8].tolist()}")
     raise ValueError("decomposed_kl produced non-finite terms from finite logits (overflow?)")
+
+
+def min_bytes(n_rows: int, vocab: int, student_dtype: torch.dtype, teacher_dtype: torch.dtype,
+              pass_: str = "forward", monolithic: bool = False,
+              grad_dtype: Optional[torch.dtype] = None) -> int:
+    """Bytes a kernel pass must move at least: the numerator of its achieved bandwidth.
+
+    forward: read s, a (and u, b unless monolithic) once; write terms [4, N] and stats [5, N] fp32.
+    backward: read the same rows, stats, terms and grad_terms [4, N] fp32; write ds (and du) in
+    grad_dtype (default: the student's). Per-row vectors are negligible next to the [N, V] rows.
+    """
+    rows = 1 if monolithic else 2  # student rows read (teacher: the same number)
+    es, et = student_dtype.itemsize, teacher_dtype.itemsize
+    total = n_rows * vocab * rows * (es + et) + (4 + N_STATS) * n_rows * 4
+    if pass_ == "backward":
+        total += n_rows * vocab * rows * (grad_dtype or student_dtype).itemsize + 4 * n_rows * 4
+    elif pass_ != "forward":
+        raise ValueError(f"pass_ must be 'forward' or 'backward', got {pass_!r}")
+    return total

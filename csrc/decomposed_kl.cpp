@@ -1,0 +1,365 @@
+// Decomposed KL on CPU: Std, Vis, Lang, VDS per row in one pass over the vocabulary, and the
+// gradients ds, du from per-term cotangents in one more pass (math: DESIGN.md §1; Python side,
+// fake kernels and the reference: vgs_kernels/decomposed_kl.py).
+//
+// Rows are processed in parallel (at::parallel_for). Each row is walked in L1-sized chunks: the
+// chunk is converted to the accumulation type (fp32, or fp64 when an input is fp64) and scaled
+// by 1/T, its maxima update the running maxima (rescaling what was summed so far, as in online
+// softmax), then one vectorised loop does every exp and sum. ~5 exps per element in forward, so
+// a vectorisable polynomial exp (vexp) is what makes it fast.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+namespace {
+
+constexpr int64_t kChunk = 512;  // 5 buffers x 512 x 4 B = 10 KiB: stays in L1
+
+// exp(x) for x <= 88 (callers pass x - max <= 0), as Cephes expf: 2^n * P(r), |r| <= ln2/2,
+// within ~1 ulp; exactly 0 below -87 (so exp(-inf) = 0); NaN in gives NaN out. Written with
+// selects only, so GCC vectorises it inside `omp simd` loops.
+inline float vexp(float x) {
+  float xc = x >= -87.0f ? x : -87.0f;  // NaN -> -87: keeps the integer conversion defined
+  xc = xc <= 88.0f ? xc : 88.0f;
+  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
+  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 split in two, exact n*hi
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = (p * r * r + r) + 1.0f;
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+  const float e = y * std::bit_cast<float>(bits);
+  return x >= -87.0f ? e : (x < -87.0f ? 0.0f : x);
+}
+
+inline double vexp(double x) { return std::exp(x); }
+
+template <typename acc_t>
+constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+
+// Rows of a 2-D tensor with unit stride along V, read as acc_t (any float dtype).
+struct RowIn {
+  const char* data = nullptr;
+  int64_t row_bytes = 0;
+  at::ScalarType dtype = at::kFloat;
+
+  RowIn() = default;
+  explicit RowIn(const at::Tensor& x)
+      : data(static_cast<const char*>(x.data_ptr())), row_bytes(x.stride(0) * x.element_size()),
+        dtype(x.scalar_type()) {}
+
+  // out[j] = it * x[r, c + j] for j < n.
+  template <typename acc_t>
+  void load(int64_t r, int64_t c, int64_t n, acc_t it, acc_t* out) const {
+    const char* row = data + r * row_bytes;
+    switch (dtype) {
+      case at::kFloat: return scaled(reinterpret_cast<const float*>(row) + c, n, it, out);
+      case at::kDouble: return scaled(reinterpret_cast<const double*>(row) + c, n, it, out);
+      case at::kBFloat16: return scaled(reinterpret_cast<const c10::BFloat16*>(row) + c, n, it, out);
+      case at::kHalf: return scaled(reinterpret_cast<const c10::Half*>(row) + c, n, it, out);
+      default: TORCH_CHECK(false, "decomposed_kl: unsupported dtype ", dtype);
+    }
+  }
+
+  template <typename in_t, typename acc_t>
+  static void scaled(const in_t* x, int64_t n, acc_t it, acc_t* out) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) out[j] = static_cast<acc_t>(x[j]) * it;
+  }
+};
+
+// Rows of a contiguous 2-D output tensor, written from acc_t.
+struct RowOut {
+  char* data;
+  int64_t row_bytes;
+  at::ScalarType dtype;
+
+  explicit RowOut(at::Tensor& x)
+      : data(static_cast<char*>(x.data_ptr())), row_bytes(x.stride(0) * x.element_size()),
+        dtype(x.scalar_type()) {}
+
+  template <typename acc_t>
+  void store(int64_t r, int64_t c, int64_t n, const acc_t* in) const {
+    char* row = data + r * row_bytes;
+    switch (dtype) {
+      case at::kFloat: return cast(in, n, reinterpret_cast<float*>(row) + c);
+      case at::kDouble: return cast(in, n, reinterpret_cast<double*>(row) + c);
+      case at::kBFloat16: return cast(in, n, reinterpret_cast<c10::BFloat16*>(row) + c);
+      case at::kHalf: return cast(in, n, reinterpret_cast<c10::Half*>(row) + c);
+      default: TORCH_CHECK(false, "decomposed_kl: unsupported output dtype ", dtype);
+    }
+  }
+
+  template <typename acc_t, typename out_t>
+  static void cast(const acc_t* in, int64_t n, out_t* out) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) out[j] = static_cast<out_t>(in[j]);
+  }
+
+  void zero_row(int64_t r) const { std::memset(data + r * row_bytes, 0, row_bytes); }
+};
+
+template <typename acc_t>
+acc_t chunk_max(const acc_t* x, int64_t n) {
+  acc_t m = kNegInf<acc_t>;
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, x[j]);
+  return m;
+}
+
+struct Inputs {
+  RowIn s, u, a, b;
+  const bool* mask;  // nullptr = every row valid
+  int64_t V;
+};
+
+// One row of the forward. terms/stats: this row's column of the [4, N] / [5, N] outputs.
+// Non-finite logits make the row's terms NaN: 0 * (-inf) or inf - inf reaches the A sums.
+template <typename acc_t, bool kMono>
+void forward_row(const Inputs& in, int64_t r, acc_t it, acc_t* terms, acc_t* stats, int64_t N) {
+  alignas(64) acc_t xs[kChunk], xu[kChunk], xa[kChunk], xb[kChunk], xq[kChunk];
+  // Running maxima and sums of e^(x - m) for s, u, a, b, q = u + a - b; and the sums
+  // A = sum e^(x - m) (x - y) of the four KLs (std, vis scale with s; lang with u; vds with a).
+  acc_t m[5], S[5] = {0, 0, 0, 0, 0}, A[4] = {0, 0, 0, 0};
+  std::fill(m, m + 5, kNegInf<acc_t>);
+  for (int64_t c = 0; c < in.V; c += kChunk) {
+    const int64_t n = std::min(kChunk, in.V - c);
+    in.s.load(r, c, n, it, xs);
+    in.a.load(r, c, n, it, xa);
+    if constexpr (!kMono) {
+      in.u.load(r, c, n, it, xu);
+      in.b.load(r, c, n, it, xb);
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) xq[j] = xu[j] + xa[j] - xb[j];
+    }
+    const acc_t* xk[5] = {xs, xu, xa, xb, xq};
+    acc_t scale[5];
+    for (int k = 0; k < 5; ++k) {
+      if (kMono && (k == 1 || k == 3 || k == 4)) continue;
+      const acc_t mk = std::max(m[k], chunk_max(xk[k], n));
+      scale[k] = std::exp(m[k] - mk);
+      S[k] *= scale[k];
+      m[k] = mk;
+    }
+    A[0] *= scale[0];
+    const acc_t ms = m[0], ma = m[2];
+    acc_t ss = 0, sa = 0, a0 = 0;
+    if constexpr (kMono) {
+#pragma omp simd reduction(+ : ss, sa, a0)
+      for (int64_t j = 0; j < n; ++j) {
+        const acc_t es = vexp(xs[j] - ms);
+        ss += es;
+        a0 += es * (xs[j] - xa[j]);
+        sa += vexp(xa[j] - ma);
+      }
+    } else {
+      A[1] *= scale[0];
+      A[2] *= scale[1];
+      A[3] *= scale[2];
+      const acc_t mu = m[1], mb = m[3], mq = m[4];
+      acc_t su = 0, sb = 0, sq = 0, a1 = 0, a2 = 0, a3 = 0;
+#pragma omp simd reduction(+ : ss, su, sa, sb, sq, a0, a1, a2, a3)
+      for (int64_t j = 0; j < n; ++j) {
+        const acc_t es = vexp(xs[j] - ms), eu = vexp(xu[j] - mu), ea = vexp(xa[j] - ma);
+        ss += es;
+        su += eu;
+        sa += ea;
+        sb += vexp(xb[j] - mb);
+        sq += vexp(xq[j] - mq);
+        a0 += es * (xs[j] - xa[j]);
+        a1 += es * (xs[j] - xq[j]);
+        a2 += eu * (xu[j] - xb[j]);
+        a3 += ea * (xa[j] - xb[j]);
+      }
+      S[1] += su, S[3] += sb, S[4] += sq, A[1] += a1, A[2] += a2, A[3] += a3;
+    }
+    S[0] += ss, S[2] += sa, A[0] += a0;
+  }
+  acc_t lse[5] = {0, 0, 0, 0, 0};
+  for (int k = 0; k < 5; ++k)
+    if (!(kMono && (k == 1 || k == 3 || k == 4))) lse[k] = m[k] + std::log(S[k]);
+  // KL(softmax(x) || softmax(y)) = E_x[x - y] - LSE(x) + LSE(y)
+  terms[0] = A[0] / S[0] - lse[0] + lse[2];
+  if constexpr (!kMono) {
+    terms[N] = A[1] / S[0] - lse[0] + lse[4];
+    terms[2 * N] = A[2] / S[1] - lse[1] + lse[3];
+    terms[3 * N] = A[3] / S[2] - lse[2] + lse[3];
+  }
+  for (int k = 0; k < 5; ++k) stats[k * N] = lse[k];
+}
+
+// One row of the backward: ds = (1/T) p ⊙ (g_std (log p - log qa - Std) + g_vis (log p - log q* - Vis)),
+// du = (1/T) [pu ⊙ g_lang (log pu - log qb - Lang) + (not detached) g_vis (q* - p)], expanded so
+// that every per-row constant is folded in before the loop.
+template <typename acc_t, bool kMono, bool kDetach>
+void backward_row(const Inputs& in, int64_t r, acc_t it, const acc_t* stats, const acc_t* terms,
+                  const acc_t* g, int64_t N, const RowOut& ds_out, const RowOut* du_out) {
+  alignas(64) acc_t xs[kChunk], xu[kChunk], xa[kChunk], xb[kChunk], ds[kChunk], du[kChunk];
+  const acc_t lse_s = stats[0], lse_u = stats[N], lse_a = stats[2 * N], lse_b = stats[3 * N],
+              lse_q = stats[4 * N];
+  const acc_t g_std = g[0], g_vis = kMono ? acc_t(0) : g[N], g_lang = g[2 * N];
+  const acc_t c_s = g_std * (lse_a - lse_s - terms[0]) +
+                    (kMono ? acc_t(0) : g_vis * (lse_q - lse_s - terms[N]));
+  const acc_t g_sv = g_std + g_vis;
+  const acc_t c_u = kMono ? acc_t(0) : g_lang * (lse_b - lse_u - terms[2 * N]);
+  for (int64_t c = 0; c < in.V; c += kChunk) {
+    const int64_t n = std::min(kChunk, in.V - c);
+    in.s.load(r, c, n, it, xs);
+    in.a.load(r, c, n, it, xa);
+    if constexpr (kMono) {
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j)
+        ds[j] = it * vexp(xs[j] - lse_s) * (g_std * (xs[j] - xa[j]) + c_s);
+    } else {
+      in.u.load(r, c, n, it, xu);
+      in.b.load(r, c, n, it, xb);
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) {
+        const acc_t p = vexp(xs[j] - lse_s), d_ub = xu[j] - xb[j];
+        ds[j] = it * p * (g_sv * (xs[j] - xa[j]) - g_vis * d_ub + c_s);
+        acc_t v = vexp(xu[j] - lse_u) * (g_lang * d_ub + c_u);
+        if constexpr (!kDetach) v += g_vis * (vexp(d_ub + xa[j] - lse_q) - p);
+        du[j] = it * v;
+      }
+      du_out->store(r, c, n, du);
+    }
+    ds_out.store(r, c, n, ds);
+  }
+}
+
+at::Tensor rows_of(const at::Tensor& x, const at::Tensor& s, const char* name) {
+  TORCH_CHECK(x.dim() == 2 && x.sizes() == s.sizes(), "decomposed_kl: ", name,
+              " must have the shape of s ", s.sizes(), ", got ", x.sizes());
+  TORCH_CHECK(x.device().is_cpu(), "decomposed_kl: ", name, " must be a CPU tensor");
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "decomposed_kl: ", name,
+              " must be a floating-point tensor, got ", x.scalar_type());
+  return x.stride(1) == 1 ? x : x.contiguous();
+}
+
+struct Prepared {
+  at::Tensor s, u, a, b, mask;  // keep the (possibly copied) tensors alive
+  Inputs in;
+  bool mono;
+  at::ScalarType acc;
+};
+
+Prepared prepare(const at::Tensor& s_, const std::optional<at::Tensor>& u_, const at::Tensor& a_,
+                 const std::optional<at::Tensor>& b_, const std::optional<at::Tensor>& mask_) {
+  TORCH_CHECK(s_.dim() == 2, "decomposed_kl: s must be [N, V], got ", s_.sizes());
+  TORCH_CHECK(u_.has_value() == b_.has_value(), "decomposed_kl: u and b must be given together");
+  Prepared p;
+  p.mono = !u_.has_value();
+  p.s = rows_of(s_, s_, "s");
+  p.a = rows_of(a_, s_, "a");
+  if (!p.mono) {
+    p.u = rows_of(*u_, s_, "u");
+    p.b = rows_of(*b_, s_, "b");
+  }
+  bool f64 = p.s.scalar_type() == at::kDouble || p.a.scalar_type() == at::kDouble ||
+             (!p.mono && (p.u.scalar_type() == at::kDouble || p.b.scalar_type() == at::kDouble));
+  p.acc = f64 ? at::kDouble : at::kFloat;
+  if (mask_.has_value()) {
+    TORCH_CHECK(mask_->dim() == 1 && mask_->size(0) == s_.size(0),
+                "decomposed_kl: mask must be [N] = [", s_.size(0), "], got ", mask_->sizes());
+    p.mask = mask_->to(at::kBool).contiguous();
+  }
+  p.in = Inputs{RowIn(p.s), p.mono ? RowIn() : RowIn(p.u), RowIn(p.a), p.mono ? RowIn() : RowIn(p.b),
+                p.mask.defined() ? p.mask.data_ptr<bool>() : nullptr, s_.size(1)};
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& s, const std::optional<at::Tensor>& u,
+                                           const at::Tensor& a, const std::optional<at::Tensor>& b,
+                                           double inv_temperature,
+                                           const std::optional<at::Tensor>& mask) {
+  const Prepared p = prepare(s, u, a, b, mask);
+  const int64_t N = s.size(0);
+  auto terms = at::zeros({4, N}, s.options().dtype(p.acc));
+  auto stats = at::zeros({5, N}, s.options().dtype(p.acc));
+  AT_DISPATCH_FLOATING_TYPES(p.acc, "decomposed_kl_forward", [&] {
+    auto* t = terms.data_ptr<scalar_t>();
+    auto* st = stats.data_ptr<scalar_t>();
+    const auto it = static_cast<scalar_t>(inv_temperature);
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        if (p.in.mask && !p.in.mask[r]) continue;  // zeros, never read
+        if (p.mono)
+          forward_row<scalar_t, true>(p.in, r, it, t + r, st + r, N);
+        else
+          forward_row<scalar_t, false>(p.in, r, it, t + r, st + r, N);
+      }
+    });
+  });
+  return {terms, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor> backward(
+    const at::Tensor& s, const std::optional<at::Tensor>& u, const at::Tensor& a,
+    const std::optional<at::Tensor>& b, const at::Tensor& stats, const at::Tensor& terms,
+    const at::Tensor& grad_terms, double inv_temperature, bool detach_prior,
+    const std::optional<at::Tensor>& mask, std::optional<at::ScalarType> out_dtype) {
+  const Prepared p = prepare(s, u, a, b, mask);
+  const int64_t N = s.size(0);
+  TORCH_CHECK(stats.sizes() == at::IntArrayRef({5, N}), "decomposed_kl: stats must be [5, ", N,
+              "], got ", stats.sizes());
+  TORCH_CHECK(terms.sizes() == at::IntArrayRef({4, N}) && grad_terms.sizes() == terms.sizes(),
+              "decomposed_kl: terms and grad_terms must be [4, ", N, "], got ", terms.sizes(),
+              " and ", grad_terms.sizes());
+  const auto st = stats.to(p.acc).contiguous(), te = terms.to(p.acc).contiguous(),
+             g = grad_terms.to(p.acc).contiguous();
+  auto ds = at::empty(p.s.sizes(), s.options().dtype(out_dtype.value_or(s.scalar_type())));
+  auto du = p.mono ? at::empty({0}, s.options())
+                   : at::empty(p.u.sizes(), s.options().dtype(out_dtype.value_or(u->scalar_type())));
+  const RowOut ds_out(ds);
+  const RowOut du_out = p.mono ? RowOut(ds) : RowOut(du);
+  AT_DISPATCH_FLOATING_TYPES(p.acc, "decomposed_kl_backward", [&] {
+    const auto* stp = st.data_ptr<scalar_t>();
+    const auto* tp = te.data_ptr<scalar_t>();
+    const auto* gp = g.data_ptr<scalar_t>();
+    const auto it = static_cast<scalar_t>(inv_temperature);
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        if (p.in.mask && !p.in.mask[r]) {
+          ds_out.zero_row(r);
+          if (!p.mono) du_out.zero_row(r);
+          continue;
+        }
+        const auto* sr = stp + r;
+        const auto* tr = tp + r;
+        const auto* gr = gp + r;
+        if (p.mono)
+          backward_row<scalar_t, true, true>(p.in, r, it, sr, tr, gr, N, ds_out, nullptr);
+        else if (detach_prior)
+          backward_row<scalar_t, false, true>(p.in, r, it, sr, tr, gr, N, ds_out, &du_out);
+        else
+          backward_row<scalar_t, false, false>(p.in, r, it, sr, tr, gr, N, ds_out, &du_out);
+      }
+    });
+  });
+  return {ds, du};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(vgs_kernels, m) {
+  m.def("decomposed_kl_forward(Tensor s, Tensor? u, Tensor a, Tensor? b, float inv_temperature, "
+        "Tensor? mask) -> (Tensor terms, Tensor stats)");
+  m.def("decomposed_kl_backward(Tensor s, Tensor? u, Tensor a, Tensor? b, Tensor stats, "
+        "Tensor terms, Tensor grad_terms, float inv_temperature, bool detach_prior, Tensor? mask, "
+        "ScalarType? out_dtype) -> (Tensor ds, Tensor du)");
+}
+
+TORCH_LIBRARY_IMPL(vgs_kernels, CPU, m) {
+  m.impl("decomposed_kl_forward", &forward);
+  m.impl("decomposed_kl_backward", &backward);
+}

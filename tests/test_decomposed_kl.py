@@ -1,0 +1,279 @@
+"""decomposed_kl: every backend against the plain-torch reference (autograd through log_softmax).
+
+The reference is evaluated in float64 on the same (rounded) inputs, i.e. it is the exact answer.
+Tolerances: terms are fp32 whatever the input dtype, so only fp32 accumulation error remains
+(atol 1e-5, rtol 2e-5; the fp32 reference itself is ~1e-5 off at V = 151,936, the blocked kernels
+~1e-6). Gradients are written in the input dtype: within one rounding of that dtype (rtol 1e-4
+fp32, 2e-3 fp16, 1.6e-2 bf16; atol 1e-5).
+Triton runs under TRITON_INTERPRET=1 (set by conftest without CUDA) on small shapes.
+"""
+import pytest
+import torch
+
+import vgs_kernels as vgs
+from vgs_kernels._backend import HAS_CPP, HAS_TRITON
+from vgs_kernels.decomposed_kl import decomposed_kl_reference, kl_backward, kl_forward
+
+CUDA = torch.cuda.is_available()
+BACKENDS = ["reference"] + (["cpp"] if HAS_CPP else []) + (["triton"] if HAS_TRITON else [])
+GRAD_RTOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-9}
+MODES = ["detached", "prior_grad", "monolithic"]
+
+
+def logits(shape, dtype=torch.float32, device="cpu", seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    s, u, a, b = (torch.randn(shape, generator=g, dtype=torch.float64) * scale for _ in range(4))
+    a = a + 0.5 * s  # correlated student/teacher, as in distillation
+    b = b + 0.5 * u
+    return [x.to(device=device, dtype=dtype) for x in (s, u, a, b)]
+
+
+def run(fn, s, u, a, b, cot, **kw):
+    """Terms and d(sum_k cot_k * term_k)/d(s, u) for a decomposed_kl-like function."""
+    s, u = s.detach().requires_grad_(), None if u is None else u.detach().requires_grad_()
+    terms = fn(s, u, a, b, **kw)
+    inputs = (s,) if u is None else (s, u)
+    grads = torch.autograd.grad(sum((t * c).sum() for t, c in zip(terms, cot)), inputs)
+    return terms, grads
+
+
+def check_against_reference(backend, shape, dtype, mode, mask=None, temperature=1.0, seed=0):
+    s, u, a, b = logits(shape, dtype, seed=seed)
+    if mode == "monolithic":
+        u = b = None
+    cot = torch.randn((4, *shape[:-1]), generator=torch.Generator().manual_seed(seed + 1))
+    kw = dict(mask=mask, temperature=temperature, detach_prior=mode != "prior_grad")
+    exact = [None if x is None else x.double() for x in (s, u, a, b)]
+    ref, ref_g = run(decomposed_kl_reference, *exact, cot.double(), **kw)
+    out, out_g = run(vgs.decomposed_kl, s, u, a, b, cot, backend=backend, **kw)
+    assert isinstance(out, vgs.KLTerms)
+    for name, r, o in zip(out._fields, ref, out):
+        assert o.dtype == torch.float32 and o.shape == shape[:-1]
+        torch.testing.assert_close(o.double(), r, atol=1e-5, rtol=2e-5, msg=lambda m: f"{name}: {m}")
+    for name, r, o, x in zip(("ds", "du"), ref_g, out_g, (s, u)):
+        assert o.dtype == x.dtype, name
+        torch.testing.assert_close(o.double(), r, atol=1e-5, rtol=GRAD_RTOL[dtype],
+                                   msg=lambda m: f"{name}: {m}")
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_matches_reference(backend, mode, dtype):
+    mask = torch.tensor([[True, False, True], [True, True, False]])
+    out = check_against_reference(backend, (2, 3, 1423), dtype, mode, mask=mask, temperature=1.7)
+    assert (out.std[mask] > 0).all() and (out.std[~mask] == 0).all()
+    if mode != "monolithic":
+        assert all((t[mask] > 0).all() for t in out)
+    else:
+        assert all((t == 0).all() for t in out[1:])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_full_qwen_vocab_row(backend):
+    check_against_reference(backend, (1, 151_936), torch.float32, "prior_grad", temperature=0.8)
+
+
+# "autograd" is decomposed_kl_reference itself (torch autograd through log_softmax).
+@pytest.mark.parametrize("backend", ["autograd"] + [b for b in BACKENDS if b != "triton"])
+@pytest.mark.parametrize("mode", MODES)
+def test_gradcheck_float64(backend, mode):
+    s, u, a, b = logits((3, 9), torch.float64, scale=2.0)
+    mask = torch.tensor([True, False, True])
+    if mode == "monolithic":
+        u = b = None
+
+    def f(s, u):
+        kw = dict(temperature=1.3, detach_prior=mode != "prior_grad")
+        if backend == "autograd":
+            return decomposed_kl_reference(s, u, a, b, mask, **kw)
+        return vgs.decomposed_kl(s, u, a, b, mask, backend=backend, **kw)
+
+    s.requires_grad_()
+    if mode == "prior_grad":
+        assert torch.autograd.gradcheck(lambda s, u: tuple(f(s, u)), (s, u.requires_grad_()))
+        return
+    assert torch.autograd.gradcheck(lambda s: tuple(f(s, u)), (s,))
+    if mode == "detached":  # only the Vis -> u path is cut (by design): check the others
+        t = lambda u: f(s.detach(), u)
+        assert torch.autograd.gradcheck(lambda u: (t(u).std, t(u).lang, t(u).vds), (u.requires_grad_(),))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_rows_never_read_and_all_masked(backend):
+    s, u, a, b = logits((4, 257))
+    mask = torch.tensor([1, 0, 1, 0])  # 0/1 ints work as a mask
+    for x in (s, u, a, b):
+        x[1] = float("nan")
+        x[3, 5] = float("inf")
+    check_against_reference(backend, (4, 257), torch.float32, "prior_grad", seed=0)  # sanity
+    cot = torch.rand(4, 4) + 0.5
+    out, (ds, du) = run(vgs.decomposed_kl, s, u, a, b, cot, mask=mask, backend=backend,
+                        detach_prior=False)
+    assert all(t.isfinite().all() and (t[1] == 0) and (t[3] == 0) for t in out)
+    assert ds.isfinite().all() and du.isfinite().all()
+    assert (ds[1::2] == 0).all() and (du[1::2] == 0).all() and (ds[0] != 0).any()
+
+    none = torch.zeros(4, dtype=torch.bool)
+    out, (ds, du) = run(vgs.decomposed_kl, s, u, a, b, cot, mask=none, backend=backend,
+                        detach_prior=False)
+    assert all((t == 0).all() for t in out) and (ds == 0).all() and (du == 0).all()
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # numpy, in the interpreter
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("which", range(4))
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_logits_give_nan(backend, which, bad):
+    rows = logits((3, 100))
+    rows[which][1, 42] = bad
+    out = vgs.decomposed_kl(*rows, backend=backend)
+    # Every input row enters at least one term; the other positions stay exact.
+    assert any(t[1].isnan() for t in out)
+    assert all(t[[0, 2]].isfinite().all() for t in out)
+    with pytest.raises(ValueError, match=f"^{'suab'[which]} has non-finite logits at .*\\[1\\]"):
+        vgs.decomposed_kl(*rows, backend=backend, check_finite=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_and_mixed_dtypes(backend):
+    g = torch.Generator().manual_seed(3)
+    wide = torch.randn(2, 5, 300, generator=g)
+    s = wide[..., :129]  # row stride 300: used as is
+    u = torch.randn(2, 129, 5, generator=g).transpose(1, 2)  # stride 5 along V: copied
+    a = torch.randn(5, 2, 129, generator=g, dtype=torch.float64).to(torch.bfloat16).transpose(0, 1)
+    b = torch.randn(2, 5, 129, generator=g).half()  # teacher rows in other dtypes
+    cot = torch.randn(4, 2, 5, generator=g)
+    ref, ref_g = run(decomposed_kl_reference, s, u, a, b, cot, detach_prior=False)
+    out, out_g = run(vgs.decomposed_kl, s, u, a, b, cot, detach_prior=False, backend=backend)
+    torch.testing.assert_close(tuple(out), tuple(ref), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(out_g, ref_g, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_row_api_stats_interchangeable_and_out_dtype(backend):
+    s, u, a, b = logits((6, 333))
+    mask = torch.tensor([True, True, False, True, True, True])
+    terms, stats = kl_forward(s, u, a, b, 0.5, mask, backend=backend)
+    ref_terms, ref_stats = kl_forward(s, u, a, b, 0.5, mask, backend="reference")
+    assert terms.shape == (4, 6) and stats.shape == (5, 6) and terms.dtype == torch.float32
+    torch.testing.assert_close(stats, ref_stats, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(terms, ref_terms, atol=1e-4, rtol=1e-5)
+    g = torch.randn(4, 6)
+    ds, du = kl_backward(s, u, a, b, ref_stats, ref_terms, g, 0.5, False, mask, backend=backend,
+                         out_dtype=torch.bfloat16)
+    ref_ds, ref_du = kl_backward(s, u, a, b, stats, terms, g, 0.5, False, mask, backend="reference")
+    assert ds.dtype == du.dtype == torch.bfloat16
+    torch.testing.assert_close(ds.float(), ref_ds, atol=1e-5, rtol=1.6e-2)
+    torch.testing.assert_close(du.float(), ref_du, atol=1e-5, rtol=1.6e-2)
+    ds, du = kl_backward(s, None, a, None, stats, terms, g, 0.5, True, mask, backend=backend)
+    assert du is None and ds.dtype == torch.float32
+
+
+def test_empty_batch():
+    s, u, a, b = logits((0, 7))
+    out = vgs.decomposed_kl(s.requires_grad_(), u, a, b)
+    assert all(t.shape == (0,) for t in out)
+    out.std.sum().backward()
+    assert s.grad.shape == (0, 7)
+
+
+@pytest.mark.parametrize("args, kwargs, exc, match", [
+    (((2, 5), (2, 5), (2, 6), (2, 5)), {}, ValueError, r"a has vocabulary size 6 but s has 5: expected a of shape \(2, 5\)"),
+    (((2, 5), (3, 5), (2, 5), (2, 5)), {}, ValueError, r"u must have the shape of s \(2, 5\), got \(3, 5\)"),
+    (((2, 5), (2, 5), (2, 5), (2, 5)), {"mask": torch.ones(3, dtype=torch.bool)}, ValueError, r"mask must have the leading shape of s \(2,\)"),
+    (((2, 5), (2, 5), (2, 5), (2, 5)), {"temperature": 0.0}, ValueError, "temperature must be a finite number > 0"),
+    (((2, 5), (2, 5), (2, 5), (2, 5)), {"temperature": -1.0}, ValueError, "temperature"),
+    (((2, 5), (2, 5), (2, 5), None), {}, ValueError, "u and b must be given together"),
+    (((2, 5), None, (2, 5), (2, 5)), {}, ValueError, "u and b must be given together"),
+    (((2, 5), (2, 5), "int", (2, 5)), {}, TypeError, "a must be a floating-point tensor"),
+    (((2, 5), (2, 5), (2, 5), [1.0]), {}, TypeError, "b must be a torch.Tensor"),
+    (((2, 0), (2, 0), (2, 0), (2, 0)), {}, ValueError, "V >= 1"),
+])
+def test_bad_input(args, kwargs, exc, match):
+    def make(spec):
+        if spec is None or isinstance(spec, list):
+            return spec
+        return torch.ones(2, 5, dtype=torch.int64) if spec == "int" else torch.randn(spec)
+
+    with pytest.raises(exc, match=match):
+        vgs.decomposed_kl(*map(make, args), **kwargs)
+
+
+def test_bad_device():
+    s = torch.randn(2, 5)
+    with pytest.raises(ValueError, match="b is on meta but s is on cpu"):
+        vgs.decomposed_kl(s, s, s, torch.randn(2, 5, device="meta"))
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="C++ extension not built")
+def test_opcheck_cpp_ops():
+    s, u, a, b = logits((3, 70))
+    mask = torch.tensor([True, False, True])
+    for uu, bb in ((u, b), (None, None)):
+        for m in (mask, None):
+            torch.library.opcheck(torch.ops.vgs_kernels.decomposed_kl_forward, (s, uu, a, bb, 0.7, m))
+            terms, stats = torch.ops.vgs_kernels.decomposed_kl_forward(s, uu, a, bb, 0.7, m)
+            for detach, dt in ((True, None), (False, torch.bfloat16)):
+                torch.library.opcheck(torch.ops.vgs_kernels.decomposed_kl_backward,
+                                      (s, uu, a, bb, stats, terms, torch.randn(4, 3), 0.7, detach, m, dt))
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_opcheck_triton_ops():
+    s, u, a, b = logits((2, 40))
+    mask = torch.tensor([True, False])
+    torch.library.opcheck(torch.ops.vgs_kernels.decomposed_kl_forward_triton, (s, u, a, b, 0.7, mask),
+                          test_utils=("test_schema", "test_faketensor"))
+    terms, stats = torch.ops.vgs_kernels.decomposed_kl_forward_triton(s, u, a, b, 0.7, mask)
+    torch.library.opcheck(torch.ops.vgs_kernels.decomposed_kl_backward_triton,
+                          (s, u, a, b, stats, terms, torch.randn(4, 2), 0.7, False, mask, None),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="C++ extension not built")
+def test_torch_compile_traces_the_op():
+    s, u, a, b = logits((4, 50))
+    mask = torch.tensor([True, True, False, True])
+
+    def loss(s, u):
+        t = vgs.decomposed_kl(s, u, a, b, mask, temperature=2.0)
+        return (t.std + 2 * t.vis + 0.01 * t.lang).sum()
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    s1, u1, s2, u2 = (x.clone().requires_grad_() for x in (s, u, s, u))
+    loss(s1, u1).backward()
+    compiled(s2, u2).backward()
+    torch.testing.assert_close((s2.grad, u2.grad), (s1.grad, u1.grad))
+
+
+def test_min_bytes():
+    from vgs_kernels.decomposed_kl import min_bytes
+
+    n, v = 8, 1000
+    assert min_bytes(n, v, torch.bfloat16, torch.bfloat16, "forward") == 4 * n * v * 2 + 4 * n * 4 + 5 * n * 4
+    assert min_bytes(n, v, torch.float32, torch.bfloat16, "backward", monolithic=True) == (
+        n * v * (4 + 2 + 4) + 5 * n * 4 + 4 * n * 4 + 4 * n * 4)
+
+
+# ----------------------------------------------------------------------------- GPU (Triton)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("n, v", [(512, 32_000), (4096, 32_000), (512, 151_936), (2048, 151_936)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("mode", MODES)
+def test_triton_gpu_vs_reference(n, v, dtype, mode):
+    s, u, a, b = logits((n, v), dtype, device="cuda", seed=n)
+    if mode == "monolithic":
+        u = b = None
+    mask = torch.rand(n, device="cuda") > 0.1
+    cot = torch.randn(4, n, device="cuda")
+    kw = dict(mask=mask, temperature=1.3, detach_prior=mode != "prior_grad")
+    out, out_g = run(vgs.decomposed_kl, s, u, a, b, cot, backend="triton", **kw)
+    ref, ref_g = run(decomposed_kl_reference, s, u, a, b, cot, **kw)
+    torch.testing.assert_close(tuple(out), tuple(ref), atol=2e-4, rtol=1e-5)
+    for o, r in zip(out_g, ref_g):
+        torch.testing.assert_close(o.float(), r.float(), atol=1e-5, rtol=GRAD_RTOL[dtype])
