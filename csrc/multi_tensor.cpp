@@ -1,0 +1,320 @@
+// Multi-tensor Gram and combine over k gradient lists (CPU). Python side: vgs_kernels/gram.py,
+// vgs_kernels/combine.py (which also hold the Triton kernels and the plain-torch references).
+//
+//   gram(Tensor?[] tensors, int k) -> Tensor[k, k] float32
+//       G[a][b] = sum_j <g_a[j], g_b[j]>
+//   combine_(Tensor(a!)[] out, Tensor?[] tensors, Tensor coeffs) -> ()
+//       out[j] = sum_i coeffs[i] * g_i[j]
+//
+// `tensors` is component-major: tensors[i * T + j] is component i of parameter j (T parameters).
+// None means "this parameter got no gradient from component i" and reads as zeros. All components
+// of a parameter share its numel and dtype (float32, bfloat16 or float16; parameters may differ).
+// The work is split into fixed-size chunks over all parameters (apex multi_tensor_apply): every
+// chunk reads the k components of one parameter range together, in one sweep, accumulating in
+// fp32 lanes that GCC vectorises, flushed to double every kStage elements. `out` may alias one of the
+// inputs (e.g. the .grad holding g_0): each element is read before it is written.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <array>
+#include <bit>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kChunk = 1 << 16;  // elements per work item
+constexpr int kLanes = 16;           // independent fp32 accumulators (one AVX-512 register)
+constexpr int kMaxK = 4;
+
+// Element access through raw storage types so that GCC vectorises the conversions.
+template <typename T>
+struct Elem;
+template <>
+struct Elem<float> {
+  using raw = float;
+  static float load(float x) { return x; }
+  static float store(float x) { return x; }
+};
+template <>
+struct Elem<c10::BFloat16> {
+  using raw = uint16_t;
+  static float load(uint16_t x) { return std::bit_cast<float>(uint32_t(x) << 16); }
+  static uint16_t store(float x) {  // round to nearest even, as c10::BFloat16(float)
+    uint32_t u = std::bit_cast<uint32_t>(x);
+    return x != x ? uint16_t(0x7FC0) : uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  }
+};
+template <>
+struct Elem<c10::Half> {
+  using raw = uint16_t;
+  static float load(uint16_t x) { return c10::detail::fp16_ieee_to_fp32_value(x); }
+  static uint16_t store(float x) { return c10::detail::fp16_ieee_from_fp32_value(x); }
+};
+
+// n elements to/from fp32. GCC vectorises the generic loops; it does not vectorise _Float16
+// conversions without AVX512-FP16, hence the F16C intrinsics. noinline: inlined into gram_slice,
+// GCC fuses the bfloat16 conversion into the accumulation loop and vectorises it poorly (2.5x slower).
+template <typename T>
+__attribute__((noinline)) const float* to_float(const typename Elem<T>::raw* __restrict src, int64_t n, float* __restrict buf) {
+  if constexpr (std::is_same_v<T, float>) {
+    return src;  // read in place
+  } else {
+    int64_t l = 0;
+#ifdef __F16C__
+    if constexpr (std::is_same_v<T, c10::Half>)
+      for (; l + 8 <= n; l += 8)
+        _mm256_storeu_ps(buf + l, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + l))));
+#endif
+    for (; l < n; ++l) buf[l] = Elem<T>::load(src[l]);
+    return buf;
+  }
+}
+
+template <typename T>
+void from_float(const float* __restrict x, int64_t n, typename Elem<T>::raw* __restrict dst) {
+  int64_t l = 0;
+#ifdef __F16C__
+  if constexpr (std::is_same_v<T, c10::Half>)
+    for (; l + 8 <= n; l += 8)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + l),
+                       _mm256_cvtps_ph(_mm256_loadu_ps(x + l), _MM_FROUND_TO_NEAREST_INT));
+#endif
+  for (; l < n; ++l) dst[l] = Elem<T>::store(x[l]);
+}
+
+// Elements per component staged as fp32 on the stack (at most 4 x 4 KB, stays in L1).
+constexpr int64_t kStage = 1024;
+
+// Gram of M present components over n elements: g[a * M + b] += <p[a], p[b]> (b >= a).
+template <int M, typename T>
+void gram_slice(const typename Elem<T>::raw* const* p, int64_t n, double* g) {
+  if constexpr (M > 0) {
+    double total[M][M][kLanes] = {};  // fp32 lanes are flushed here after every staged block
+    float buf[M][kStage];
+    for (int64_t e0 = 0; e0 < n; e0 += kStage) {
+      const int64_t len = std::min(kStage, n - e0);
+      const float* x[M];
+      for (int i = 0; i < M; ++i) x[i] = to_float<T>(p[i] + e0, len, buf[i]);
+      float acc[M][M][kLanes] = {};
+      int64_t e = 0;
+      for (; e + kLanes <= len; e += kLanes) {
+        float v[M][kLanes];  // copy to a local block first: the shape GCC vectorises best
+        for (int i = 0; i < M; ++i) {
+          const float* __restrict src = x[i] + e;
+          for (int l = 0; l < kLanes; ++l) v[i][l] = src[l];
+        }
+        for (int a = 0; a < M; ++a)
+          for (int b = a; b < M; ++b)
+            for (int l = 0; l < kLanes; ++l) acc[a][b][l] += v[a][l] * v[b][l];
+      }
+      for (; e < len; ++e)
+        for (int a = 0; a < M; ++a)
+          for (int b = a; b < M; ++b) acc[a][b][0] += x[a][e] * x[b][e];
+      for (int a = 0; a < M; ++a)
+        for (int b = a; b < M; ++b)
+          for (int l = 0; l < kLanes; ++l) total[a][b][l] += acc[a][b][l];
+    }
+    for (int a = 0; a < M; ++a)
+      for (int b = a; b < M; ++b) {
+        double s = 0;
+        for (int l = 0; l < kLanes; ++l) s += total[a][b][l];
+        g[a * M + b] += s;
+      }
+  }
+}
+
+// out[e] = sum_i c[i] * p[i][e] over M present components (M == 0 writes zeros). Each staged
+// block is read completely before it is written, so out may alias an input.
+template <int M, typename T>
+void combine_slice(typename Elem<T>::raw* out, const typename Elem<T>::raw* const* p, const float* c, int64_t n) {
+  float buf[M > 0 ? M : 1][kStage], s[kStage];
+  for (int64_t e = 0; e < n; e += kStage) {
+    const int64_t len = std::min(kStage, n - e);
+    const float* x[M > 0 ? M : 1];
+    for (int i = 0; i < M; ++i) x[i] = to_float<T>(p[i] + e, len, buf[i]);
+    for (int64_t l = 0; l < len; ++l) {
+      float t = 0.f;
+      for (int i = 0; i < M; ++i) t += c[i] * x[i][l];
+      s[l] = t;
+    }
+    from_float<T>(s, len, out + e);
+  }
+}
+
+// f.template operator()<T>() for the runtime dtype, f.template operator()<M>() for the runtime count.
+template <typename F>
+void dispatch_type(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kFloat: return f.template operator()<float>();
+    case at::kBFloat16: return f.template operator()<c10::BFloat16>();
+    case at::kHalf: return f.template operator()<c10::Half>();
+    default: TORCH_CHECK(false, "vgs_kernels: gradients must be float32, bfloat16 or float16, got ", dtype);
+  }
+}
+
+template <typename F>
+void dispatch_count(int m, F&& f) {
+  switch (m) {
+    case 0: return f.template operator()<0>();
+    case 1: return f.template operator()<1>();
+    case 2: return f.template operator()<2>();
+    case 3: return f.template operator()<3>();
+    case 4: return f.template operator()<4>();
+  }
+}
+
+// The validated inputs: per parameter its numel, dtype and the contiguous present components.
+struct Table {
+  int64_t k = 0, n_params = 0;
+  std::vector<at::Tensor> in;        // component-major, contiguous, undefined where None
+  std::vector<int64_t> numel;        // per parameter
+  std::vector<at::ScalarType> dtype; // per parameter
+  std::vector<int64_t> first_chunk;  // prefix sums of chunk counts, size T + 1
+
+  // Runs f(j, begin, n) over every chunk in parallel. Chunk c belongs to the parameter found by
+  // binary search in first_chunk, so the bookkeeping is O(parameters), not O(elements).
+  template <typename F>
+  void for_chunks(int64_t c0, int64_t c1, F&& f) const {
+    for (int64_t c = c0; c < c1; ++c) {
+      int64_t j = std::upper_bound(first_chunk.begin(), first_chunk.end(), c) - first_chunk.begin() - 1;
+      int64_t begin = (c - first_chunk[j]) * kChunk;
+      f(j, begin, std::min(kChunk, numel[j] - begin));
+    }
+  }
+
+  // The present components of parameter j at element offset begin, and their indices.
+  template <typename T>
+  int present(int64_t j, int64_t begin, const typename Elem<T>::raw** p, int* idx) const {
+    int m = 0;
+    for (int64_t i = 0; i < k; ++i) {
+      const at::Tensor& g = in[i * n_params + j];
+      if (g.defined()) {
+        p[m] = reinterpret_cast<const typename Elem<T>::raw*>(g.template const_data_ptr<T>()) + begin;
+        idx[m++] = int(i);
+      }
+    }
+    return m;
+  }
+};
+
+// `out` (optional) fixes each parameter's numel and dtype for combine_.
+Table make_table(const c10::List<std::optional<at::Tensor>>& tensors, int64_t k, at::TensorList out) {
+  TORCH_CHECK(k >= 1 && k <= kMaxK, "vgs_kernels: k must be 1..4, got ", k);
+  TORCH_CHECK(tensors.size() % k == 0, "vgs_kernels: tensors holds ", tensors.size(),
+              " entries, not a multiple of k = ", k);
+  Table t;
+  t.k = k;
+  t.n_params = int64_t(tensors.size()) / k;
+  TORCH_CHECK(out.empty() || int64_t(out.size()) == t.n_params, "vgs_kernels.combine_: out has ", out.size(),
+              " tensors but tensors has ", t.n_params, " per component");
+  t.in.resize(tensors.size());
+  t.numel.assign(t.n_params, -1);
+  t.dtype.assign(t.n_params, at::kFloat);
+  for (int64_t j = 0; j < t.n_params; ++j) {
+    if (!out.empty()) {
+      TORCH_CHECK(out[j].device().is_cpu(), "vgs_kernels.combine_: out[", j, "] is on ", out[j].device(),
+                  "; the C++ kernels take CPU tensors");
+      t.numel[j] = out[j].numel();
+      t.dtype[j] = out[j].scalar_type();
+    }
+    for (int64_t i = 0; i < k; ++i) {
+      std::optional<at::Tensor> o = tensors.get(i * t.n_params + j);
+      if (!o.has_value() || !o->defined()) continue;
+      const at::Tensor& g = *o;
+      TORCH_CHECK(g.device().is_cpu(), "vgs_kernels: component ", i, " of parameter ", j, " is on ",
+                  g.device(), "; the C++ kernels take CPU tensors");
+      if (t.numel[j] < 0) {
+        t.numel[j] = g.numel();
+        t.dtype[j] = g.scalar_type();
+      }
+      TORCH_CHECK(g.numel() == t.numel[j] && g.scalar_type() == t.dtype[j], "vgs_kernels: component ", i,
+                  " of parameter ", j, " has numel ", g.numel(), " and dtype ", g.scalar_type(),
+                  ", expected numel ", t.numel[j], " and dtype ", t.dtype[j],
+                  " like the other tensors of that parameter");
+      t.in[i * t.n_params + j] = g.contiguous();  // a no-op on the fast path
+    }
+  }
+  t.first_chunk.assign(t.n_params + 1, 0);
+  for (int64_t j = 0; j < t.n_params; ++j)
+    t.first_chunk[j + 1] = t.first_chunk[j] + (std::max<int64_t>(t.numel[j], 0) + kChunk - 1) / kChunk;
+  return t;
+}
+
+at::Tensor gram_cpu(const c10::List<std::optional<at::Tensor>>& tensors, int64_t k) {
+  Table t = make_table(tensors, k, {});
+  using Acc = std::array<double, kMaxK * kMaxK>;
+  // One partial per task (thread), summed in a fixed order: deterministic for a thread count.
+  Acc total = at::parallel_reduce(
+      0, t.first_chunk.back(), 1, Acc{},
+      [&](int64_t c0, int64_t c1, Acc acc) {
+        t.for_chunks(c0, c1, [&](int64_t j, int64_t begin, int64_t n) {
+          dispatch_type(t.dtype[j], [&]<typename T>() {
+            const typename Elem<T>::raw* p[kMaxK];
+            int idx[kMaxK];
+            int m = t.present<T>(j, begin, p, idx);
+            double g[kMaxK * kMaxK] = {};
+            dispatch_count(m, [&]<int M>() { gram_slice<M, T>(p, n, g); });
+            for (int a = 0; a < m; ++a)
+              for (int b = a; b < m; ++b) {
+                acc[idx[a] * k + idx[b]] += g[a * m + b];
+                if (a != b) acc[idx[b] * k + idx[a]] += g[a * m + b];
+              }
+          });
+        });
+        return acc;
+      },
+      [](Acc a, const Acc& b) {
+        for (size_t i = 0; i < a.size(); ++i) a[i] += b[i];
+        return a;
+      });
+  at::Tensor G = at::empty({k, k}, at::kFloat);
+  float* g = G.data_ptr<float>();
+  for (int64_t i = 0; i < k * k; ++i) g[i] = float(total[i]);
+  return G;
+}
+
+void combine_cpu(at::TensorList out, const c10::List<std::optional<at::Tensor>>& tensors,
+                 const at::Tensor& coeffs) {
+  TORCH_CHECK(coeffs.dim() == 1 && coeffs.size(0) >= 1 && coeffs.size(0) <= kMaxK,
+              "vgs_kernels.combine_: coeffs must have shape [k] with k in 1..4, got ", coeffs.sizes());
+  TORCH_CHECK(coeffs.device().is_cpu(), "vgs_kernels.combine_: coeffs is on ", coeffs.device());
+  const int64_t k = coeffs.size(0);
+  Table t = make_table(tensors, k, out);
+  at::Tensor c32 = coeffs.to(at::kFloat).contiguous();
+  const float* c = c32.const_data_ptr<float>();
+  // A non-contiguous out is written through a contiguous buffer (correct, not the fast path).
+  std::vector<at::Tensor> dst(out.size());
+  for (size_t j = 0; j < out.size(); ++j) dst[j] = out[j].contiguous();
+  at::parallel_for(0, t.first_chunk.back(), 1, [&](int64_t c0, int64_t c1) {
+    t.for_chunks(c0, c1, [&](int64_t j, int64_t begin, int64_t n) {
+      dispatch_type(t.dtype[j], [&]<typename T>() {
+        const typename Elem<T>::raw* p[kMaxK];
+        int idx[kMaxK];
+        float cm[kMaxK];
+        int m = t.present<T>(j, begin, p, idx);
+        for (int a = 0; a < m; ++a) cm[a] = c[idx[a]];
+        auto* o = reinterpret_cast<typename Elem<T>::raw*>(dst[j].template data_ptr<T>()) + begin;
+        dispatch_count(m, [&]<int M>() { combine_slice<M, T>(o, p, cm, n); });
+      });
+    });
+  });
+  for (size_t j = 0; j < out.size(); ++j)
+    if (!dst[j].is_same(out[j])) out[j].copy_(dst[j]);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(vgs_kernels, m) {
+  m.def("gram(Tensor?[] tensors, int k) -> Tensor");
+  m.def("combine_(Tensor(a!)[] out, Tensor?[] tensors, Tensor coeffs) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(vgs_kernels, CPU, m) {
+  m.impl("gram", &gram_cpu);
+  m.impl("combine_", &combine_cpu);
+}

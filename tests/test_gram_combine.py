@@ -1,0 +1,167 @@
+"""gram / combine kernels (C++, Triton under the interpreter, GPU at realistic sizes) against the
+plain-torch references: many tensors of odd sizes, mixed dtypes, empty, non-contiguous, None."""
+import pytest
+import torch
+
+from vgs_kernels._backend import HAS_CPP, HAS_TRITON
+from vgs_kernels.combine import combine, combine_reference
+from vgs_kernels.gram import gram, gram_reference
+
+CUDA = torch.cuda.is_available()
+BACKENDS = [pytest.param("cpp", marks=pytest.mark.skipif(not HAS_CPP, reason="C++ extension not built")),
+            pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="triton not installed"))]
+# Relative tolerance of combine's output per dtype: the fp32 sum may differ from the reference's
+# in the last fp32 bit, which can flip one rounding of the stored value (1 ulp of the dtype).
+ULP = {torch.float32: 2e-6, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}
+
+
+def make_lists(k, specs, seed=0, none=(), device="cpu", scale=1.0):
+    """k lists over parameters given as (shape, dtype, layout); layout: "c" contiguous, "t" a
+    transposed dense view (fast path), "s" a strided slice (reference path), "mix" components with
+    different strides (reference path). `none`: (component, parameter) pairs set to None."""
+    g = torch.Generator().manual_seed(seed)
+    lists = [[] for _ in range(k)]
+    for j, (shape, dtype, layout) in enumerate(specs):
+        for i in range(k):
+            if layout == "c" or (layout == "mix" and i % 2 == 0):
+                t = torch.randn(shape, generator=g)
+            elif layout in ("t", "mix"):
+                t = torch.randn(shape[::-1], generator=g).t()
+            else:  # "s"
+                t = torch.randn(shape[0], 2 * shape[1], generator=g)[:, ::2]
+            lists[i].append(None if (i, j) in none else (scale * t).to(device=device, dtype=dtype))
+    return lists
+
+
+ODD = [((3, 5), torch.float32, "c"), ((0,), torch.float32, "c"), ((1,), torch.bfloat16, "c"),
+       ((257,), torch.float16, "c"), ((31, 17), torch.float32, "t"), ((9, 4), torch.float32, "s"),
+       ((6, 10), torch.bfloat16, "mix"), ((1023,), torch.bfloat16, "c"), ((2, 0, 3), torch.float16, "c"),
+       ((77,), torch.float32, "c"), ((5, 5), torch.float64, "c")]
+
+
+def assert_gram_close(G, ref, rtol=1e-5):
+    scale = ref.diagonal().clamp_min(1e-30).sqrt()
+    err = (G - ref).abs() / scale.outer(scale)  # error relative to |g_a| |g_b|
+    assert G.dtype == torch.float32 and G.shape == ref.shape
+    assert err.max() <= rtol, f"max relative error {err.max():.3g}\n{G}\n{ref}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_gram_matches_reference(backend, k):
+    lists = make_lists(k, ODD, seed=k, none={(k - 1, 0), (0, 3), (k - 1, 7)})
+    ref = gram_reference(lists)
+    assert_gram_close(gram(lists, backend=backend), ref)
+    assert torch.equal(ref, ref.T)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_combine_matches_reference(backend, k):
+    lists = make_lists(k, ODD, seed=10 + k, none={(0, 0), (k - 1, 3)} | {(i, 9) for i in range(k)})
+    coeffs = torch.tensor([0.7, -1.3, 2.1, 0.01][:k])
+    spec_out = make_lists(1, ODD, seed=99)[0]  # garbage initial values, own layouts
+    out, expected = [t.clone() for t in spec_out], [t.clone() for t in spec_out]
+    combine(out, lists, coeffs, backend=backend)
+    combine_reference(expected, lists, coeffs)
+    for o, e, (_, dtype, _) in zip(out, expected, ODD):
+        torch.testing.assert_close(o, e, rtol=ULP.get(dtype, 1e-12), atol=1e-6)
+    assert torch.count_nonzero(out[9]) == 0  # no component: zeros
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_combine_in_place_into_first_component(backend):
+    """out is g_0 itself (the .grad that holds the first component)."""
+    specs = [((4, 3), torch.float32, "c"), ((300,), torch.bfloat16, "c"), ((5, 6), torch.float32, "t")]
+    lists = make_lists(3, specs, seed=3)
+    coeffs = torch.tensor([0.5, 2.0, -0.25])
+    expected = [t.clone() for t in lists[0]]
+    combine_reference(expected, lists, coeffs)
+    combine(lists[0], lists, coeffs, backend=backend)
+    for o, e, (_, dtype, _) in zip(lists[0], expected, specs):
+        torch.testing.assert_close(o, e, rtol=ULP[dtype], atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_multi_chunk_tensor(backend):
+    """A tensor larger than one work item (65536 elements) next to small ones."""
+    specs = [((70_001,), torch.float32, "c"), ((3,), torch.float32, "c"), ((300, 230), torch.bfloat16, "c")]
+    lists = make_lists(2, specs, seed=5, none={(1, 1)})
+    assert_gram_close(gram(lists, backend=backend), gram_reference(lists))
+    coeffs = torch.tensor([0.3, -1.5])
+    out, expected = [torch.empty_like(t) for t in lists[0]], [torch.empty_like(t) for t in lists[0]]
+    combine(out, lists, coeffs, backend=backend)
+    combine_reference(expected, lists, coeffs)
+    for o, e, (_, dtype, _) in zip(out, expected, specs):
+        torch.testing.assert_close(o, e, rtol=ULP[dtype], atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_empty_inputs(backend):
+    assert torch.equal(gram([[], []], backend=backend), torch.zeros(2, 2))
+    assert torch.equal(gram([[torch.zeros(0)], [None]], backend=backend), torch.zeros(2, 2))
+    combine([], [[], []], torch.tensor([1.0, 2.0]), backend=backend)  # no parameters: a no-op
+
+
+def test_gram_inf_propagates():
+    """An overflowed component makes the Gram non-finite (the hook relies on it)."""
+    lists = make_lists(2, [((10,), torch.float16, "c"), ((4,), torch.float32, "c")], seed=1)
+    lists[1][0][3] = float("inf")
+    for backend in ("cpp", "reference") if HAS_CPP else ("reference",):
+        G = gram(lists, backend=backend)
+        assert torch.isinf(G[1, 1]) and torch.isfinite(G[0, 0])
+
+
+def test_bad_input_errors():
+    a = [torch.randn(3), torch.randn(2, 2)]
+    with pytest.raises(ValueError, match="1..4 gradient lists"):
+        gram([a] * 5)
+    with pytest.raises(ValueError, match=r"grad_lists\[1\] has 1 tensors"):
+        gram([a, a[:1]])
+    with pytest.raises(ValueError, match=r"grad_lists\[1\]\[1\] has shape \(4,\)"):
+        gram([a, [torch.randn(3), torch.randn(4)]])
+    with pytest.raises(TypeError, match="floating-point"):
+        gram([[torch.ones(3, dtype=torch.int64)], [None]])
+    with pytest.raises(TypeError, match="sequence of k gradient lists"):
+        gram(torch.randn(2, 3))
+    with pytest.raises(ValueError, match=r"coeffs must be a float tensor of shape \[2\]"):
+        combine([torch.empty(3), torch.empty(2, 2)], [a, a], torch.tensor([1.0, 2.0, 3.0]))
+    with pytest.raises(ValueError, match=r"out_tensors\[1\] has shape \(4,\)"):
+        combine([torch.empty(3), torch.empty(4)], [a, a], torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match="backend"):
+        gram([a, a], backend="cuda")
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="C++ extension not built")
+def test_opcheck_cpp_ops():
+    lists = make_lists(2, [((3, 5), torch.float32, "c"), ((7,), torch.bfloat16, "c"), ((2,), torch.float16, "c")],
+                       seed=2, none={(1, 1)})
+    flat = lists[0] + lists[1]
+    torch.library.opcheck(torch.ops.vgs_kernels.gram.default, (flat, 2))
+    out = [torch.empty_like(t) for t in lists[0]]
+    torch.library.opcheck(torch.ops.vgs_kernels.combine_.default, (out, flat, torch.tensor([0.5, 1.5])))
+
+
+# ----------------------------------------------------------------------------- GPU (Triton)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("k", [2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_triton_gpu_realistic(k, dtype):
+    """~30 M parameters in 25 tensors of odd sizes (a Qwen-like layer mix), one dtype or mixed."""
+    shapes = [(151_936 // 8, 256), (1536,), (1536, 1536), (1536, 257), (8960, 1536 // 4)] * 5
+    specs = [(s, dtype if j % 5 else torch.float32, "c") for j, s in enumerate(shapes)]
+    lists = make_lists(k, specs, seed=k, none={(k - 1, 3)}, device="cuda", scale=1e-3)
+    assert_gram_close(gram(lists, backend="triton"), gram_reference(lists))
+    coeffs = torch.tensor([0.41, 0.82, 0.004, -0.1][:k], device="cuda")
+    out = [torch.empty_like(t) for t in lists[0]]
+    combine(out, lists, coeffs, backend="triton")
+    expected = [torch.empty_like(t) for t in lists[0]]
+    combine_reference(expected, lists, coeffs)
+    for o, e, (_, dt, _) in zip(out, expected, specs):
+        torch.testing.assert_close(o, e, rtol=ULP[dt], atol=1e-9)
+    combine(lists[0], lists, coeffs, backend="triton")  # in place into g_0
+    for o, e in zip(lists[0], expected):
+        torch.testing.assert_close(o, e, rtol=ULP[dtype], atol=1e-9)

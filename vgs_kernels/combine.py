@@ -1,0 +1,132 @@
+"""Combine: out[j] = sum_i coeffs[i] * g_i[j] for every parameter j, in one pass, in place.
+
+The last step before the optimizer: the policy's k coefficients (a device tensor, so no host
+synchronisation) weight the k component gradients, and the result is written into ``out``
+(usually each parameter's ``.grad``, which may also hold g_0: every element is read before it is
+written). The arithmetic is fp32; the result is stored in the parameter's dtype. A parameter with
+no gradient from any component gets zeros.
+
+Backends as for vgs_kernels/gram.py (C++ on CPU, Triton on CUDA, plain-torch reference), with the
+same fast path (contiguous, or dense with the strides shared by out and inputs) and the reference
+for any other layout. Minimal traffic: k reads + 1 write per element.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from vgs_kernels._backend import HAS_CPP, HAS_TRITON, resolve
+from vgs_kernels.gram import (GradList, check_lists, device_table, n_programs, pointer_rows,
+                              split_fast, _pow2)
+
+
+def _check(out_tensors: Sequence[Tensor], grad_lists: Sequence[GradList],
+           coeffs: Union[Tensor, Sequence[float]]):
+    lists, device = check_lists(grad_lists)
+    out = list(out_tensors)
+    if len(out) != len(lists[0]):
+        raise ValueError(f"out_tensors has {len(out)} tensors but grad_lists has {len(lists[0])} per component")
+    for j, o in enumerate(out):
+        if not isinstance(o, Tensor):
+            raise TypeError(f"out_tensors[{j}] must be a Tensor, got {type(o).__name__}")
+        g = next((lst[j] for lst in lists if lst[j] is not None), None)
+        if g is not None and (g.shape != o.shape or g.dtype != o.dtype or g.device != o.device):
+            raise ValueError(f"out_tensors[{j}] has shape {tuple(o.shape)}, dtype {o.dtype}, device {o.device}; "
+                             f"expected {tuple(g.shape)}, {g.dtype}, {g.device} like its gradients")
+    if out and all(all(lst[j] is None for lst in lists) for j in range(len(out))):
+        device = out[0].device
+    k = len(lists)
+    c = torch.as_tensor(coeffs)
+    if c.shape != (k,) or not (c.is_floating_point()):
+        raise ValueError(f"coeffs must be a float tensor of shape [{k}] (one per component), got "
+                         f"{c.dtype} {tuple(c.shape)}")
+    return out, lists, c.to(device=device, dtype=torch.float32), device
+
+
+def combine_reference(out_tensors: Sequence[Tensor], grad_lists: Sequence[GradList],
+                      coeffs: Union[Tensor, Sequence[float]]) -> None:
+    """Plain torch: the fp32 sum per parameter, then one copy into out (safe when out aliases)."""
+    out, lists, c, _ = _check(out_tensors, grad_lists, coeffs)
+    for j, o in enumerate(out):
+        acc = torch.zeros(o.shape, dtype=torch.float32, device=o.device)
+        for i, lst in enumerate(lists):
+            if lst[j] is not None:
+                acc += c[i] * lst[j].float()
+        o.copy_(acc)
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from vgs_kernels.gram import CHUNK_SIZE, chunk_of
+
+    @triton.jit
+    def _combine_kernel(table, n_rows, n_chunks, coeffs, dtype_ref, K: tl.constexpr, KP: tl.constexpr,
+                        ROW: tl.constexpr, BLOCK: tl.constexpr):
+        """Program p writes chunks p, p + P, ...: out = sum_i c_i x_i (rows: KP inputs, out, numel)."""
+        ks = tl.arange(0, KP)
+        offs = tl.arange(0, BLOCK)
+        c = tl.load(coeffs + ks, mask=ks < K, other=0.0)
+        for ch in range(tl.program_id(0), n_chunks, tl.num_programs(0)):
+            r, start = chunk_of(table, n_rows, ch, ROW)
+            addr = tl.load(table + r * ROW + ks)
+            ptrs = addr.to(dtype_ref.dtype, bitcast=True)
+            out = tl.load(table + r * ROW + KP).to(dtype_ref.dtype, bitcast=True)
+            end = tl.minimum(start + CHUNK_SIZE, tl.load(table + r * ROW + ROW - 2))
+            for s in range(start, end, BLOCK):
+                idx = s + offs
+                x = tl.load(ptrs[:, None] + idx[None, :], mask=(addr != 0)[:, None] & (idx < end)[None, :],
+                            other=0.0).to(tl.float32)
+                y = tl.sum(x * c[:, None], axis=0)
+                tl.store(out + idx, y.to(dtype_ref.dtype.element_ty), mask=idx < end)
+
+
+def _combine_triton(columns: List[List[Optional[Tensor]]], k: int, c: Tensor, device: torch.device) -> None:
+    kp = _pow2(max(k, 2))
+    by_dtype: Dict[torch.dtype, list] = {}
+    for col in columns:  # col = (g_0 .. g_{k-1}, out); one launch per dtype
+        by_dtype.setdefault(col[-1].dtype, []).append(col)
+    for cols in by_dtype.values():
+        # rows: [KP input pointers, out pointer, numel, first chunk]
+        rows = pointer_rows([list(col[:-1]) + [None] * (kp - k) + [col[-1]] for col in cols], kp + 1)
+        chunks, progs = n_programs([r[-2] for r in rows], device)
+        _combine_kernel[(progs,)](device_table(rows, device), len(rows), chunks, c, cols[0][-1], K=k, KP=kp,
+                                  ROW=kp + 3, BLOCK=2048 // kp, num_warps=4)
+
+
+if HAS_CPP:
+    @torch.library.register_fake("vgs_kernels::combine_")
+    def _(out, tensors, coeffs):
+        return None
+
+
+def combine(out_tensors: Sequence[Tensor], grad_lists: Sequence[GradList],
+            coeffs: Union[Tensor, Sequence[float]], *, backend: Optional[str] = None) -> None:
+    """out[j] = sum_i coeffs[i] * grad_lists[i][j], written in place.
+
+    Args:
+        out_tensors: T tensors, out_tensors[j] of parameter j's shape and dtype (may be the same
+            tensor as one of its gradients, e.g. the .grad that holds g_0).
+        grad_lists: k (1..4) sequences of T tensors or None (None reads as zeros), as for gram().
+        coeffs: [k] float tensor (any device; moved to the gradients' device without a host sync),
+            or k numbers.
+        backend: None (global choice), "auto", "cpp", "triton" or "reference".
+    """
+    out, lists, c, device = _check(out_tensors, grad_lists, coeffs)
+    k = len(lists)
+    name = resolve(device, backend)
+    if name == "reference":
+        return combine_reference(out, lists, c)
+    columns = [[lst[j] for lst in lists] + [out[j]] for j in range(len(out))]
+    fast_idx, fast, rest = split_fast(columns)
+    if fast:
+        if name == "cpp":
+            flat = [col[i] for i in range(k) for col in fast]  # component-major
+            torch.ops.vgs_kernels.combine_([col[-1] for col in fast], flat, c)
+        else:
+            _combine_triton(fast, k, c, device)
+    if rest:
+        combine_reference([out[j] for j in rest], [[lst[j] for j in rest] for lst in lists], c)

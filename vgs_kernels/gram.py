@@ -1,0 +1,287 @@
+"""Gram: the k x k matrix of inner products of k gradient lists over the same parameters.
+
+    G[a, b] = sum_j <g_a[j], g_b[j]>        (k = 1..4 components, j over parameters)
+
+The gradients are never flattened or concatenated: one multi-tensor pass (apex
+``multi_tensor_apply``) reads the k components of each parameter together, in one sweep, and
+accumulates in fp32 (float32, bfloat16 and float16 gradients, mixed across parameters).
+
+Inputs: ``grad_lists[i][j]`` is component i's gradient of parameter j; all components of a
+parameter have its shape and dtype; ``None`` means "no gradient from that component" (zeros).
+Contiguous tensors, and dense tensors whose components share the same strides (e.g. transposed),
+take the fast path as flat views; any other layout is handled correctly by the reference.
+
+Backends (vgs_kernels._backend.resolve): C++ on CPU (csrc/multi_tensor.cpp: chunks over all
+parameters, at::parallel_for, vectorised fp32 lanes summed in double), Triton on CUDA (this file:
+one launch per dtype over a device table of (pointers, numel) rows, persistent programs keep fp32
+partials, a [programs, k, k] sum on the device; no host synchronisation), and a plain-torch
+reference. This file also holds the table helpers that vgs_kernels/combine.py shares.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from vgs_kernels._backend import HAS_CPP, HAS_TRITON, resolve
+
+GradList = Sequence[Optional[Tensor]]
+FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_K = 4
+CHUNK = 1 << 16  # elements per Triton work item (the C++ kernel uses the same)
+
+
+# ----------------------------------------------------------------------------- input checks
+
+
+def check_lists(grad_lists: Sequence[GradList], name: str = "grad_lists") -> Tuple[List[List[Optional[Tensor]]], torch.device]:
+    """Validates k lists of T optional tensors; returns them as lists and their common device.
+
+    Raises TypeError / ValueError naming the argument, the component and the parameter index.
+    """
+    if isinstance(grad_lists, Tensor) or not isinstance(grad_lists, Sequence):
+        raise TypeError(f"{name} must be a sequence of k gradient lists, got {type(grad_lists).__name__}")
+    lists = [list(g) for g in grad_lists]
+    k = len(lists)
+    if not 1 <= k <= MAX_K:
+        raise ValueError(f"{name} must hold 1..{MAX_K} gradient lists (components), got {k}")
+    n = len(lists[0])
+    device = None
+    for i, lst in enumerate(lists):
+        if len(lst) != n:
+            raise ValueError(f"{name}[{i}] has {len(lst)} tensors but {name}[0] has {n}: every "
+                             "component must list the same parameters")
+    for j in range(n):
+        ref = None
+        for i in range(k):
+            g = lists[i][j]
+            if g is None:
+                continue
+            if not isinstance(g, Tensor):
+                raise TypeError(f"{name}[{i}][{j}] must be a Tensor or None, got {type(g).__name__}")
+            if not g.is_floating_point():
+                raise TypeError(f"{name}[{i}][{j}] must be a floating-point tensor, got dtype {g.dtype}")
+            if ref is None:
+                ref = g
+            elif g.shape != ref.shape or g.dtype != ref.dtype:
+                raise ValueError(f"{name}[{i}][{j}] has shape {tuple(g.shape)} and dtype {g.dtype}, but "
+                                 f"the other components of parameter {j} have shape "
+                                 f"{tuple(ref.shape)} and dtype {ref.dtype}")
+            if device is None:
+                device = g.device
+            elif g.device != device:
+                raise ValueError(f"{name}[{i}][{j}] is on {g.device} but other gradients are on {device}; "
+                                 "all gradients must be on one device")
+    return lists, device if device is not None else torch.device("cpu")
+
+
+def _dense(t: Tensor) -> bool:
+    """Whether t covers exactly numel consecutive elements in some dimension order."""
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda p: p[1]):
+        if size != 1:
+            if stride != expected:
+                return False
+            expected *= size
+    return True
+
+
+def flat_views(tensors: Sequence[Optional[Tensor]]) -> Optional[List[Optional[Tensor]]]:
+    """1-D views of one parameter's tensors (None stays None) when all of them can be read as the
+    same flat range of memory: dense, non-overlapping and with identical strides (contiguous is the
+    common case; a shared permutation does not change inner products or elementwise sums).
+    Returns None when any tensor needs the reference path, or when the dtype has no fast kernel."""
+    present = [t for t in tensors if t is not None]
+    if not present:
+        return list(tensors)
+    ref = present[0]
+    if ref.dtype not in FAST_DTYPES:
+        return None
+    for t in present:
+        if t.stride() != ref.stride() or not _dense(t):
+            return None
+    if ref.is_contiguous():
+        return [None if t is None else t.view(-1) for t in tensors]
+    return [None if t is None else t.as_strided((t.numel(),), (1,)) for t in tensors]
+
+
+def split_fast(columns: Sequence[Sequence[Optional[Tensor]]]) -> Tuple[List[int], List[List[Optional[Tensor]]], List[int]]:
+    """Per-parameter columns -> (indices and flat views for the fast kernels, indices for the
+    reference). Columns with no elements are in neither list."""
+    fast_idx, fast, rest = [], [], []
+    for j, col in enumerate(columns):
+        if all(t is None or t.numel() == 0 for t in col):
+            continue
+        views = flat_views(col)
+        if views is None:
+            rest.append(j)
+        else:
+            fast_idx.append(j)
+            fast.append(views)
+    return fast_idx, fast, rest
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def gram_reference(grad_lists: Sequence[GradList]) -> Tensor:
+    """Plain torch: flatten each gradient to float64, sum the dot products. [k, k] float32."""
+    lists, device = check_lists(grad_lists)
+    k = len(lists)
+    G = torch.zeros(k, k, dtype=torch.float64, device=device)
+    for j in range(len(lists[0])):
+        flat = [None if lst[j] is None else lst[j].reshape(-1).double() for lst in lists]
+        for a in range(k):
+            for b in range(k):
+                if flat[a] is not None and flat[b] is not None:
+                    G[a, b] += torch.dot(flat[a], flat[b])
+    return G.float()
+
+
+# ----------------------------------------------------------------------------- Triton
+
+# Device copies of the (pointer, numel) tables, keyed by their content: .grad buffers usually keep
+# their addresses from step to step, so the table is built and copied once.
+_TABLES: "OrderedDict[tuple, Tensor]" = OrderedDict()
+_TABLES_MAX = 32
+
+
+def device_table(rows: Sequence[Sequence[int]], device: torch.device) -> Tensor:
+    """An int64 [len(rows), len(row)] table on `device` (a non-blocking copy from pinned memory)."""
+    key = (device, tuple(tuple(r) for r in rows))
+    table = _TABLES.get(key)
+    if table is None:
+        table = torch.tensor(rows, dtype=torch.int64)
+        if device.type == "cuda":
+            table = table.pin_memory().to(device, non_blocking=True)
+        _TABLES[key] = table
+        if len(_TABLES) > _TABLES_MAX:
+            _TABLES.popitem(last=False)
+    else:
+        _TABLES.move_to_end(key)
+    return table
+
+
+def n_programs(numel: Sequence[int], device: torch.device) -> Tuple[int, int]:
+    """(chunks, persistent programs): enough programs to fill the GPU, never more than chunks."""
+    chunks = sum(-(-n // CHUNK) for n in numel)
+    if device.type == "cuda":
+        slots = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:  # the interpreter runs programs one after another
+        slots = 4
+    return chunks, max(1, min(chunks, slots))
+
+
+def pointer_rows(columns: Sequence[Sequence[Optional[Tensor]]], width: int) -> List[List[int]]:
+    """Rows [data_ptr of each tensor (0 = None), padded with 0 to `width`, numel, first chunk]."""
+    rows, first = [], 0
+    for col in columns:
+        numel = next(t.numel() for t in col if t is not None)
+        rows.append([0 if t is None else t.data_ptr() for t in col] + [0] * (width - len(col)) + [numel, first])
+        first += -(-numel // CHUNK)
+    return rows
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    CHUNK_SIZE = tl.constexpr(CHUNK)
+
+    @triton.jit
+    def chunk_of(table, n_rows, c, ROW: tl.constexpr):
+        """(row, element start) of chunk c: binary search over the first-chunk column, so the table
+        holds one row per tensor rather than one per chunk."""
+        lo = 0
+        hi = n_rows
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if tl.load(table + mid * ROW + ROW - 1) <= c:
+                lo = mid
+            else:
+                hi = mid
+        return lo, (c - tl.load(table + lo * ROW + ROW - 1)) * CHUNK_SIZE
+
+    @triton.jit
+    def _gram_kernel(table, n_rows, n_chunks, partial, dtype_ref, KP: tl.constexpr, ROW: tl.constexpr,
+                     BLOCK: tl.constexpr):
+        """Program p sums x x^T over chunks p, p + P, ... into partial[p] ([KP, KP] fp32)."""
+        pid = tl.program_id(0)
+        ks = tl.arange(0, KP)
+        offs = tl.arange(0, BLOCK)
+        acc = tl.zeros([KP, KP, BLOCK], dtype=tl.float32)
+        for c in range(pid, n_chunks, tl.num_programs(0)):
+            r, start = chunk_of(table, n_rows, c, ROW)
+            addr = tl.load(table + r * ROW + ks)
+            ptrs = addr.to(dtype_ref.dtype, bitcast=True)
+            numel = tl.load(table + r * ROW + ROW - 2)
+            end = tl.minimum(start + CHUNK_SIZE, numel)
+            for s in range(start, end, BLOCK):
+                idx = s + offs
+                x = tl.load(ptrs[:, None] + idx[None, :], mask=(addr != 0)[:, None] & (idx < end)[None, :],
+                            other=0.0).to(tl.float32)
+                acc += x[:, None, :] * x[None, :, :]
+        tl.store(partial + pid * KP * KP + ks[:, None] * KP + ks[None, :], tl.sum(acc, axis=2))
+
+
+def _pow2(k: int) -> int:
+    return 1 << (k - 1).bit_length()
+
+
+def _gram_triton(columns: List[List[Optional[Tensor]]], k: int, device: torch.device) -> Tensor:
+    G = torch.zeros(k, k, dtype=torch.float32, device=device)
+    kp = _pow2(max(k, 2))
+    by_dtype: Dict[torch.dtype, list] = {}
+    for col in columns:  # one launch per dtype (the pointer type is a compile-time constant)
+        by_dtype.setdefault(next(t for t in col if t is not None).dtype, []).append(col)
+    for cols in by_dtype.values():
+        rows = pointer_rows(cols, kp)
+        chunks, progs = n_programs([r[-2] for r in rows], device)
+        table = device_table(rows, device)
+        partial = torch.empty(progs, kp, kp, dtype=torch.float32, device=device)
+        ref = next(t for t in cols[0] if t is not None)
+        _gram_kernel[(progs,)](table, len(rows), chunks, partial, ref, KP=kp, ROW=kp + 2,
+                               BLOCK=4096 // (kp * kp), num_warps=4)
+        G += partial.sum(0)[:k, :k]
+    return G
+
+
+# ----------------------------------------------------------------------------- public op
+
+
+if HAS_CPP:
+    @torch.library.register_fake("vgs_kernels::gram")
+    def _(tensors, k):
+        present = [t for t in tensors if t is not None]
+        device = present[0].device if present else torch.device("cpu")
+        return torch.empty(k, k, dtype=torch.float32, device=device)
+
+
+def gram(grad_lists: Sequence[GradList], *, backend: Optional[str] = None) -> Tensor:
+    """All pairwise inner products of k gradient lists.
+
+    Args:
+        grad_lists: k (1..4) sequences of T tensors or None; grad_lists[i][j] is component i's
+            gradient of parameter j (float32 / bfloat16 / float16, any shape; the components of a
+            parameter share shape and dtype; None reads as zeros).
+        backend: None (global choice), "auto", "cpp", "triton" or "reference".
+
+    Returns:
+        G: [k, k] float32 on the gradients' device, G[a, b] = sum_j <g_a[j], g_b[j]>.
+    """
+    lists, device = check_lists(grad_lists)
+    k = len(lists)
+    name = resolve(device, backend)
+    if name == "reference":
+        return gram_reference(lists)
+    _, fast, rest = split_fast(list(zip(*lists)))
+    if name == "cpp":
+        flat = [col[i] for i in range(k) for col in fast]  # component-major
+        G = torch.ops.vgs_kernels.gram(flat, k) if fast else torch.zeros(k, k)
+    else:
+        G = _gram_triton(fast, k, device)
+    if rest:
+        G = G + gram_reference([[lst[j] for j in rest] for lst in lists])
+    return G
