@@ -8,25 +8,29 @@ chunk's logit gradients go straight into dh = dz @ W and dW += dz^T h (torch mat
 CUDA, MKL/oneDNN on CPU). Logits are z = logit_scale · (h @ W^T + bias), optionally soft-capped
 to cap · tanh(z / cap) (Gemma-2 style), then divided by the temperature inside the KL kernels.
 
-Two entry points:
+Two entry points. Costs below count head matmuls in units of one N x H x V product; the
+materialised path (full logits + decomposed_kl + VGSLoss) does 4 forward + dh_s, dh_u, dW_s, dW_u
+= 8 (the issue's "7" counts dW over both inputs as one).
 
-* `fused_linear_decomposed_kl` -> KLTerms per position, for any per-term cotangents. Its backward
-  must recompute the four chunk logits (the cotangents are not known in forward): 4 + 4 + 3 head
-  matmuls (in units of one N x H x V product) against 4 + 3 for the materialised path.
+* `fused_linear_decomposed_kl` -> KLTerms per position, for any per-term cotangents. The
+  cotangents are unknown in forward, so backward recomputes the four chunk logits: 4 + 4 + 4 = 12
+  (10 when no gradient reaches u).
 
-* `FusedLinearVGSLoss` -> the paper's loss (same config and `VGSLossOutput` as `VGSLoss`). Here the
-  cotangents of every term are known up to the VDS quantile, so the gradients are computed during
+* `FusedLinearVGSLoss` -> the paper's loss (same config and `VGSLossOutput` as `VGSLoss`). Here
+  every cotangent is known once the VDS quantiles are, so the gradients are computed during
   forward (Liger-Kernel's approach) and backward only scales them:
-    phase 1  adaptive γ only: VDS from the teacher rows alone (2 matmuls) -> per-token γ_t
-    phase 2  s, u, a, b logits (4), terms, and the Std/Vis gradient into h_s, W (2)
-    phase 3  LP: the quantile of the batch's VDS gates Lang to ~30% of the tokens; only those
-             rows recompute u, b (2 x 0.3) and get a Lang gradient (2 x 0.3).
-  That is 7.2 matmuls for the default loss (9.2 adaptive) against 8 for the materialised path
-  (4 logits, dh_s, dh_u and dW over both), so the fused step is not slower in arithmetic. The
-  alternative, a VDS-only first pass for every configuration, costs 2 more matmuls (8.6 - 9.2);
-  recomputing in backward costs 11-12. Component-wise gradients (`components=True`, for exact
-  steering) keep the Std, Vis and LP gradients apart: one more kl_backward pass per chunk and
-  2 more matmuls (dh_s and dW for Vis separately), never more teacher logits.
+    phase 1  adaptive γ only: VDS = KL(qa ‖ qb) from the teacher rows alone (2) -> γ_t
+    phase 2  s, u, a, b logits (4), all four terms, Std + Vis gradient into h_s and W (2)
+    phase 3  LP: the batch's VDS quantile gates Lang to ~30% of the tokens; only those rows
+             recompute u, b (2 x 0.3) and get the Lang gradient into h_u and W (2 x 0.3).
+  Default loss: 7.2 against 8, so the fused step is not slower in arithmetic; adaptive: 9.2.
+  Rejected: a VDS-only first pass for every configuration (8.6 - 9.2: it pays 2 teacher
+  matmuls to save 0.6 of recompute) and recompute-in-backward (11 - 12). A detached prior is the
+  default; without it Vis also reaches u (+2, as in the materialised path). Component-wise
+  gradients (`components=True`, for exact steering) keep the Std, Vis and LP gradients apart:
+  +2 (dh_s and dW for Vis separately) and one more kl_backward pass per chunk, no more logits.
+  Each chunk adds dz^T h into the [V, H] weight gradient, a read-modify-write of V·H floats per
+  chunk: chunks should not be tiny (see `chunk_rows`).
 """
 from __future__ import annotations
 
@@ -42,14 +46,19 @@ from vgs_kernels.loss import VGSLoss, VGSLossOutput
 Pair = Union[float, Tuple[float, float]]
 Rows = Union[slice, Tensor]
 
-DEFAULT_MEMORY_BUDGET = 512 << 20  # bytes of chunk workspace (logits, their gradients, temporaries)
+# Bytes of chunk workspace (a chunk's logits, their gradients, one temporary). Larger on CUDA:
+# every chunk re-reads and re-writes the [V, H] weight-gradient accumulator, which costs little
+# next to the chunk's matmuls on a CPU but a lot on a GPU unless chunks have ~1000 rows.
+DEFAULT_MEMORY_BUDGET = {"cpu": 512 << 20, "cuda": 2 << 30}
 
 
-def chunk_rows(n: int, vocab: int, itemsize: int, memory_budget: Optional[int] = None) -> int:
+def chunk_rows(n: int, vocab: int, itemsize: int, memory_budget: Optional[int] = None,
+               device: Union[str, torch.device] = "cpu") -> int:
     """Rows per chunk so that the chunk's four logit rows, ds, du and one fp32 temporary fit in
-    `memory_budget` bytes (default DEFAULT_MEMORY_BUDGET)."""
+    `memory_budget` bytes (default: DEFAULT_MEMORY_BUDGET of the device type)."""
     per_row = vocab * (6 * itemsize + 4)
-    return max(1, min(n, (memory_budget or DEFAULT_MEMORY_BUDGET) // per_row))
+    budget = memory_budget or DEFAULT_MEMORY_BUDGET.get(torch.device(device).type, 512 << 20)
+    return max(1, min(n, budget // per_row))
 
 
 def _pair(x: Optional[Pair], name: str) -> Tuple[Optional[float], Optional[float]]:
@@ -140,7 +149,8 @@ class _Config:
         """(heads, chunk rows, logits for rows r) for these tensors."""
         heads = _Heads(w_s, b_s, w_t, b_t, (h_s.dtype, h_a.dtype), self.logit_scale, self.softcap)
         itemsize = max(h_s.element_size(), h_a.element_size())
-        chunk = self.chunk_size or chunk_rows(h_s.shape[0], w_s.shape[0], itemsize, self.memory_budget)
+        chunk = self.chunk_size or chunk_rows(h_s.shape[0], w_s.shape[0], itemsize, self.memory_budget,
+                                              h_s.device)
 
         def logits(r: Rows) -> Tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]:
             return (heads.logits(h_s[r], 0), None if h_u is None else heads.logits(h_u[r], 0),
