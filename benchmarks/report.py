@@ -151,3 +151,42 @@ def _metric(r: Result, metric: str) -> Optional[float]:
 
 def _case_label(r: Result) -> str:
     return " ".join(str(v) for k, v in r.params.items() if k not in ("dtype", "P", "tensors"))
+
+
+def headline(results: Sequence[Result]) -> str:
+    """The README table: the largest fwd+bwd loss case, the largest steering case and the training
+    step, each fast path next to its baselines (time, ratio, peak memory, % of copy bandwidth)."""
+    lines = ["| case | impl | median ms | ratio | peak MiB | % copy BW |", "|---|---|---|---|---|---|"]
+
+    def add(rows: List[Result], label: str) -> None:
+        for r in rows:
+            if r.status != "ok":
+                lines.append(f"| {label} | {r.impl} | {r.status} | | | |")
+                continue
+            ratio = "; ".join(f"{'' if r.ratio_kind == 'speedup' else 'time ÷ '}{b}: "
+                              f"{x:.2f}{'×' if r.ratio_kind == 'speedup' else ''}" for b, x in r.ratio.items())
+            bw = r.bandwidth
+            frac = f"{100 * bw / r.copy_bw:.0f}" if bw and r.copy_bw else "–"
+            lines.append(f"| {label} | {r.impl} | {r.median * 1e3:.3g} | {ratio or '1'} | "
+                         f"{_fmt(None if r.peak_bytes is None else r.peak_bytes / 2**20)} | {frac} |")
+
+    def largest(suite: str, key, where=lambda r: True) -> List[Result]:
+        rows = [r for r in results if r.suite == suite and where(r)]
+        if not rows:
+            return []
+        top = max(key(r) for r in rows)
+        return [r for r in rows if key(r) == top]
+
+    loss = largest("loss", lambda r: (r.params["N"] * r.params["V"], r.params["N"]),
+                   lambda r: r.params["mode"] == "fwdbwd")
+    if loss:
+        p = loss[0].params
+        add(loss, f"loss fwd+bwd N={p['N']} V={p['V']} {p['dtype']}")
+    steer = largest("steering", lambda r: r.params["P"])
+    if steer:
+        p = steer[0].params
+        add(steer, f"steering {p['params']} ({p['P'] / 1e6:.3g} M params, {p['dtype']})")
+    step = [r for r in results if r.suite == "step"]
+    if step:
+        add(step, f"training step ({step[0].params['model']})")
+    return "\n".join(lines)

@@ -64,9 +64,11 @@ def case(name: str, shapes: Sequence[Tuple[int, ...]], dtype: torch.dtype, devic
     numel = sum(x.numel() for x in out)
     nbytes = (2 * K + 1) * numel * out[0].element_size()
 
+    weights = torch.tensor([1.0, GAMMA], device=device)
+
     def fused(_):
         G = vgs.gram(grads)
-        vgs.combine(out, grads, B.vgs_coefficients(G, GAMMA))
+        vgs.combine(out, grads, vgs.policies.vgs(G, weights))
         return {"G": G, "out": out}
 
     def flatten(_):
@@ -79,8 +81,10 @@ def case(name: str, shapes: Sequence[Tuple[int, ...]], dtype: torch.dtype, devic
              Impl("flatten/concat", flatten, bytes_moved=nbytes),
              Impl("foreach", foreach, reference="flatten/concat", bytes_moved=nbytes)]
     params = {"params": name, "P": numel, "tensors": len(out), "dtype": str(dtype).replace("torch.", "")}
+    # fp32 sums over millions of elements: the foreach norms (and the polarisation for G_ij)
+    # round differently from the flattened matmul, hence 2e-3 rather than the loss's 2e-4.
     return Case("steering", params, impls, baselines=["flatten/concat", "foreach"],
-                check=close(tolerance(dtype)))
+                check=close(max(tolerance(dtype), 2e-3)))
 
 
 def cases(sets: Sequence[Tuple[str, Sequence[Tuple[int, ...]]]], dtype: torch.dtype,

@@ -7,14 +7,16 @@ for every method, so it is not timed). A step is what the training loop does aft
 
   monolithic   2 forward passes (student, teacher; with the image), Std loss, 1 backward, SGD step
   vgs fixed η  4 forward passes (vgs_kernels.vlm.distill_logits), VGSLoss(eta=0.41).total, 1 backward
-  vgs exact    4 passes, GradientSteering(policy="vgs"): one backward per component, Gram + combine
+  vgs exact    4 passes, GradientSteering(policy="vgs"): one backward per component (std, vis,
+               lp), Gram + combine
   vgs auto-η   4 passes, GradientSteering(policy="auto"): exact every K steps, fixed in between
 
 Each timed call runs K = `STEPS` optimizer steps from the same initial weights (so auto-η's cost
 is its amortised one: one exact step in K); time ratios are vs monolithic. The agreement check
-(the first, untimed call of each method) runs a single step and compares the parameter update
-with the same method computed independently: plain-torch reference KL backend, and for the
-steered methods torch.autograd.grad per component + flatten + Eq. 15.
+(the first, untimed call of each method) runs a single step and compares the gradient that
+`optimizer.step()` receives (after the steering hook) with the same method computed
+independently: plain-torch reference KL backend, and for the steered methods
+torch.autograd.grad per component + flatten + Eq. 15.
 """
 from __future__ import annotations
 
@@ -103,16 +105,17 @@ def case(size: str, device: torch.device) -> Case:
 
     def steered(opt, steer):
         out = vgs.VGSLoss(gamma=GAMMA, lam=LAM)(*four_passes())
-        steer.backward({"std": out.std + LAM * out.lp, "vis": out.vis})
+        steer.backward({"std": out.std, "vis": out.vis, "lp": out.lp})
         opt.step()
 
     def exact_reference(opt, steer):
-        """autograd.grad per component, flatten, Eq. 15: η·(g_std + γ·g_vis)."""
+        """autograd.grad per component, flatten, Eq. 15: η·(g_std + γ·g_vis + λ·g_lp)."""
         out = vgs.VGSLoss(gamma=GAMMA, lam=LAM)(*four_passes())
-        flat = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(c, params, retain_graph=True)])
-                for c in (out.std + LAM * out.lp, out.vis)]
-        eta = flat[0].norm() / (flat[0] + GAMMA * flat[1]).norm()
-        for p, g in zip(params, (eta * (flat[0] + GAMMA * flat[1])).split([p.numel() for p in params])):
+        std, vis, lp = (torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(
+            params, torch.autograd.grad(c, params, retain_graph=True, allow_unused=True))])
+            for c in (out.std, out.vis, out.lp))
+        eta = std.norm() / (std + GAMMA * vis).norm()
+        for p, g in zip(params, (eta * (std + GAMMA * vis + LAM * lp)).split([p.numel() for p in params])):
             p.grad = g.view_as(p)
         opt.step()
 
@@ -128,14 +131,18 @@ def case(size: str, device: torch.device) -> Case:
             opt.zero_grad(set_to_none=True)
             steer = None
             if policy == "vgs":
-                steer = vgs.GradientSteering(opt, policy="vgs", gamma=GAMMA)
+                steer = vgs.GradientSteering(opt, policy="vgs", gamma=GAMMA, lam=LAM)
             elif policy == "auto":
-                steer = vgs.GradientSteering(opt, policy="auto", gamma=GAMMA, every=STEPS)
+                steer = vgs.GradientSteering(opt, policy="auto", gamma=GAMMA, lam=LAM, every=STEPS)
             calls[0] += 1
-            return opt, steer, 1 if calls[0] == 1 else STEPS  # the first call is the checked one
+            seen: list = []
+            if calls[0] == 1:  # the checked call: one step; keep the gradient step() receives
+                opt.register_step_pre_hook(
+                    lambda *_: seen.extend(p.grad.detach().clone() for p in params if p.grad is not None))
+            return opt, steer, 1 if calls[0] == 1 else STEPS, seen
 
         def step(state):
-            opt, steer, n = state
+            opt, steer, n, _ = state
             with use_backend(backend) if backend else contextlib.nullcontext():
                 for _ in range(n):
                     opt.zero_grad(set_to_none=True)
@@ -144,7 +151,7 @@ def case(size: str, device: torch.device) -> Case:
         def finish(state, _):
             if state[1] is not None:
                 state[1].remove()
-            return [(p.detach() - p0) for p, p0 in zip(params, initial)]
+            return state[3]
 
         return Impl(name, step, setup, reference=reference, finish=finish, timed=timed)
 
