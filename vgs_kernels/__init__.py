@@ -12,3 +12,7 @@ __version__ = "0.1.0"
 from vgs_kernels.decomposed_kl import KLTerms, decomposed_kl, decomposed_kl_reference
 from vgs_kernels.loss import VGSLoss, VGSLossOutput, vgs_loss
 from vgs_kernels.fused_linear import FusedLinearVGSLoss, fused_linear_decomposed_kl
+from vgs_kernels.gram import gram
+from vgs_kernels.combine import combine
+from vgs_kernels import policies
+from vgs_kernels.steering import GradientSteering

@@ -1,0 +1,103 @@
+"""Policies: the Gram matrix of the k component gradients -> k coefficients (TorchJD aggregator style).
+
+Every policy here is a small pure function of G ([k, k] float32, G[a, b] = <g_a, g_b>) and the
+components' base weights w ([k]: 1 for ``std``, gamma for ``vis``, lambda or 1 for the others) that
+returns the coefficients c ([k] float32, on G's device, no host synchronisation); the steered
+gradient is sum_i c_i g_i (vgs_kernels/combine.py). All built-in rules are invariant to a common
+scale of the gradients (GradScaler's loss scale cancels). ``std`` and ``vis`` are the indices of
+the standard and visual components.
+
+    vgs      exact Eq. 15: eta = |g_std| / |g_std + gamma g_vis|, c = eta * w
+    project  PCGrad-style: when <g_std, g_vis> < 0, drop g_std's part along g_vis, then as vgs
+    sum      the monolithic loss: c = w
+    fixed    a constant eta (the paper's practice): c = eta * w, needs no Gram (one combined backward)
+
+``auto`` (exact eta every K steps, EMA in between) is stateful and lives in the hook
+(vgs_kernels/steering.py). A user policy is any callable (G, names) -> c.
+``guard`` is the one fallback for zero or non-finite norms: no NaN ever reaches ``.grad``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+Policy = Callable[[Tensor, Sequence[str]], Tensor]
+
+
+def base_weights(names: Sequence[str], gamma: float = 2.0, weights: Optional[Mapping[str, float]] = None) -> Tuple[list, int, int]:
+    """(w, std, vis) for components `names`: std is ``"std"`` (else the first), vis is ``"vis"``
+    (else the second; -1 when k == 1); w[std] = 1, w[vis] = gamma, others weights.get(name, 1.0)."""
+    names = list(names)
+    std = names.index("std") if "std" in names else 0
+    others = [i for i in range(len(names)) if i != std]
+    vis = names.index("vis") if "vis" in names else (others[0] if others else -1)
+    extra = dict(weights or {})
+    unknown = set(extra) - set(names)
+    if unknown:
+        raise ValueError(f"weights names components {sorted(unknown)} that are not among {names}")
+    w = [float(extra.get(n, 1.0)) for n in names]
+    w[std] = float(extra.get(names[std], 1.0))
+    if vis >= 0:
+        w[vis] = float(extra.get(names[vis], gamma))
+    return w, std, vis
+
+
+def _steered_norm(G: Tensor, u: Tensor) -> Tensor:
+    """|sum_i u_i g_i| from the Gram matrix (clamped: rounding can make u^T G u slightly negative)."""
+    return (u @ G @ u).clamp_min(0).sqrt()
+
+
+def vgs(G: Tensor, w: Tensor, std: int = 0, vis: int = 1) -> Tensor:
+    """Exact VGS (Eq. 15): eta = |w_std g_std| / |w_std g_std + w_vis g_vis|, c = eta * w.
+    Components other than std and vis are added with the same eta and their own weight."""
+    u = torch.zeros_like(w)
+    u[std] = w[std]
+    if vis >= 0:
+        u[vis] = w[vis]
+    eta = (w[std].abs() * G[std, std].clamp_min(0).sqrt()) / _steered_norm(G, u)
+    return eta * w
+
+
+def project(G: Tensor, w: Tensor, std: int = 0, vis: int = 1) -> Tensor:
+    """Conflict-aware VGS (PCGrad-style): when <g_std, g_vis> < 0, g_std loses its component
+    along g_vis, g_std' = g_std - <g_std, g_vis> / |g_vis|^2 g_vis, before gamma g_vis is added;
+    eta = |g_std| / |g_std' + gamma g_vis| keeps the standard gradient's step size, as in vgs."""
+    if vis < 0:
+        return vgs(G, w, std, vis)
+    conflict = G[std, vis].clamp_max(0)
+    # Removing the projection adds -<s, v>/|v|^2 * w_std to the coefficient of g_vis.
+    shift = torch.where(G[vis, vis] > 0, -conflict / G[vis, vis], torch.zeros_like(conflict)) * w[std]
+    u = torch.zeros_like(w)
+    u[std] = w[std]
+    u[vis] = w[vis] + shift
+    eta = (w[std].abs() * G[std, std].clamp_min(0).sqrt()) / _steered_norm(G, u)
+    c = eta * w
+    c[vis] = eta * u[vis]
+    return c
+
+
+def plain_sum(G: Tensor, w: Tensor, std: int = 0, vis: int = 1) -> Tensor:
+    """The monolithic loss: c = w (no steering; the baseline)."""
+    return w.to(device=G.device, dtype=torch.float32).clone()
+
+
+def fixed(w: Tensor, eta) -> Tensor:
+    """A constant eta: c = eta * w (eta a number or a 0-d tensor, e.g. an EMA)."""
+    return w * eta
+
+
+BUILTIN: Dict[str, Callable[..., Tensor]] = {"vgs": vgs, "project": project, "sum": plain_sum}
+
+
+def guard(G: Tensor, coeffs: Tensor, fallback: Tensor) -> Tuple[Tensor, Tensor]:
+    """(coeffs, or fallback when G or coeffs is not finite; fell_back flag as a 0-d bool tensor).
+
+    A zero steered norm (eta = x/0) makes the coefficients non-finite, an overflowed component
+    under AMP makes G non-finite (and, e.g., eta = x/inf = 0). The fallback (the plain weighted sum
+    w) is finite, so a NaN never comes from the coefficients, while inf/NaN gradients still reach
+    .grad (and GradScaler skips the step).
+    """
+    ok = torch.isfinite(G).all() & torch.isfinite(coeffs).all()
+    return torch.where(ok, coeffs, fallback.to(coeffs)), ~ok
