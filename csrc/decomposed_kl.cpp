@@ -25,10 +25,11 @@ constexpr int64_t kChunk = 512;  // 5 buffers x 512 x 4 B = 10 KiB: stays in L1
 // exp(x) for x <= 88 (callers pass x - max <= 0), as Cephes expf: 2^n * P(r), |r| <= ln2/2,
 // within ~1 ulp; exactly 0 below -87 (so exp(-inf) = 0); NaN in gives NaN out. Written with
 // selects only, so GCC vectorises it inside `omp simd` loops.
-inline float vexp(float x) {
+[[gnu::always_inline]] inline float vexp(float x) {  // inlined, or the loops stay scalar
   float xc = x >= -87.0f ? x : -87.0f;  // NaN -> -87: keeps the integer conversion defined
   xc = xc <= 88.0f ? xc : 88.0f;
-  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
+  // Round to nearest through the 1.5 * 2^23 shifter (floorf does not vectorise under strict FP).
+  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 split in two, exact n*hi
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -109,11 +110,21 @@ struct RowOut {
   void zero_row(int64_t r) const { std::memset(data + r * row_bytes, 0, row_bytes); }
 };
 
+// Max of x[0, n) (NaN ignored: NaN reaches the terms through the sums instead). Lane-wise so that
+// GCC vectorises it: a float max reduction does not vectorise under strict FP semantics.
 template <typename acc_t>
 acc_t chunk_max(const acc_t* x, int64_t n) {
-  acc_t m = kNegInf<acc_t>;
-#pragma omp simd reduction(max : m)
-  for (int64_t j = 0; j < n; ++j) m = std::max(m, x[j]);
+  constexpr int64_t L = 16;
+  acc_t lane[L];
+  std::fill(lane, lane + L, kNegInf<acc_t>);
+  int64_t j = 0;
+  for (; j + L <= n; j += L) {
+#pragma omp simd
+    for (int64_t l = 0; l < L; ++l) lane[l] = x[j + l] > lane[l] ? x[j + l] : lane[l];
+  }
+  for (; j < n; ++j) lane[0] = x[j] > lane[0] ? x[j] : lane[0];
+  acc_t m = lane[0];
+  for (int64_t l = 1; l < L; ++l) m = lane[l] > m ? lane[l] : m;
   return m;
 }
 
