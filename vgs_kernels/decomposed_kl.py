@@ -11,7 +11,9 @@ terms (γ, per-token γ_t, the LP gate, masks) costs no extra kernel. Nothing of
 is kept between the passes.
 
 Backends (vgs_kernels._backend.resolve): C++ on CPU (csrc/decomposed_kl.cpp), Triton on CUDA (this
-file), and a plain-torch reference (this file). All accumulate in fp32.
+file), and a plain-torch reference (this file). All accumulate in fp32 whatever the input dtypes;
+cpp and reference switch to fp64 when an input is fp64 (for float64 gradcheck), Triton stays fp32.
+Non-finite logits in a valid row give NaN terms for that row (they are not clamped away).
 """
 from __future__ import annotations
 
@@ -138,12 +140,13 @@ def _backward_reference(s, u, a, b, stats, terms, grad_terms, inv_t: float, deta
     """Plain-torch row backward from the closed-form gradients (DESIGN.md §1)."""
     n, acc = s.shape[0], _acc_dtype(s, u, a, b)
     valid = torch.ones(n, dtype=torch.bool, device=s.device) if mask is None else mask
-    g = grad_terms.to(acc) * valid
     xs, xu, xa, xb = (None if x is None else torch.where(valid[:, None], x.to(acc) * inv_t, 0.0)
                       for x in (s, u, a, b))
-    lse_s, lse_u, lse_a, lse_b, lse_q = (r[:, None] for r in stats * valid)
-    g_std, g_vis, g_lang = (r[:, None] for r in g[:3])
-    std, vis, lang = (r[:, None] for r in terms[:3] * valid)
+    # Per-row vectors [k, N] -> k columns [N, 1], zero on masked rows (whatever the caller put there).
+    rows = lambda x, k: (r[:, None] for r in torch.where(valid, x[:k].to(acc), 0.0))  # noqa: E731
+    lse_s, lse_u, lse_a, lse_b, lse_q = rows(stats, 5)
+    g_std, g_vis, g_lang = rows(grad_terms, 3)
+    std, vis, lang = rows(terms, 3)
     ls = xs - lse_s
     p = ls.exp()
     ds = g_std * p * (ls - xa + lse_a - std)
@@ -164,7 +167,6 @@ def decomposed_kl_reference(s: Tensor, u: Optional[Tensor], a: Tensor, b: Option
     """Plain-torch (log_softmax, autograd) version of `decomposed_kl`, for tests and as a spec."""
     _check_inputs(s, u, a, b, mask, temperature)
     keep = None if mask is None else (mask if mask.dtype == torch.bool else mask != 0)[..., None]
-
     acc = _acc_dtype(s, u, a, b)
 
     def logp(x):  # masked positions are zeroed before anything so NaN there cannot leak
@@ -199,7 +201,10 @@ if triton is not None:
         """One row per program: online max/sums over V in blocks. Scalar running maxima, vector
         sums (rescaled per block), so each element costs one exp per log-sum-exp."""
         row = tl.program_id(0).to(tl.int64)
-        valid = tl.load(mask_ptr + row) != 0 if HAS_MASK else row >= 0
+        if HAS_MASK:
+            valid = tl.load(mask_ptr + row) != 0
+        else:
+            valid = row >= 0
         n_read = tl.where(valid, V, 0)  # masked rows are never read
         cols0 = tl.arange(0, BLOCK)
         zero = tl.zeros([BLOCK], tl.float32)
@@ -263,7 +268,10 @@ if triton is not None:
         du = [g_lang pu (log pu - log qb - Lang) + (not DETACH) g_vis (q* - p)] / T, per-row
         constants folded in first. Masked rows read nothing and get exact zeros."""
         row = tl.program_id(0).to(tl.int64)
-        valid = tl.load(mask_ptr + row) != 0 if HAS_MASK else row >= 0
+        if HAS_MASK:
+            valid = tl.load(mask_ptr + row) != 0
+        else:
+            valid = row >= 0
         lse_s = tl.where(valid, tl.load(stats_ptr + row).to(tl.float32), 0.0)
         lse_a = tl.where(valid, tl.load(stats_ptr + 2 * N + row).to(tl.float32), 0.0)
         g_std = tl.where(valid, tl.load(g_ptr + row).to(tl.float32), 0.0)
