@@ -337,3 +337,42 @@ def test_bad_input():
     with pytest.raises(ValueError, match="1 to 4 components"):
         vgs.GradientSteering(torch.optim.SGD(Net().parameters(), lr=1.0)).backward(
             {str(i): L["std"] for i in range(5)})
+
+
+# ----------------------------------------------------------------------------- GPU (Triton kernels)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("policy", ["vgs", "project", "sum"])
+def test_hook_on_cuda(policy):
+    model = Net("transformer", d=64).cuda()
+    x, y = (t.cuda() for t in make_batch(32, kind="transformer", d=64))
+    ref = expected(policy, flat_grads(model, x, y))
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    steer = vgs.GradientSteering(opt, policy=policy, gamma=GAMMA)
+    for xs, ys in zip(x.chunk(2), y.chunk(2)):  # with accumulation
+        steer.backward(losses(model, xs, ys, scale=0.5))
+    steer.apply()
+    torch.testing.assert_close(steered_grad(model), ref, rtol=1e-4, atol=1e-6)
+    assert steer.stats["gram"].is_cuda and not steer.stats["fallback"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_amp_overflow_skips_on_cuda():
+    model = Net("transformer", d=64).cuda()
+    x, y = (t.cuda() for t in make_batch(kind="transformer", d=64))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 8)
+    steer = vgs.GradientSteering(opt, gamma=GAMMA, scaler=scaler)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        L = losses(model, x, y)
+    L["vis"] = L["vis"] * torch.tensor(float("inf"), device="cuda")
+    steer.backward(L)
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() == 2.0 ** 7
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n])

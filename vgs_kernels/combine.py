@@ -19,7 +19,7 @@ from torch import Tensor
 
 from vgs_kernels._backend import HAS_CPP, HAS_TRITON, resolve
 from vgs_kernels.gram import (GradList, check_lists, device_table, n_programs, pointer_rows,
-                              split_fast, _pow2)
+                              search_steps, split_fast, _pow2)
 
 
 def _check(out_tensors: Sequence[Tensor], grad_lists: Sequence[GradList],
@@ -65,13 +65,13 @@ if HAS_TRITON:
 
     @triton.jit
     def _combine_kernel(table, n_rows, n_chunks, coeffs, dtype_ref, K: tl.constexpr, KP: tl.constexpr,
-                        ROW: tl.constexpr, BLOCK: tl.constexpr):
+                        ROW: tl.constexpr, STEPS: tl.constexpr, BLOCK: tl.constexpr):
         """Program p writes chunks p, p + P, ...: out = sum_i c_i x_i (rows: KP inputs, out, numel)."""
         ks = tl.arange(0, KP)
         offs = tl.arange(0, BLOCK)
         c = tl.load(coeffs + ks, mask=ks < K, other=0.0)
         for ch in range(tl.program_id(0), n_chunks, tl.num_programs(0)):
-            r, start = chunk_of(table, n_rows, ch, ROW)
+            r, start = chunk_of(table, n_rows, ch, ROW, STEPS)
             addr = tl.load(table + r * ROW + ks)
             ptrs = addr.to(dtype_ref.dtype, bitcast=True)
             out = tl.load(table + r * ROW + KP).to(dtype_ref.dtype, bitcast=True)
@@ -94,7 +94,7 @@ def _combine_triton(columns: List[List[Optional[Tensor]]], k: int, c: Tensor, de
         rows = pointer_rows([list(col[:-1]) + [None] * (kp - k) + [col[-1]] for col in cols], kp + 1)
         chunks, progs = n_programs([r[-2] for r in rows], device)
         _combine_kernel[(progs,)](device_table(rows, device), len(rows), chunks, c, cols[0][-1], K=k, KP=kp,
-                                  ROW=kp + 3, BLOCK=2048 // kp, num_warps=4)
+                                  ROW=kp + 3, STEPS=search_steps(len(rows)), BLOCK=2048 // kp, num_warps=4)
 
 
 if HAS_CPP:

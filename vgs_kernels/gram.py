@@ -174,6 +174,11 @@ def n_programs(numel: Sequence[int], device: torch.device) -> Tuple[int, int]:
     return chunks, max(1, min(chunks, slots))
 
 
+def search_steps(n_rows: int) -> int:
+    """Binary-search steps that locate a chunk among n_rows rows."""
+    return max(1, (n_rows - 1).bit_length())
+
+
 def pointer_rows(columns: Sequence[Sequence[Optional[Tensor]]], width: int) -> List[List[int]]:
     """Rows [data_ptr of each tensor (0 = None), padded with 0 to `width`, numel, first chunk]."""
     rows, first = [], 0
@@ -191,29 +196,29 @@ if HAS_TRITON:
     CHUNK_SIZE = tl.constexpr(CHUNK)
 
     @triton.jit
-    def chunk_of(table, n_rows, c, ROW: tl.constexpr):
-        """(row, element start) of chunk c: binary search over the first-chunk column, so the table
-        holds one row per tensor rather than one per chunk."""
+    def chunk_of(table, n_rows, c, ROW: tl.constexpr, STEPS: tl.constexpr):
+        """(row, element start) of chunk c: binary search over the first-chunk column (STEPS >=
+        log2(n_rows) unrolled steps, no data-dependent branches), so the table holds one row per
+        tensor rather than one per chunk."""
         lo = 0
         hi = n_rows
-        while hi - lo > 1:
+        for _ in tl.static_range(STEPS):
             mid = (lo + hi) // 2
-            if tl.load(table + mid * ROW + ROW - 1) <= c:
-                lo = mid
-            else:
-                hi = mid
+            right = tl.load(table + mid * ROW + ROW - 1) <= c
+            lo = tl.where(right, mid, lo)
+            hi = tl.where(right, hi, mid)
         return lo, (c - tl.load(table + lo * ROW + ROW - 1)) * CHUNK_SIZE
 
     @triton.jit
     def _gram_kernel(table, n_rows, n_chunks, partial, dtype_ref, KP: tl.constexpr, ROW: tl.constexpr,
-                     BLOCK: tl.constexpr):
+                     STEPS: tl.constexpr, BLOCK: tl.constexpr):
         """Program p sums x x^T over chunks p, p + P, ... into partial[p] ([KP, KP] fp32)."""
         pid = tl.program_id(0)
         ks = tl.arange(0, KP)
         offs = tl.arange(0, BLOCK)
         acc = tl.zeros([KP, KP, BLOCK], dtype=tl.float32)
         for c in range(pid, n_chunks, tl.num_programs(0)):
-            r, start = chunk_of(table, n_rows, c, ROW)
+            r, start = chunk_of(table, n_rows, c, ROW, STEPS)
             addr = tl.load(table + r * ROW + ks)
             ptrs = addr.to(dtype_ref.dtype, bitcast=True)
             numel = tl.load(table + r * ROW + ROW - 2)
@@ -243,7 +248,7 @@ def _gram_triton(columns: List[List[Optional[Tensor]]], k: int, device: torch.de
         partial = torch.empty(progs, kp, kp, dtype=torch.float32, device=device)
         ref = next(t for t in cols[0] if t is not None)
         _gram_kernel[(progs,)](table, len(rows), chunks, partial, ref, KP=kp, ROW=kp + 2,
-                               BLOCK=4096 // (kp * kp), num_warps=4)
+                               STEPS=search_steps(len(rows)), BLOCK=4096 // (kp * kp), num_warps=4)
         G += partial.sum(0)[:k, :k]
     return G
 

@@ -67,6 +67,15 @@ class GradientSteering:
         process_group: group over which the Gram is all-reduced; None: the world group when
             torch.distributed is initialised, else no reduction.
         backend: forces the gram/combine backend ("auto", "cpp", "triton", "reference").
+
+    Attributes:
+        stats: after each step, device tensors (call .item() when logging): "gram" [k, k] (unscaled),
+            "norms" [k], "cos" [k, k], "coeffs" [k], "eta" (coeffs[std] / w[std]), "fallback" (bool:
+            the Gram or the policy's coefficients were not finite, the plain weighted sum was used),
+            and "step", "mode" ("exact" or "combined": then only coeffs, eta, fallback), "names";
+            policy "auto" adds "eta_ema" and, on exact steps, "eta_error" = |eta_ema - eta| / eta
+            (how far the EMA used on the combined steps was from the exact value).
+        step_count, eta_ema: the state saved with optimizer.state_dict() (or self.state_dict()).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, policy: Union[str, policies.Policy] = "vgs",
@@ -195,6 +204,10 @@ class GradientSteering:
 
     # ------------------------------------------------------------------ steering
 
+    def _device(self) -> torch.device:
+        params = self._params()
+        return params[0].device if params else torch.device("cpu")
+
     def _weights(self, device: torch.device) -> Tensor:
         return torch.tensor(self._w, dtype=torch.float32, device=device)
 
@@ -225,7 +238,7 @@ class GradientSteering:
             if self._split:
                 self._steer()
             else:
-                device = self._params()[0].device if self._params() else torch.device("cpu")
+                device = self._device()
                 c = self._fixed_coeffs(device)
                 self.stats = {"step": self.step_count, "mode": "combined", "names": self.names,
                               "coeffs": c, "eta": c[self._std] / self._w[self._std],
@@ -237,7 +250,7 @@ class GradientSteering:
     def _steer(self) -> None:
         k = len(self.names)
         params = [p for p in self._params() if p.grad is not None or p in self._buffers]
-        device = params[0].device if params else (self._params() or [torch.zeros(())])[0].device
+        device = params[0].device if params else self._device()
         cols = [[p.grad, *self._buffers.get(p, (None,) * (k - 1))] for p in params]
         counted = self._counted(params)
         lists = [[col[i] for col, c in zip(cols, counted) if c] for i in range(k)]
