@@ -16,27 +16,33 @@ ULP = {torch.float32: 2e-6, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}
 
 
 def make_lists(k, specs, seed=0, none=(), device="cpu", scale=1.0):
-    """k lists over parameters given as (shape, dtype, layout); layout: "c" contiguous, "t" a
-    transposed dense view (fast path), "s" a strided slice (reference path), "mix" components with
-    different strides (reference path). `none`: (component, parameter) pairs set to None."""
+    """k lists over parameters given as (shape, dtype, layout); layout: "c" contiguous, "o" a
+    contiguous view at an odd element offset (fast path, not 16-byte aligned), "t" a transposed
+    dense view (fast path), "s" a strided slice (reference path), "mix" components with different
+    strides (reference path). `none`: (component, parameter) pairs set to None."""
     g = torch.Generator().manual_seed(seed)
     lists = [[] for _ in range(k)]
     for j, (shape, dtype, layout) in enumerate(specs):
         for i in range(k):
-            if layout == "c" or (layout == "mix" and i % 2 == 0):
+            if layout in ("c", "o") or (layout == "mix" and i % 2 == 0):
                 t = torch.randn(shape, generator=g)
             elif layout in ("t", "mix"):
                 t = torch.randn(shape[::-1], generator=g).t()
-            else:  # "s"
+            elif layout == "s":
                 t = torch.randn(shape[0], 2 * shape[1], generator=g)[:, ::2]
-            lists[i].append(None if (i, j) in none else (scale * t).to(device=device, dtype=dtype))
+            if layout == "o":
+                n = torch.Size(shape).numel()
+                t = (scale * torch.randn(n + 1, generator=g)).to(device=device, dtype=dtype)[1:].view(shape)
+            else:
+                t = (scale * t).to(device=device, dtype=dtype)
+            lists[i].append(None if (i, j) in none else t)
     return lists
 
 
 ODD = [((3, 5), torch.float32, "c"), ((0,), torch.float32, "c"), ((1,), torch.bfloat16, "c"),
        ((257,), torch.float16, "c"), ((31, 17), torch.float32, "t"), ((9, 4), torch.float32, "s"),
        ((6, 10), torch.bfloat16, "mix"), ((1023,), torch.bfloat16, "c"), ((2, 0, 3), torch.float16, "c"),
-       ((77,), torch.float32, "c"), ((5, 5), torch.float64, "c")]
+       ((77,), torch.float32, "c"), ((5, 5), torch.float64, "c"), ((3, 11), torch.bfloat16, "o")]
 
 
 def assert_gram_close(G, ref, rtol=1e-5):
@@ -152,7 +158,7 @@ def test_opcheck_cpp_ops():
 def test_triton_gpu_realistic(k, dtype):
     """~30 M parameters in 25 tensors of odd sizes (a Qwen-like layer mix), one dtype or mixed."""
     shapes = [(151_936 // 8, 256), (1536,), (1536, 1536), (1536, 257), (8960, 1536 // 4)] * 5
-    specs = [(s, dtype if j % 5 else torch.float32, "c") for j, s in enumerate(shapes)]
+    specs = [(s, dtype if j % 5 else torch.float32, "o" if j == 7 else "c") for j, s in enumerate(shapes)]
     lists = make_lists(k, specs, seed=k, none={(k - 1, 3)}, device="cuda", scale=1e-3)
     assert_gram_close(gram(lists, backend="triton"), gram_reference(lists))
     coeffs = torch.tensor([0.41, 0.82, 0.004, -0.1][:k], device="cuda")

@@ -12,13 +12,13 @@ for any other layout. Minimal traffic: k reads + 1 write per element.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from vgs_kernels._backend import HAS_CPP, HAS_TRITON, resolve
-from vgs_kernels.gram import (GradList, check_lists, device_table, n_programs, pointer_rows,
+from vgs_kernels.gram import (GradList, check_lists, device_table, launch_groups, n_programs, pointer_rows,
                               search_steps, split_fast, _pow2)
 
 
@@ -61,40 +61,39 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from vgs_kernels.gram import CHUNK_SIZE, chunk_of
+    from vgs_kernels.gram import chunk_rows, load_block
 
     @triton.jit
     def _combine_kernel(table, n_rows, n_chunks, coeffs, dtype_ref, K: tl.constexpr, KP: tl.constexpr,
-                        ROW: tl.constexpr, STEPS: tl.constexpr, BLOCK: tl.constexpr):
+                        ROW: tl.constexpr, STEPS: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
         """Program p writes chunks p, p + P, ...: out = sum_i c_i x_i (rows: KP inputs, out, numel)."""
         ks = tl.arange(0, KP)
         offs = tl.arange(0, BLOCK)
         c = tl.load(coeffs + ks, mask=ks < K, other=0.0)
         for ch in range(tl.program_id(0), n_chunks, tl.num_programs(0)):
-            r, start = chunk_of(table, n_rows, ch, ROW, STEPS)
-            addr = tl.load(table + r * ROW + ks)
-            ptrs = addr.to(dtype_ref.dtype, bitcast=True)
+            r, ptrs, present, start, end = chunk_rows(table, n_rows, ch, dtype_ref, KP, ROW, STEPS, ALIGNED)
             out = tl.load(table + r * ROW + KP).to(dtype_ref.dtype, bitcast=True)
-            end = tl.minimum(start + CHUNK_SIZE, tl.load(table + r * ROW + ROW - 2))
-            for s in range(start, end, BLOCK):
-                idx = s + offs
-                x = tl.load(ptrs[:, None] + idx[None, :], mask=(addr != 0)[:, None] & (idx < end)[None, :],
-                            other=0.0).to(tl.float32)
-                y = tl.sum(x * c[:, None], axis=0)
-                tl.store(out + idx, y.to(dtype_ref.dtype.element_ty), mask=idx < end)
+            if ALIGNED:
+                out = tl.multiple_of(out, 16)
+            full = start + (end - start) // BLOCK * BLOCK
+            for s in range(start, full, BLOCK):
+                s = tl.multiple_of(s, BLOCK)
+                y = tl.sum(load_block(ptrs, present, s, end, offs, False) * c[:, None], axis=0)
+                tl.store(out + s + offs, y.to(dtype_ref.dtype.element_ty))
+            for s in range(full, end, BLOCK):  # at most one
+                y = tl.sum(load_block(ptrs, present, s, end, offs, True) * c[:, None], axis=0)
+                tl.store(out + s + offs, y.to(dtype_ref.dtype.element_ty), mask=s + offs < end)
 
 
 def _combine_triton(columns: List[List[Optional[Tensor]]], k: int, c: Tensor, device: torch.device) -> None:
     kp = _pow2(max(k, 2))
-    by_dtype: Dict[torch.dtype, list] = {}
-    for col in columns:  # col = (g_0 .. g_{k-1}, out); one launch per dtype
-        by_dtype.setdefault(col[-1].dtype, []).append(col)
-    for cols in by_dtype.values():
+    for (_, is_aligned), cols in launch_groups(columns).items():  # col = (g_0 .. g_{k-1}, out)
         # rows: [KP input pointers, out pointer, numel, first chunk]
         rows = pointer_rows([list(col[:-1]) + [None] * (kp - k) + [col[-1]] for col in cols], kp + 1)
         chunks, progs = n_programs([r[-2] for r in rows], device)
         _combine_kernel[(progs,)](device_table(rows, device), len(rows), chunks, c, cols[0][-1], K=k, KP=kp,
-                                  ROW=kp + 3, STEPS=search_steps(len(rows)), BLOCK=2048 // kp, num_warps=4)
+                                  ROW=kp + 3, STEPS=search_steps(len(rows)), ALIGNED=is_aligned,
+                                  BLOCK=2048 // kp, num_warps=4)
 
 
 if HAS_CPP:

@@ -179,6 +179,16 @@ def search_steps(n_rows: int) -> int:
     return max(1, (n_rows - 1).bit_length())
 
 
+def launch_groups(columns: Sequence[Sequence[Optional[Tensor]]]) -> Dict[Tuple[torch.dtype, bool], list]:
+    """Columns grouped by dtype (the pointer type is a compile-time constant) and by whether all
+    their tensors are 16-byte aligned (then the loads are vectorised): one launch per group."""
+    groups: Dict[Tuple[torch.dtype, bool], list] = {}
+    for col in columns:
+        present = [t for t in col if t is not None]
+        groups.setdefault((present[0].dtype, all(t.data_ptr() % 16 == 0 for t in present)), []).append(col)
+    return groups
+
+
 def pointer_rows(columns: Sequence[Sequence[Optional[Tensor]]], width: int) -> List[List[int]]:
     """Rows [data_ptr of each tensor (0 = None), padded with 0 to `width`, numel, first chunk]."""
     rows, first = [], 0
@@ -210,23 +220,46 @@ if HAS_TRITON:
         return lo, (c - tl.load(table + lo * ROW + ROW - 1)) * CHUNK_SIZE
 
     @triton.jit
+    def chunk_rows(table, n_rows, c, dtype_ref, KP: tl.constexpr, ROW: tl.constexpr, STEPS: tl.constexpr,
+                   ALIGNED: tl.constexpr):
+        """Chunk c: its row, the row's KP pointers (null rows are absent components), which rows
+        are present, and the element range [start, end). ALIGNED: every pointer is 16-byte aligned
+        (checked on the host), which lets Triton vectorise the loads."""
+        r, start = chunk_of(table, n_rows, c, ROW, STEPS)
+        addr = tl.load(table + r * ROW + tl.arange(0, KP))
+        ptrs = addr.to(dtype_ref.dtype, bitcast=True)
+        if ALIGNED:  # (the hint must be on the pointers: int-to-pointer casts drop it)
+            ptrs = tl.multiple_of(ptrs, 16)
+        end = tl.minimum(start + CHUNK_SIZE, tl.load(table + r * ROW + ROW - 2))
+        return r, ptrs, addr != 0, start, end
+
+    @triton.jit
+    def load_block(ptrs, present, s, end, offs, TAIL: tl.constexpr):
+        """[KP, BLOCK] fp32 block at elements s + offs of the present rows (zeros elsewhere). Only
+        the tail block masks the columns: full blocks stay vectorisable."""
+        idx = s + offs
+        if TAIL:
+            mask = present[:, None] & (idx < end)[None, :]
+        else:
+            mask = present[:, None]
+        return tl.load(ptrs[:, None] + idx[None, :], mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
     def _gram_kernel(table, n_rows, n_chunks, partial, dtype_ref, KP: tl.constexpr, ROW: tl.constexpr,
-                     STEPS: tl.constexpr, BLOCK: tl.constexpr):
+                     STEPS: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
         """Program p sums x x^T over chunks p, p + P, ... into partial[p] ([KP, KP] fp32)."""
         pid = tl.program_id(0)
         ks = tl.arange(0, KP)
         offs = tl.arange(0, BLOCK)
         acc = tl.zeros([KP, KP, BLOCK], dtype=tl.float32)
         for c in range(pid, n_chunks, tl.num_programs(0)):
-            r, start = chunk_of(table, n_rows, c, ROW, STEPS)
-            addr = tl.load(table + r * ROW + ks)
-            ptrs = addr.to(dtype_ref.dtype, bitcast=True)
-            numel = tl.load(table + r * ROW + ROW - 2)
-            end = tl.minimum(start + CHUNK_SIZE, numel)
-            for s in range(start, end, BLOCK):
-                idx = s + offs
-                x = tl.load(ptrs[:, None] + idx[None, :], mask=(addr != 0)[:, None] & (idx < end)[None, :],
-                            other=0.0).to(tl.float32)
+            _, ptrs, present, start, end = chunk_rows(table, n_rows, c, dtype_ref, KP, ROW, STEPS, ALIGNED)
+            full = start + (end - start) // BLOCK * BLOCK
+            for s in range(start, full, BLOCK):
+                x = load_block(ptrs, present, tl.multiple_of(s, BLOCK), end, offs, False)
+                acc += x[:, None, :] * x[None, :, :]
+            for s in range(full, end, BLOCK):  # at most one
+                x = load_block(ptrs, present, s, end, offs, True)
                 acc += x[:, None, :] * x[None, :, :]
         tl.store(partial + pid * KP * KP + ks[:, None] * KP + ks[None, :], tl.sum(acc, axis=2))
 
@@ -238,17 +271,15 @@ def _pow2(k: int) -> int:
 def _gram_triton(columns: List[List[Optional[Tensor]]], k: int, device: torch.device) -> Tensor:
     G = torch.zeros(k, k, dtype=torch.float32, device=device)
     kp = _pow2(max(k, 2))
-    by_dtype: Dict[torch.dtype, list] = {}
-    for col in columns:  # one launch per dtype (the pointer type is a compile-time constant)
-        by_dtype.setdefault(next(t for t in col if t is not None).dtype, []).append(col)
-    for cols in by_dtype.values():
+    for (_, is_aligned), cols in launch_groups(columns).items():
         rows = pointer_rows(cols, kp)
         chunks, progs = n_programs([r[-2] for r in rows], device)
         table = device_table(rows, device)
         partial = torch.empty(progs, kp, kp, dtype=torch.float32, device=device)
         ref = next(t for t in cols[0] if t is not None)
         _gram_kernel[(progs,)](table, len(rows), chunks, partial, ref, KP=kp, ROW=kp + 2,
-                               STEPS=search_steps(len(rows)), BLOCK=4096 // (kp * kp), num_warps=4)
+                               STEPS=search_steps(len(rows)), ALIGNED=is_aligned,
+                               BLOCK=4096 // (kp * kp), num_warps=4)
         G += partial.sum(0)[:k, :k]
     return G
 
