@@ -143,6 +143,7 @@ void forward_row(const Inputs& in, int64_t r, acc_t it, acc_t* terms, acc_t* sta
   // A = sum e^(x - m) (x - y) of the four KLs (std, vis scale with s; lang with u; vds with a).
   acc_t m[5], S[5] = {0, 0, 0, 0, 0}, A[4] = {0, 0, 0, 0};
   std::fill(m, m + 5, kNegInf<acc_t>);
+  constexpr auto used = [](int k) { return !kMono || k == 0 || k == 2; };  // mono: s and a only
   for (int64_t c = 0; c < in.V; c += kChunk) {
     const int64_t n = std::min(kChunk, in.V - c);
     in.s.load(r, c, n, it, xs);
@@ -156,7 +157,7 @@ void forward_row(const Inputs& in, int64_t r, acc_t it, acc_t* terms, acc_t* sta
     const acc_t* xk[5] = {xs, xu, xa, xb, xq};
     acc_t scale[5];
     for (int k = 0; k < 5; ++k) {
-      if (kMono && (k == 1 || k == 3 || k == 4)) continue;
+      if (!used(k)) continue;
       const acc_t mk = std::max(m[k], chunk_max(xk[k], n));
       scale[k] = std::exp(m[k] - mk);
       S[k] *= scale[k];
@@ -198,7 +199,7 @@ void forward_row(const Inputs& in, int64_t r, acc_t it, acc_t* terms, acc_t* sta
   }
   acc_t lse[5] = {0, 0, 0, 0, 0};
   for (int k = 0; k < 5; ++k)
-    if (!(kMono && (k == 1 || k == 3 || k == 4))) lse[k] = m[k] + std::log(S[k]);
+    if (used(k)) lse[k] = m[k] + std::log(S[k]);
   // KL(softmax(x) || softmax(y)) = E_x[x - y] - LSE(x) + LSE(y)
   terms[0] = A[0] / S[0] - lse[0] + lse[2];
   if constexpr (!kMono) {
