@@ -163,12 +163,11 @@ def jobs(args: argparse.Namespace) -> List[Job]:
 def run(args: argparse.Namespace) -> List[harness.Result]:
     from tqdm.auto import tqdm
 
-    harness.pin_malloc_threshold()
     dev = args.device
     env = harness.environment(dev)
     copy_bw = harness.copy_bandwidth(dev, (1 << 30) if dev.type == "cuda" else (256 << 20))
     todo = jobs(args)
-    calls = sum(j.n_impls * (max(1, args.warmup) + args.repeats) for j in todo)
+    calls = sum(j.n_impls * (max(1, args.warmup) + 1 + args.repeats) for j in todo)
     results: List[harness.Result] = []
     t0 = time.perf_counter()
     with tqdm(total=calls, disable=args.no_progress, unit="call", dynamic_ncols=True) as bar:
@@ -180,7 +179,8 @@ def run(args: argparse.Namespace) -> List[harness.Result]:
     elapsed = time.perf_counter() - t0
     title = f"{env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}"
     header = (f"# vgs-bench — {title}\n\nmeasured copy bandwidth {copy_bw / 1e9:.1f} GB/s; "
-              f"{args.repeats} timed repeats after {max(1, args.warmup)} warm-up call(s) per impl, "
+              f"{args.repeats} timed repeats after {max(1, args.warmup)} warm-up call(s) per impl "
+              f"(the first one checked against the baseline) and 1 memory-measuring call, "
               f"interleaved; times are medians (p20–p80 spread); speedup vs X = X's time / this time; "
               f"memory: peak above what was live before the timed step (method: BENCHMARKS.md); "
               f"run took {elapsed:.0f} s.\n")

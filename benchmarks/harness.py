@@ -5,11 +5,12 @@ impl whose output the others must match, and the minimal number of bytes the com
 `run_case` checks agreement first (a benchmark never times a wrong kernel), then times the impls
 interleaved repeat by repeat, so that the ratios between them are measured side by side.
 
-Peak memory is the peak *above what was live before the timed step* (inputs, parameters, saved
-activations of an earlier forward): on CUDA `torch.cuda.max_memory_allocated`; on CPU the peak
-resident set size (Linux `VmHWM`, reset through `/proc/self/clear_refs`), with glibc's mmap threshold
-pinned at 128 KiB so that every freed tensor goes back to the OS and the resident set follows the
-live tensors (and whatever a C++ kernel allocates outside torch's allocator).
+Peak memory is the peak *above what was live before the step* (inputs, parameters, saved
+activations of an earlier forward), measured in one extra untimed call after the warm-up (so that
+neither compilation nor the measurement itself is in the timed calls): on CUDA
+`torch.cuda.max_memory_allocated`; on CPU the peak resident set size (Linux `VmHWM`, reset through
+`/proc/self/clear_refs` right after `malloc_trim(0)` has returned glibc's free heap to the OS), which
+follows the live tensors and whatever a C++ kernel allocates outside torch's allocator.
 """
 from __future__ import annotations
 
@@ -86,12 +87,10 @@ def cpu_peak_supported() -> bool:
         return False
 
 
-def pin_malloc_threshold() -> None:
-    """Make glibc return every allocation >= 128 KiB to the OS on free (no dynamic threshold)."""
+def _malloc_trim() -> None:
+    """Return glibc's free heap memory to the OS, so that the resident set is the live set."""
     with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-        libc.malloc_trim(0)
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class PeakMemory:
@@ -108,6 +107,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
         elif self._cpu:
+            _malloc_trim()
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # VmHWM := VmRSS
             self._base = _status_kib("VmRSS") * 1024
@@ -256,26 +256,30 @@ def run_case(case: Case, device: torch.device, repeats: int, warmup: int,
     """Check every impl against its reference, then time them all interleaved (`repeats` rounds).
 
     An impl that fails (exception, out of memory) or disagrees with its reference is reported with
-    that status and never timed. `tick(n)` reports n finished calls (for a progress bar); a case
-    makes len(impls) * (max(1, warmup) + repeats) calls (untimed references count their repeats as
-    skipped). Check-only references are not in the returned results.
+    that status and never timed. One more untimed call per impl measures its peak memory.
+    `tick(n)` reports n finished calls (for a progress bar); a case makes
+    len(impls) * (max(1, warmup) + 1 + repeats) of them (skipped calls count as made).
+    Check-only references are not in the returned results.
     """
     results = {i.name: Result(case.suite, dict(case.params), i.name, bytes_moved=i.bytes_moved,
                               copy_bw=copy_bw, baselines=list(case.baselines), ratio_kind=case.ratio)
                for i in case.impls}
     untimed = {i.name for i in case.impls if not i.timed or i.fallback_for}
 
-    def once(impl: Impl, measure: bool) -> Any:
+    def once(impl: Impl, measure: str = "") -> Any:
+        """One call; measure: "" (warm-up / check), "time" or "memory"."""
         state = impl.setup()
-        with PeakMemory(device) as mem, Timer(device) as t:
+        if measure == "memory":
+            with PeakMemory(device) as mem:
+                impl.step(state)
+            results[impl.name].peak_bytes = mem.peak
+            return None
+        with Timer(device) as t:
             out = impl.step(state)
         if measure:
-            r = results[impl.name]
-            r.times.append(t.seconds)
-            if mem.peak is not None:
-                r.peak_bytes = max(r.peak_bytes or 0, mem.peak)
-        tick(1)
-        return impl.finish(state, out) if impl.finish and not measure else out
+            results[impl.name].times.append(t.seconds)
+            return None
+        return impl.finish(state, out) if impl.finish else out
 
     def fail(impl: Impl, err: BaseException) -> None:
         results[impl.name].status = _failure(err)
@@ -294,17 +298,18 @@ def run_case(case: Case, device: torch.device, repeats: int, warmup: int,
                 tick(max(1, warmup))
                 continue
             try:
-                outputs[impl.fallback_for] = _snapshot(once(impl, measure=False))
+                outputs[impl.fallback_for] = _snapshot(once(impl))
             except Exception as err:
                 fail(impl, err)
-            tick(max(1, warmup) - 1)
+            tick(max(1, warmup))
             continue
         try:
             for w in range(max(1, warmup)):
-                out = once(impl, measure=False)
+                out = once(impl)
                 if w == 0:
                     outputs[impl.name] = _snapshot(out)
                 del out
+                tick(1)
         except Exception as err:  # e.g. OOM, or a backend that cannot run here: report, go on
             fail(impl, err)
             continue
@@ -320,15 +325,14 @@ def run_case(case: Case, device: torch.device, repeats: int, warmup: int,
     for n in untimed:
         del results[n]
 
-    for _ in range(repeats):
+    for measure in ["memory"] + ["time"] * repeats:  # timed rounds interleave the impls
         for impl in case.impls:
-            if impl.name in untimed or results[impl.name].status != "ok":
-                tick(1)
-                continue
-            try:
-                once(impl, measure=True)
-            except Exception as err:
-                fail(impl, err)
+            if impl.name not in untimed and results[impl.name].status == "ok":
+                try:
+                    once(impl, measure)
+                except Exception as err:
+                    fail(impl, err)
+            tick(1)
 
     for r in results.values():
         for name in case.baselines:

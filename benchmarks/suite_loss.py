@@ -27,16 +27,16 @@ N_IMPLS = 6  # per mode, without the optional compiled / Liger impls (4 timed + 
 def make_inputs(n: int, v: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
     """Student / teacher logits with realistic structure (the teacher near the student; the
     text-only rows near the image rows), and an all-valid mask."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
 
     def randn(*shape):
-        return torch.randn(*shape, generator=g).to(device=device, dtype=torch.float32)
+        return torch.randn(*shape, generator=g, device=device)
 
     s = 2 * randn(n, v)
-    u = s + randn(n, v)
+    u = (s + randn(n, v)).to(dtype)
     a = s + randn(n, v)
-    b = a + randn(n, v)
-    s, u, a, b = (x.to(dtype) for x in (s, u, a, b))
+    b = (a + randn(n, v)).to(dtype)
+    s, a = s.to(dtype), a.to(dtype)
     s.requires_grad_(True)
     u.requires_grad_(True)
     return s, u, a, b, torch.ones(n, dtype=torch.bool, device=device)

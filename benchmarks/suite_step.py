@@ -33,7 +33,7 @@ N_IMPLS = 7    # 4 timed + 3 check-only references
 
 SIZES = {  # vocab, student hidden, teacher hidden, layers, batch, prompt, response, image grid
     "tiny": dict(vocab=1000, hidden=64, teacher_hidden=96, layers=1, batch=2, prompt=8, response=8, grid=4),
-    "small": dict(vocab=32000, hidden=128, teacher_hidden=192, layers=2, batch=4, prompt=24, response=64,
+    "small": dict(vocab=8192, hidden=128, teacher_hidden=192, layers=2, batch=2, prompt=24, response=64,
                   grid=8),
 }
 

@@ -82,7 +82,6 @@ def test_a_failed_reference_is_replaced_by_its_fallback():
 def test_cpu_peak_memory_sees_a_large_temporary():
     if not harness.cpu_peak_supported():
         pytest.skip("no /proc/self/clear_refs")
-    harness.pin_malloc_threshold()
     with harness.PeakMemory(torch.device("cpu")) as mem:
         y = torch.ones(16 << 20)  # 64 MiB, freed before the end
         del y
@@ -94,3 +93,14 @@ def test_bad_arguments_are_rejected():
         bench.parse_args(["--suite", "nope"])
     with pytest.raises(SystemExit):
         bench.parse_args(["--modes", "sideways"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cli_on_cuda_checks_every_fast_path(tmp_path):
+    """The Triton / CUDA paths pass their agreement checks inside the benchmark (bf16, tiny sizes)."""
+    status = bench.main(["--sizes", "tiny", "--suite", "all", "--device", "cuda", "--no-progress",
+                         "--out", str(tmp_path)])
+    rows = _rows(tmp_path)
+    assert [r for r in rows if r["status"] != "ok"] == [] and status == 0
+    assert all(float(r["frac_copy_bw"]) > 0 for r in rows if r["suite"] in ("loss", "steering"))
