@@ -30,11 +30,12 @@ hook) also drops buffers collected since the last step and forgets that step, li
 
 Distributed seams (issue 4): ``_counted`` picks which parameters enter the Gram once,
 ``_reduce_gram`` sums the local k x k Gram over the process group, ``_run_backward`` is the
-one place a backward runs; the buffers are plain tensors shaped like the local gradients.
+one place a backward runs; the buffers are whatever autograd put in ``.grad`` (DTensor shards under
+FSDP2: the kernels read and write their local tensors).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -44,8 +45,18 @@ from vgs_kernels import policies
 from vgs_kernels.combine import combine
 from vgs_kernels.gram import gram
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed
+    DTensor = ()
+
 POLICIES = ("vgs", "project", "sum", "fixed", "auto")
 STATE_KEY = "vgs_kernels.GradientSteering"
+
+
+def _local(t: Optional[Tensor]) -> Optional[Tensor]:
+    """What the kernels read and write: a DTensor's local shard (FSDP2), else the tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 class GradientSteering:
@@ -251,7 +262,7 @@ class GradientSteering:
         k = len(self.names)
         params = [p for p in self._params() if p.grad is not None or p in self._buffers]
         device = params[0].device if params else self._device()
-        cols = [[p.grad, *self._buffers.get(p, (None,) * (k - 1))] for p in params]
+        cols = [[_local(g) for g in (p.grad, *self._buffers.get(p, (None,) * (k - 1)))] for p in params]
         counted = self._counted(params)
         lists = [[col[i] for col, c in zip(cols, counted) if c] for i in range(k)]
         G = gram(lists, backend=self.backend) if lists[0] else torch.zeros(k, k, device=device)
@@ -265,10 +276,10 @@ class GradientSteering:
                else policies.BUILTIN[policy](G, w, self._std, self._vis))
         coeffs, fell_back = policies.guard(G, raw.to(device=device, dtype=torch.float32), w)
         out = []
-        for p, col in zip(params, cols):
+        for p in params:
             if p.grad is None:  # no component-0 gradient: write into the first buffer that exists
-                p.grad = next(g for g in col if g is not None)
-            out.append(p.grad)
+                p.grad = next(g for g in self._buffers[p] if g is not None)
+            out.append(_local(p.grad))
         combine(out, [[col[i] for col in cols] for i in range(k)], coeffs, backend=self.backend)
         norms = G.diagonal().clamp_min(0).sqrt()
         denom = norms[:, None] * norms[None, :]
