@@ -356,6 +356,14 @@ def test_hook_on_cuda(policy):
     steer.apply()
     torch.testing.assert_close(steered_grad(model), ref, rtol=1e-4, atol=1e-6)
     assert steer.stats["gram"].is_cuda and not steer.stats["fallback"]
+    opt.zero_grad()
+    steer.backward(losses(model, x, y))
+    torch.cuda.set_sync_debug_mode("error")  # the steering itself never waits for the GPU
+    try:
+        steer.apply()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.testing.assert_close(steered_grad(model), ref, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.gpu

@@ -192,6 +192,7 @@ class GradientSteering:
     def _set_names(self, names: tuple) -> None:
         if not 1 <= len(names) <= 4:
             raise ValueError(f"1 to 4 components can be steered, got {len(names)}: {names}")
+        self._w_dev = None
         self._w, self._std, self._vis = policies.base_weights(
             names, self.gamma, {**({"lp": self.lam} if "lp" in names else {}), **self.weights})
         self.names = names
@@ -220,11 +221,15 @@ class GradientSteering:
         return params[0].device if params else torch.device("cpu")
 
     def _weights(self, device: torch.device) -> Tensor:
-        return torch.tensor(self._w, dtype=torch.float32, device=device)
+        """w as a [k] float32 tensor on `device`, built once (a blocking host-to-device copy)."""
+        if self._w_dev is None or self._w_dev.device != device:
+            self._w_dev = torch.tensor(self._w, dtype=torch.float32).to(device)
+        return self._w_dev
 
     def _fixed_coeffs(self, device: torch.device) -> Tensor:
-        eta = self.eta if self.policy == "fixed" else self.eta_ema.to(device)
-        return policies.fixed(self._weights(device), eta)
+        if self.policy != "fixed":
+            self.eta_ema = self.eta_ema.to(device)  # once, after loading a checkpoint
+        return policies.fixed(self._weights(device), self.eta if self.policy == "fixed" else self.eta_ema)
 
     def _counted(self, params: List[Tensor]) -> List[bool]:
         """Which parameters' gradients enter the Gram (each distinct gradient once). Single
