@@ -45,7 +45,8 @@ def tiny_processor(family: str, words: list[str], patch_size: int = 8, pixels: i
 
     Images are resized to about ``pixels`` pixels (a multiple of 2 * patch_size per side).
     """
-    vocab = {t: i for i, t in enumerate(SPECIAL + ["<unk>"] + sorted(set(words) - set(SPECIAL)))}
+    words = sorted(set(words) - set(SPECIAL) | {"user", "assistant", "system"})
+    vocab = {t: i for i, t in enumerate(SPECIAL + ["<unk>"] + words)}
     raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     raw.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", pad_token="<|endoftext|>",

@@ -1,0 +1,113 @@
+"""A synthetic visual question-answering task whose answers need the image.
+
+Each 32x32 image holds one shape (square, circle or triangle) of one of four colours in one of four
+quadrants, on a noisy dark background. Three question types:
+
+    what colour is the shape ?   ->  it is red
+    what shape is it ?           ->  it is a circle
+    where is the shape ?         ->  it is at the top left
+
+"it is", "a", "at the" are predictable from the question (low visual dependency); the colour, shape
+and position words need the image (high visual dependency). Chance accuracy: 1/4, 1/3, 1/4.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230), "yellow": (230, 210, 40)}
+SHAPES = ("square", "circle", "triangle")
+PLACES = ("top left", "top right", "bottom left", "bottom right")
+QUESTIONS = {"colour": "what colour is the shape ?", "shape": "what shape is it ?", "place": "where is the shape ?"}
+SIZE = 32
+WORDS = sorted({w for q in QUESTIONS.values() for w in q.split()} | set(COLOURS) | set(SHAPES)
+               | {w for p in PLACES for w in p.split()} | {"it", "is", "a", "at", "the"})
+
+
+@dataclass
+class Example:
+    image: Image.Image
+    kind: str  # question type: colour | shape | place
+    question: str
+    answer: str
+
+
+def draw(colour: str, shape: str, place: str, rng: np.random.Generator) -> Image.Image:
+    """A SIZE x SIZE RGB image with ``shape`` in ``colour`` somewhere inside quadrant ``place``."""
+    pixels = rng.integers(0, 40, (SIZE, SIZE, 3), dtype=np.uint8)
+    img = Image.fromarray(pixels)
+    half = SIZE // 2
+    r = int(rng.integers(5, 7))  # half-width of the shape
+    cy = (half if place.startswith("bottom") else 0) + int(rng.integers(r, half - r + 1))
+    cx = (half if place.endswith("right") else 0) + int(rng.integers(r, half - r + 1))
+    box, fill = [cx - r, cy - r, cx + r, cy + r], COLOURS[colour]
+    pen = ImageDraw.Draw(img)
+    if shape == "square":
+        pen.rectangle(box, fill=fill)
+    elif shape == "circle":
+        pen.ellipse(box, fill=fill)
+    else:
+        pen.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    return img
+
+
+def blank() -> Image.Image:
+    """The image with nothing in it: what a student that ignores the image effectively sees."""
+    return Image.new("RGB", (SIZE, SIZE), (20, 20, 20))
+
+
+def sample(n: int, rng: np.random.Generator) -> list[Example]:
+    out = []
+    for _ in range(n):
+        colour, shape, place = (str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES)), str(rng.choice(PLACES)))
+        kind = str(rng.choice(list(QUESTIONS)))
+        answer = {"colour": f"it is {colour}", "shape": f"it is a {shape}", "place": f"it is at the {place}"}[kind]
+        out.append(Example(draw(colour, shape, place, rng), kind, QUESTIONS[kind], answer))
+    return out
+
+
+def prompts(processor, examples: list[Example], images: list[Image.Image] | None = None) -> dict:
+    """Left-padded generation prompts (chat template, one image per example)."""
+    msgs = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": e.question}]}]
+            for e in examples]
+    text = processor.apply_chat_template(msgs, add_generation_prompt=True)
+    return processor(text=text, images=images or [e.image for e in examples], return_tensors="pt", padding=True)
+
+
+def supervised_batch(processor, examples: list[Example], images: list[Image.Image] | None = None
+                     ) -> tuple[dict, torch.Tensor]:
+    """Prompt + gold answer + end of turn, and the mask of the answer tokens (for cross-entropy)."""
+    batch = prompts(processor, examples, images)
+    answers = processor.tokenizer([e.answer + " <|im_end|>" for e in examples], add_special_tokens=False,
+                                  return_tensors="pt", padding=True, padding_side="right")
+    batch = dict(batch)
+    pad = answers["attention_mask"]
+    batch["input_ids"] = torch.cat([batch["input_ids"], answers["input_ids"]], 1)
+    batch["attention_mask"] = torch.cat([batch["attention_mask"], pad], 1)
+    batch["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(pad)], 1)
+    mask = torch.cat([torch.zeros_like(batch["attention_mask"][:, :-pad.shape[1]]), pad], 1).bool()
+    return batch, mask
+
+
+@torch.no_grad()
+def accuracy(model, processor, examples: list[Example], images: list[Image.Image] | None = None,
+             batch_size: int = 64) -> dict[str, float]:
+    """Greedy-decoding exact-match accuracy, overall and per question type."""
+    from vgs_kernels.vlm import VisionTokens
+
+    suppress = VisionTokens.from_model(model).ids().tolist()
+    hits = {k: [] for k in QUESTIONS}
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        batch = prompts(processor, chunk, None if images is None else images[i:i + batch_size])
+        out = model.generate(**batch, max_new_tokens=7, do_sample=False, suppress_tokens=suppress,
+                             pad_token_id=processor.tokenizer.pad_token_id)
+        texts = processor.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        for e, t in zip(chunk, texts):
+            hits[e.kind].append(" ".join(t.split()) == e.answer)
+    acc = {k: float(np.mean(v)) for k, v in hits.items() if v}
+    acc["all"] = float(np.mean([h for v in hits.values() for h in v]))
+    return acc
