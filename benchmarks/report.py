@@ -33,8 +33,11 @@ def markdown(results: Sequence[Result]) -> str:
         has_bw = any(r.bytes_moved for r in rows)
         has_mem = any(r.peak_bytes is not None for r in rows)
         head = keys + ["impl", "median ms", "p20–p80 ms"] + [f"{kind} {b}" for b in baselines]
+        has_err = any(r.error is not None for r in rows)
         if has_mem:
             head += ["peak MiB"] + [f"mem ÷ {b}" for b in baselines]
+        if has_err:
+            head += ["err vs ref"]
         if has_bw:
             head += ["GB/s", "% copy BW"]
         lines = [f"### {suite}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -49,6 +52,8 @@ def markdown(results: Sequence[Result]) -> str:
             if has_mem:
                 cells += [_fmt(d["peak_mem_mib"])]
                 cells += [_fmt(r.mem_ratio.get(b)) if b != r.impl else "1" for b in baselines]
+            if has_err:
+                cells += [_fmt(r.error) if r.error is not None else "ref"]
             if has_bw:
                 frac = d["frac_copy_bw"]
                 cells += [_fmt(d["gbps"]), _fmt(None if frac is None else 100 * frac)]

@@ -25,7 +25,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .harness import Case, Impl, close
+from .harness import Case, Impl
 
 STEPS = 4      # optimizer steps per timed call (= auto-η's refresh interval here)
 GAMMA, LAM, ETA, LR = 2.0, 0.01, 0.41, 0.05
@@ -164,5 +164,5 @@ def case(size: str, device: torch.device) -> Case:
              impl("vgs auto-η", steered, reference="exact (autograd.grad + flatten)", policy="auto")]
     params_desc = {"model": f"qwen3-vl h={cfg['hidden']} V={cfg['vocab']}",
                    "N": int(mask.sum()), "steps/call": STEPS}
-    return Case("step", params_desc, impls, baselines=["monolithic"], check=close(2e-3), ratio="slowdown")
+    return Case("step", params_desc, impls, baselines=["monolithic"], tolerance=2e-3, ratio="slowdown")
 

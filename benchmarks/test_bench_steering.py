@@ -11,7 +11,7 @@ from . import suite_steering
 from .harness import run_case
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-SETS = {"qwen3-vl-2b": lambda: suite_steering.qwen3_vl_2b_shapes(8 if DEVICE.type == "cpu" else 1),
+SETS = {"qwen3-vl-2b": lambda: suite_steering.qwen3_vl_2b_shapes(8 if DEVICE.type == "cpu" else 2),
         "goal-120M": suite_steering.goal_shapes}
 
 

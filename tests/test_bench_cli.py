@@ -57,10 +57,20 @@ def test_a_wrong_kernel_is_reported_and_not_timed():
     x = torch.randn(4, 8)
     impls = [harness.Impl("right", lambda _: x * 2),
              harness.Impl("wrong", lambda _: x * 2 + 1e-2, reference="right")]
-    case = harness.Case("t", {}, impls, baselines=["right"], check=harness.close(1e-4))
+    case = harness.Case("t", {}, impls, baselines=["right"], tolerance=1e-4)
     res = {r.impl: r for r in harness.run_case(case, dev, repeats=2, warmup=1)}
     assert res["right"].status == "ok" and len(res["right"].times) == 2
     assert res["wrong"].status.startswith("mismatch") and res["wrong"].times == []
+    assert res["wrong"].error > 1e-4 and res["right"].error is None
+
+
+def test_a_lenient_baseline_is_timed_with_its_error_reported():
+    x = torch.randn(4, 8)
+    impls = [harness.Impl("exact", lambda _: x, timed=False),
+             harness.Impl("rough", lambda _: x + 1e-2, reference="exact", strict=False)]
+    case = harness.Case("t", {}, impls, baselines=["rough"], tolerance=1e-4)
+    (res,) = harness.run_case(case, torch.device("cpu"), repeats=1, warmup=1)
+    assert res.impl == "rough" and res.status == "ok" and res.error > 1e-4 and len(res.times) == 1
 
 
 def test_a_failed_reference_is_replaced_by_its_fallback():
@@ -73,7 +83,7 @@ def test_a_failed_reference_is_replaced_by_its_fallback():
     impls = [harness.Impl("ref", oom), harness.Impl("ref (chunked)", lambda _: x * 2, fallback_for="ref"),
              harness.Impl("fast", lambda _: x * 2, reference="ref"),
              harness.Impl("bad", lambda _: x * 3, reference="ref")]
-    case = harness.Case("t", {}, impls, baselines=["ref"], check=harness.close(1e-4))
+    case = harness.Case("t", {}, impls, baselines=["ref"], tolerance=1e-4)
     res = {r.impl: r for r in harness.run_case(case, dev, repeats=1, warmup=1)}
     assert set(res) == {"ref", "fast", "bad"} and res["ref"].status == "OOM"
     assert res["fast"].status == "ok" and res["bad"].status.startswith("mismatch")
