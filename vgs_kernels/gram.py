@@ -13,9 +13,10 @@ take the fast path as flat views; any other layout is handled correctly by the r
 
 Backends (vgs_kernels._backend.resolve): C++ on CPU (csrc/multi_tensor.cpp: chunks over all
 parameters, at::parallel_for, vectorised fp32 lanes summed in double), Triton on CUDA (this file:
-one launch per dtype over a device table of (pointers, numel) rows, persistent programs keep fp32
-partials, a [programs, k, k] sum on the device; no host synchronisation), and a plain-torch
-reference. This file also holds the table helpers that vgs_kernels/combine.py shares.
+one launch per dtype (and 16-byte alignment) over a device table of (pointers, numel) rows, cached
+by content; persistent programs keep fp32 partials, a [programs, k, k] sum on the device; no host
+synchronisation), and a plain-torch reference (float64). This file also holds the table helpers
+that vgs_kernels/combine.py shares. Minimal traffic: k reads per element.
 """
 from __future__ import annotations
 
