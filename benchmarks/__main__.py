@@ -53,7 +53,7 @@ PRESETS = {
     # CPU default: the issue-2 goal case (N=2048, V=32000) + a small sweep over N and V.
     ("cpu", "default"): Preset([(256, 8192, ALL_MODES), (256, 32000, ("fwdbwd",)),
                                 (256, 151936, ("fwdbwd",)), (2048, 32000, ("fwdbwd",))],
-                               steering_scale=8, step_size="small", fused_linear=[(256, 256, 32000)],
+                               steering_scale=8, step_size="small", fused_linear=[(512, 512, 151936)],
                                repeats=3, warmup=1),
     ("cpu", "tiny"): Preset([(16, 1000, ALL_MODES), (32, 1000, ("fwdbwd",)), (16, 3001, ("fwdbwd",))],
                             steering_scale=64, step_size="tiny", fused_linear=[(16, 32, 1000)],
