@@ -28,35 +28,25 @@ scale; ``stats`` report the unscaled Gram.
 zero_grad: the buffers are dropped at every apply(); ``optimizer.zero_grad()`` (wrapped by the
 hook) also drops buffers collected since the last step and forgets that step, like ``.grad``.
 
-Distributed seams (issue 4): ``_counted`` picks which parameters enter the Gram once,
-``_reduce_gram`` sums the local k x k Gram over the process group, ``_run_backward`` is the
-one place a backward runs; the buffers are whatever autograd put in ``.grad`` (DTensor shards under
-FSDP2: the kernels read and write their local tensors).
+Distributed (vgs_kernels/distributed.py): each rank's Gram is a partial one over what it counts
+(its shards, its slice of replicated tensors), all-reduced over the process group (k*k numbers);
+replicated gradients (DDP) are averaged per component first; the kernels read and write local
+tensors (a DTensor's local shard under FSDP2).
 """
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, List, Mapping, Optional, Union
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from vgs_kernels import policies
 from vgs_kernels.combine import combine
+from vgs_kernels.distributed import ProcessGroupSync
 from vgs_kernels.gram import gram
-
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # torch built without distributed
-    DTensor = ()
 
 POLICIES = ("vgs", "project", "sum", "fixed", "auto")
 STATE_KEY = "vgs_kernels.GradientSteering"
-
-
-def _local(t: Optional[Tensor]) -> Optional[Tensor]:
-    """What the kernels read and write: a DTensor's local shard (FSDP2), else the tensor itself."""
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 class GradientSteering:
@@ -76,7 +66,10 @@ class GradientSteering:
         ema: EMA decay of policy "auto": eta_ema <- ema * eta_ema + (1 - ema) * eta_exact.
         scaler: the torch.amp.GradScaler of an AMP loop (then pass unscaled losses).
         process_group: group over which the Gram is all-reduced; None: the world group when
-            torch.distributed is initialised, else no reduction.
+            torch.distributed is initialised (DDP's group if ``model`` holds DDP), else no reduction.
+        model: optional, the DDP- or FSDP2-wrapped model: lets the hook turn DDP's own gradient
+            sync off on per-component steps (it averages each component once at the step instead)
+            and check FSDP2's (vgs_kernels/distributed.py).
         backend: forces the gram/combine backend ("auto", "cpp", "triton", "reference").
 
     Attributes:
@@ -93,7 +86,7 @@ class GradientSteering:
                  gamma: float = 2.0, *, lam: float = 0.01, weights: Optional[Mapping[str, float]] = None,
                  eta: Optional[float] = None, every: int = 16, ema: float = 0.7,
                  scaler: Optional[Any] = None, process_group: Optional[Any] = None,
-                 backend: Optional[str] = None):
+                 backend: Optional[str] = None, model: Optional[torch.nn.Module] = None):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if getattr(optimizer, "_vgs_steering", None) is not None:
@@ -117,6 +110,7 @@ class GradientSteering:
         self._buffers: Dict[Tensor, List[Optional[Tensor]]] = {}  # param -> grads of components 1..k-1
         self._open = False   # gradients of a step are being collected
         self._split = True   # ... per component (else one combined backward)
+        self._sync = ProcessGroupSync(optimizer, process_group, model, self._wants_split)
         self._handles = [optimizer.register_step_pre_hook(lambda *_: self.apply()),
                          optimizer.register_state_dict_post_hook(self._save),
                          optimizer.register_load_state_dict_pre_hook(self._load)]
@@ -145,9 +139,9 @@ class GradientSteering:
         """
         names = self._check(losses)
         if not self._open:
+            self._split = self._wants_split()
             self._open = True
-            self._split = self.policy != "fixed" and not (
-                self.policy == "auto" and self.eta_ema is not None and self.step_count % self.every != 0)
+        self._sync.before_backward(names, self._params(), self._split)
         live = [i for i, n in enumerate(names) if losses[n].requires_grad]
         if not live:
             return
@@ -197,6 +191,13 @@ class GradientSteering:
             names, self.gamma, {**({"lp": self.lam} if "lp" in names else {}), **self.weights})
         self.names = names
 
+    def _wants_split(self) -> bool:
+        """Whether this step's backward (between steps: the next one's) runs per component."""
+        if self._open:
+            return self._split
+        return self.policy != "fixed" and not (
+            self.policy == "auto" and self.eta_ema is not None and self.step_count % self.every != 0)
+
     def _run_backward(self, loss: Tensor, retain_graph: bool) -> None:
         """The one place a backward runs (the distributed helper wraps it, e.g. DDP no_sync)."""
         torch.autograd.backward(loss, retain_graph=retain_graph)
@@ -231,20 +232,6 @@ class GradientSteering:
             self.eta_ema = self.eta_ema.to(device)  # once, after loading a checkpoint
         return policies.fixed(self._weights(device), self.eta if self.policy == "fixed" else self.eta_ema)
 
-    def _counted(self, params: List[Tensor]) -> List[bool]:
-        """Which parameters' gradients enter the Gram (each distinct gradient once). Single
-        process: all (params are already unique). Distributed: replicated ones only once."""
-        return [True] * len(params)
-
-    def _reduce_gram(self, G: Tensor) -> Tensor:
-        """Sums the local k x k Gram over the process group (k*k numbers, not gradients)."""
-        group = self.process_group
-        if group is None and dist.is_available() and dist.is_initialized():
-            group = dist.group.WORLD
-        if group is not None:
-            dist.all_reduce(G, op=dist.ReduceOp.SUM, group=group)
-        return G
-
     def apply(self) -> None:
         """Steers the gradients collected since the last step into .grad (idempotent per step)."""
         if not self._open:
@@ -254,6 +241,8 @@ class GradientSteering:
             if self._split:
                 self._steer()
             else:
+                params = self._params()
+                self._sync.prepare(params, [[p.grad] for p in params], self.names)  # DDP: average .grad
                 device = self._device()
                 c = self._fixed_coeffs(device)
                 self.stats = {"step": self.step_count, "mode": "combined", "names": self.names,
@@ -265,13 +254,12 @@ class GradientSteering:
 
     def _steer(self) -> None:
         k = len(self.names)
-        params = [p for p in self._params() if p.grad is not None or p in self._buffers]
-        device = params[0].device if params else self._device()
-        cols = [[_local(g) for g in (p.grad, *self._buffers.get(p, (None,) * (k - 1)))] for p in params]
-        counted = self._counted(params)
-        lists = [[col[i] for col, c in zip(cols, counted) if c] for i in range(k)]
+        params = self._params()
+        cols = [[p.grad, *self._buffers.get(p, (None,) * (k - 1))] for p in params]
+        out, cols, lists = self._sync.prepare(params, cols, self.names)  # local tensors; Gram's share
+        device = out[0].device if out else self._device()
         G = gram(lists, backend=self.backend) if lists[0] else torch.zeros(k, k, device=device)
-        G = self._reduce_gram(G.to(device))
+        G = self._sync.reduce_gram(G.to(device))
         scale = getattr(self.scaler, "_scale", None) if self.scaler is not None else None
         if scale is not None:  # the Gram of the unscaled gradients (the policies do not care)
             G = G / scale.to(G).square()
@@ -280,11 +268,6 @@ class GradientSteering:
         raw = (policy(G, self.names) if callable(policy)
                else policies.BUILTIN[policy](G, w, self._std, self._vis))
         coeffs, fell_back = policies.guard(G, raw.to(device=device, dtype=torch.float32), w)
-        out = []
-        for p in params:
-            if p.grad is None:  # no component-0 gradient: write into the first buffer that exists
-                p.grad = next(g for g in self._buffers[p] if g is not None)
-            out.append(_local(p.grad))
         combine(out, [[col[i] for col in cols] for i in range(k)], coeffs, backend=self.backend)
         norms = G.diagonal().clamp_min(0).sqrt()
         denom = norms[:, None] * norms[None, :]
@@ -339,6 +322,7 @@ class GradientSteering:
             if obj.__dict__.get(name) is fn:
                 delattr(obj, name)
         self._handles, self._patched = [], []
+        self._sync.remove()
         self.reset()
         if getattr(self.optimizer, "_vgs_steering", None) is self:
             del self.optimizer._vgs_steering

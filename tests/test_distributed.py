@@ -1,0 +1,416 @@
+"""Distributed steering (issue 4): DDP and FSDP2 give the single-process update on the concatenated batch.
+
+Two processes on gloo (CPU) run every scenario below once, in one spawn (the start-up, importing
+torch and transformers, is most of the time); each writes its final parameters (full tensors), the
+Gram matrices and what it measured to a file. The tests compare them with a single process steering
+the same model on the concatenated batch. Every collective is bounded by the process group's
+timeout and the spawn by a deadline, so a bug fails instead of hanging.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import time
+import traceback
+from contextlib import contextmanager, nullcontext
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import vgs_kernels as vgs
+from vgs_kernels.distributed import ProcessGroupSync, all_reduce_mean, resolve_group
+
+WORLD = 2
+PER_RANK = 2       # sequences per rank and micro-batch
+PROMPT, LENGTH, RESPONSE, VOCAB = 3, 9, 4, 61
+STEPS = 3
+TIMEOUT = datetime.timedelta(seconds=60)  # every collective
+DEADLINE = 170                            # seconds for the whole spawn
+ATOL, RTOL = 2e-5, 1e-4                   # fp32, 3 SGD steps
+POLICY_KW = {"vgs": {}, "fixed": {"eta": 0.41}, "auto": {"every": 2}, "project": {}, "sum": {}}
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+
+# ----------------------------------------------------------------------------- model and data
+
+
+class Student(nn.Module):
+    """A tiny Qwen2 causal LM (from a config, no download); optionally an extra head that only
+    sequences flagged `extra` use, and a parameter no sequence uses."""
+
+    def __init__(self, tied: bool = False, heads: bool = False, seed: int = 0):
+        super().__init__()
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+        torch.manual_seed(seed)
+        self.lm = Qwen2ForCausalLM(Qwen2Config(
+            vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, max_position_embeddings=32, tie_word_embeddings=tied))
+        self.extra = nn.Linear(VOCAB, VOCAB, bias=False) if heads else None
+        self.never = nn.Linear(2, 2) if heads else None
+
+    def forward(self, ids, extra=None):
+        s = self.lm(input_ids=ids).logits[:, -RESPONSE:]
+        if self.extra is not None and extra is not None and bool(extra.any()):
+            s = s + self.extra(s) * extra[:, None, None]
+        return s
+
+
+def batch(seed: int, step: int, micro: int, rows: slice):
+    """One micro-batch of the global batch (WORLD * PER_RANK sequences); `rows` picks a rank's part.
+    (ids, ids without the 'image' prompt, teacher logits a and b, mask, extra-head flags)"""
+    g = torch.Generator().manual_seed(1000 * seed + 10 * step + micro)
+    n = WORLD * PER_RANK
+    ids = torch.randint(VOCAB, (n, LENGTH), generator=g)
+    a, b = (2 * torch.randn(n, RESPONSE, VOCAB, generator=g) for _ in range(2))
+    mask = torch.rand(n, RESPONSE, generator=g) > 0.25
+    mask[:, 0] = True  # every sequence has a valid token: the per-sequence mean is well defined
+    extra = (torch.arange(n) < PER_RANK).float()  # rank 0's sequences use the extra head
+    return ids[rows], ids[rows, PROMPT:], a[rows], b[rows], mask[rows], extra[rows]
+
+
+def losses(model, loss_fn, data, scale=1.0):
+    ids, ids_text, a, b, mask, extra = data
+    s = model(ids, extra)
+    u = model(ids_text, extra)  # the text-only pass: a second forward of the same (DDP) model
+    out = loss_fn(s, u, a, b, mask)
+    return {"std": out.std * scale, "vis": out.vis * scale}
+
+
+def train(model, steer, optimizer, seed, micro=1, rows=slice(None), no_sync=None, begin=None, stepping=None):
+    """STEPS steps of `micro` accumulated micro-batches (all but the last under `no_sync`, if given);
+    `begin(step)` is called first, `stepping(step)` is the context of optimizer.step().
+    Returns the Gram of each step (None on combined steps) and which parameters had no gradient
+    at the last step."""
+    loss_fn = vgs.VGSLoss(gamma=2.0)
+    grams = []
+    for step in range(STEPS):
+        if begin is not None:
+            begin(step)
+        for m in range(micro):
+            with no_sync() if no_sync is not None and m < micro - 1 else nullcontext():
+                steer.backward(losses(model, loss_fn, batch(seed, step, m, rows), 1.0 / micro))
+        with stepping(step) if stepping is not None else nullcontext():
+            optimizer.step()
+        no_grad = [p.grad is None for p in model.parameters()]
+        optimizer.zero_grad()
+        grams.append(steer.stats["gram"].clone() if steer.stats["mode"] == "exact" else None)
+    return grams, no_grad
+
+
+# ----------------------------------------------------------------------------- scenarios
+
+
+def scenario(name):
+    """Every scenario: (parallel, policy, model options, hook gets model=, accumulation)."""
+    kind, _, rest = name.partition("_")
+    policy = rest if rest in POLICY_KW else "vgs"
+    return {"parallel": kind, "policy": policy, "tied": rest == "tied", "heads": rest == "unused",
+            "model_kw": rest in ("model", "modelauto", "unused", "accummodel"),
+            "auto": rest in ("modelauto", "accummodel"), "micro": 3 if rest.startswith("accum") else 1,
+            "ignored": rest == "ignored"}
+
+
+SCENARIOS = ([f"ddp_{p}" for p in POLICY_KW] + ["ddp_model", "ddp_modelauto", "ddp_accum", "ddp_accummodel",
+                                                  "ddp_tied", "ddp_unused"]
+             + [f"fsdp_{p}" for p in POLICY_KW] + ["fsdp_tied", "fsdp_ignored"])
+
+
+class Collectives:
+    """Records the c10d ops (name, numel of the first tensor) and the hook's gradient all-reduces
+    (floating tensors beyond the k x k Gram: numel) of each step, and DDP's buckets per step."""
+
+    def __init__(self):
+        self.step, self.ops, self.grad_all_reduce, self.ddp_buckets = 0, [], [0] * STEPS, [[] for _ in range(STEPS)]
+
+    def begin(self, step):
+        self.step = step
+
+    def ddp_hook(self, state, bucket):
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+        self.ddp_buckets[self.step].append(bucket.buffer().numel())
+        return allreduce_hook(state, bucket)
+
+    @contextmanager
+    def stepping(self, step):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        ops, real, counts = [], dist.all_reduce, self.grad_all_reduce
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if "c10d" in str(func):
+                    first = args[0][0] if isinstance(args[0], (list, tuple)) else args[0]
+                    ops.append((str(func), first.numel()))
+                return func(*args, **(kwargs or {}))
+
+        def all_reduce(tensor, *args, **kwargs):
+            if tensor.is_floating_point() and tensor.numel() > 4:
+                counts[step] += tensor.numel()
+            return real(tensor, *args, **kwargs)
+
+        dist.all_reduce = all_reduce
+        try:
+            with Mode():
+                yield
+        finally:
+            dist.all_reduce = real
+            self.ops.append(ops)
+
+
+def run_scenario(name, rank):
+    """One scenario on this rank; returns the full parameters after STEPS steps, the Grams and
+    what was communicated."""
+    from torch.distributed.fsdp import fully_shard
+
+    sc = scenario(name)
+    policy = "auto" if sc["auto"] else sc["policy"]
+    seed = SCENARIOS.index(name)
+    inner = Student(tied=sc["tied"], heads=sc["heads"], seed=seed)
+    rec = Collectives()
+    if sc["parallel"] == "ddp":
+        model = nn.parallel.DistributedDataParallel(inner)
+        model.register_comm_hook(None, rec.ddp_hook)
+    else:
+        for layer in inner.lm.model.layers:
+            fully_shard(layer)
+        model = fully_shard(inner, ignored_params={inner.lm.model.norm.weight} if sc["ignored"] else None)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    steer = vgs.GradientSteering(optimizer, policy=policy, gamma=2.0, process_group=None,
+                                 **POLICY_KW[policy], **({"model": model} if sc["model_kw"] else {}))
+    grams, no_grad = train(model, steer, optimizer, seed, sc["micro"], slice(rank * PER_RANK, (rank + 1) * PER_RANK),
+                  model.no_sync if sc["parallel"] == "ddp" else None, rec.begin, rec.stepping)
+    params = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+              for n, p in inner.named_parameters()}
+    return {"params": params, "grams": grams, "ops": rec.ops, "grad_all_reduce": rec.grad_all_reduce,
+            "ddp_buckets": rec.ddp_buckets,
+            "none_grads": [n for (n, _), none in zip(inner.named_parameters(), no_grad) if none]}
+
+
+def bad_inputs(rank):
+    """Mismatched or missing components across ranks: every rank raises, nothing hangs."""
+    out = {}
+    for case, names in {"order": (("std", "vis"), ("vis", "std")), "missing": (("std", "vis"), ("std",))}.items():
+        model = Student(seed=7)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        steer = vgs.GradientSteering(optimizer, policy="vgs", gamma=2.0)
+        full = losses(model, vgs.VGSLoss(), batch(7, 0, 0, slice(rank * PER_RANK, (rank + 1) * PER_RANK)))
+        try:
+            steer.backward({n: full[n] for n in names[rank]})
+            optimizer.step()
+            out[case] = "no error"
+        except RuntimeError as e:
+            out[case] = str(e)
+        steer.remove()
+    # FSDP2 with its gradient sync off during a per-component backward (the hook sees the model)
+    from torch.distributed.fsdp import fully_shard
+    model = fully_shard(Student(seed=8))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    steer = vgs.GradientSteering(optimizer, policy="vgs", gamma=2.0, model=model)
+    model.set_requires_gradient_sync(False)
+    try:
+        steer.backward(losses(model, vgs.VGSLoss(), batch(8, 0, 0, slice(rank * PER_RANK, (rank + 1) * PER_RANK))))
+        out["fsdp_nosync"] = "no error"
+    except RuntimeError as e:
+        out["fsdp_nosync"] = str(e)
+    # the bucketed average: mixed dtypes, buckets smaller than a tensor, non-contiguous tensors
+    g = torch.Generator().manual_seed(rank)
+    ts = [torch.randn(5, 3, generator=g), torch.randn(7, generator=g).half(), torch.randn(4, 6, generator=g).t(),
+          torch.randn(1000, generator=g)]
+    want = [t.float().clone() for t in ts]
+    for t in want:
+        dist.all_reduce(t)
+    all_reduce_mean(ts, dist.group.WORLD, bucket_bytes=64)
+    out["buckets"] = max((t.float() - w / WORLD).abs().max().item() for t, w in zip(ts, want))
+    return out
+
+
+def worker(rank, port, path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=TIMEOUT)
+    results = {}
+    try:
+        for name in SCENARIOS:
+            try:
+                results[name] = run_scenario(name, rank)
+            except Exception:
+                results[name] = {"error": traceback.format_exc()}
+        try:
+            results["bad"] = bad_inputs(rank)
+        except Exception:
+            results["bad"] = {"error": traceback.format_exc()}
+    finally:
+        torch.save(results, os.path.join(path, f"rank{rank}.pt"))
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """Runs every scenario on WORLD processes; returns each rank's results."""
+    path = str(tmp_path_factory.mktemp("dist"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.start_processes(worker, args=(port, path), nprocs=WORLD, join=False, start_method="spawn")
+    deadline = time.monotonic() + DEADLINE
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"the distributed workers did not finish within {DEADLINE} s")
+    return [torch.load(os.path.join(path, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+
+
+def reference(name):
+    """One process, the same model, the concatenated batch (all ranks' sequences at once)."""
+    sc = scenario(name)
+    policy = "auto" if sc["auto"] else sc["policy"]
+    seed = SCENARIOS.index(name)
+    model = Student(tied=sc["tied"], heads=sc["heads"], seed=seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    steer = vgs.GradientSteering(optimizer, policy=policy, gamma=2.0, **POLICY_KW[policy])
+    assert steer._sync.group() is None  # no distributed set-up in this process
+    if sc["heads"]:  # the extra head is used by rank 0's sequences only: the mean of the ranks' losses
+        loss_fn = vgs.VGSLoss(gamma=2.0)
+        grams = []
+        for step in range(STEPS):
+            parts = [losses(model, loss_fn, batch(seed, step, 0, slice(r * PER_RANK, (r + 1) * PER_RANK)), 1 / WORLD)
+                     for r in range(WORLD)]
+            steer.backward({n: sum(p[n] for p in parts) for n in parts[0]})
+            optimizer.step()
+            optimizer.zero_grad()
+            grams.append(steer.stats["gram"].clone() if steer.stats["mode"] == "exact" else None)
+    else:
+        grams, _ = train(model, steer, optimizer, seed, sc["micro"])
+    return {n: p.detach() for n, p in model.named_parameters()}, grams
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_same_update_as_one_process(ranks, name):
+    got = [r[name] for r in ranks]
+    for r, res in enumerate(got):
+        assert "error" not in res, f"rank {r}:\n{res['error']}"
+    want, want_grams = reference(name)
+    for r, res in enumerate(got):
+        assert res["params"].keys() == want.keys()
+        for n, p in want.items():
+            torch.testing.assert_close(res["params"][n], p, atol=ATOL, rtol=RTOL, msg=lambda m: f"rank {r} {n}: {m}")
+        for step, (g, w) in enumerate(zip(res["grams"], want_grams)):
+            assert (g is None) == (w is None), f"step {step}: exact and combined steps differ"
+            if w is not None:  # the Gram of the averaged gradients, every parameter counted once
+                torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-4)
+    exact = [g is not None for g in want_grams]
+    assert any(exact) == (scenario(name)["policy"] != "fixed" or scenario(name)["auto"])
+
+
+def test_tied_embedding_is_one_parameter():
+    model = Student(tied=True)
+    assert model.lm.lm_head.weight is model.lm.model.embed_tokens.weight
+    assert sum(p is model.lm.lm_head.weight for p in model.parameters()) == 1
+
+
+@pytest.mark.parametrize("name", ["ddp_model", "ddp_modelauto", "ddp_accummodel"])
+def test_ddp_no_doubled_communication(ranks, name):
+    """model=ddp: per-component steps are all-reduced once by the hook (DDP sends nothing);
+    combined steps ("auto" between measurements) are synced by DDP alone (the hook sends nothing)."""
+    res = ranks[0][name]
+    numel = sum(p.numel() for p in res["params"].values())
+    for step, g in enumerate(res["grams"]):
+        if g is not None:  # per component: k = 2 gradients averaged by the hook, DDP idle
+            assert res["ddp_buckets"][step] == [], step
+            assert res["grad_all_reduce"][step] == 2 * numel, step
+        else:
+            assert sum(res["ddp_buckets"][step]) == numel, step
+            assert res["grad_all_reduce"][step] == 0, step
+    grams = res["grams"]
+    assert any(g is None for g in grams) == scenario(name)["auto"]
+
+
+def test_ddp_without_model_kw_still_exact(ranks):
+    """Without model= the hook averages every component itself (DDP synced component 0 already)."""
+    res = ranks[0]["ddp_vgs"]
+    numel = sum(p.numel() for p in res["params"].values())
+    assert [sum(b) for b in res["ddp_buckets"]] == [numel] * STEPS
+    assert res["grad_all_reduce"] == [2 * numel] * STEPS
+
+
+@pytest.mark.parametrize("name", [f"fsdp_{p}" for p in POLICY_KW] + ["fsdp_tied"])
+def test_fsdp_nothing_gathered_to_steer(ranks, name):
+    """FSDP2: during the step the only collective is the all-reduce of the k x k Gram (exact steps)
+    or nothing (combined steps): no gradient or parameter is all-gathered."""
+    res = ranks[0][name]
+    for step, ops in enumerate(res["ops"]):
+        want = [("c10d.allreduce_.default", 4)] if res["grams"][step] is not None else []
+        assert ops == want, (step, ops)
+
+
+def test_unused_parameters(ranks):
+    """The extra head gets gradients on rank 0 only; `never` on no rank: it stays None."""
+    for r in range(WORLD):
+        res = ranks[r]["ddp_unused"]
+        assert res["none_grads"] == ["never.weight", "never.bias"], (r, res["none_grads"])
+        want = Student(heads=True, seed=SCENARIOS.index("ddp_unused"))
+        torch.testing.assert_close(res["params"]["never.weight"], want.never.weight.detach(), atol=0, rtol=0)
+
+
+def test_fsdp_ignored_param_is_averaged_and_counted_once(ranks):
+    for ops in ranks[0]["fsdp_ignored"]["ops"]:  # presence/fingerprint check, the replica's average, the Gram
+        names = [o for o, _ in ops]
+        assert "c10d.allgather_.default" not in names and all("allreduce" in o for o in names), ops
+
+
+def test_mismatched_components_raise_on_every_rank(ranks):
+    for r in range(WORLD):
+        bad = ranks[r]["bad"]
+        assert "error" not in bad, bad.get("error")
+        for case in ("order", "missing"):
+            assert "ranks disagree" in bad[case] and "('std', 'vis')" in bad[case], (r, case, bad[case])
+        assert "set_requires_gradient_sync(False)" in bad["fsdp_nosync"], bad["fsdp_nosync"]
+        assert bad["buckets"] < 1e-3  # fp16 tensor in the mix
+
+
+# ----------------------------------------------------------------------------- single process
+
+
+def test_single_process_needs_no_distributed_setup():
+    assert not dist.is_initialized()
+    assert resolve_group(None) is None
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    steer = vgs.GradientSteering(optimizer, policy="vgs", gamma=2.0, process_group=None)
+    x = torch.randn(4, 3)
+    steer.backward({"std": model(x).square().mean(), "vis": model(x).sin().mean()})
+    optimizer.step()
+    assert steer.stats["gram"].shape == (2, 2)
+
+
+def test_group_not_initialised_is_an_error(tmp_path):
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(RuntimeError, match="not initialised.*init_process_group"):
+        vgs.GradientSteering(optimizer, process_group=object())
+    # a group that goes away after the hook was made: a clear error at the step, not a hang
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1, timeout=TIMEOUT)
+    try:
+        group = dist.new_group([0])
+        steer = vgs.GradientSteering(optimizer, process_group=group)
+        assert steer._sync.group() is None  # one rank: nothing to communicate
+        x = torch.randn(4, 3)
+        steer.backward({"std": model(x).square().mean(), "vis": model(x).sin().mean()})
+        optimizer.step()
+        steer.backward({"std": model(x).square().mean(), "vis": model(x).sin().mean()})
+    finally:
+        dist.destroy_process_group()
+    with pytest.raises(RuntimeError, match="not initialised"):
+        optimizer.step()
+    steer.remove()
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        ProcessGroupSync(optimizer, None, model="ddp")
