@@ -88,6 +88,13 @@ class _Heads:
             z.div_(cap).tanh_().mul_(cap)
         return z
 
+    def pair(self, x: Tensor, y: Optional[Tensor], k: int) -> Tuple[Tensor, Optional[Tensor]]:
+        """Logits of x and y (or None) through head k in one matmul: [V, H] is streamed once."""
+        if y is None:
+            return self.logits(x, k), None
+        z = self.logits(torch.cat([x, y]), k)
+        return z[:x.shape[0]], z[x.shape[0]:]
+
     def to_preactivation(self, dl: Tensor, logits: Tensor) -> Tensor:
         """Student logit gradient -> gradient of h @ W^T + bias (in place on dl)."""
         scale, cap = self.scale[0], self.cap[0]
@@ -153,8 +160,8 @@ class _Config:
                                               h_s.device)
 
         def logits(r: Rows) -> Tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]:
-            return (heads.logits(h_s[r], 0), None if h_u is None else heads.logits(h_u[r], 0),
-                    heads.logits(h_a[r], 1), None if h_b is None else heads.logits(h_b[r], 1))
+            return (*heads.pair(h_s[r], None if h_u is None else h_u[r], 0),
+                    *heads.pair(h_a[r], None if h_b is None else h_b[r], 1))
 
         return heads, chunk, logits
 
@@ -355,8 +362,9 @@ def _fused_vgs(h_s, h_u, w_s, b_s, h_a, h_b, w_t, b_t, rows, valid, weights, los
     w_vis = weights
     if not mono and loss.adaptive:  # phase 1: VDS = KL(qa ‖ qb) is the monolithic KL of (a, b)
         for r in _chunks(n, rows, chunk):
-            terms[3, r] = kl_forward(heads.logits(h_a[r], 1), None, heads.logits(h_b[r], 1), None,
-                                     inv_t, backend=be)[0][0]
+            a, b = heads.pair(h_a[r], h_b[r], 1)
+            terms[3, r] = kl_forward(a, None, b, None, inv_t, backend=be)[0][0]
+            del a, b
         w_vis = weights * loss.vds_factors(terms[3], valid)[0]
     n_terms = 3 if loss.adaptive else 4  # adaptive: keep phase 1's VDS, which set γ_t
 
