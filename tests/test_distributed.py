@@ -229,6 +229,45 @@ def bad_inputs(rank):
     return out
 
 
+def by_hand(rank):
+    """DTensor gradients made with distribute_tensor: Shard and Replicate placements, each element
+    counted once (the Gram of the full tensors); Partial refused; FSDP1's flat shards refused."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+    mesh = init_device_mesh("cpu", (WORLD,))
+    g = torch.Generator().manual_seed(3)  # the same full tensors on every rank
+    full = [[torch.randn(5, 3, generator=g) for _ in range(2)] for _ in range(4)]
+    places = [[Shard(0)], [Replicate()], [Shard(1)], [Replicate()]]
+    params = [nn.Parameter(distribute_tensor(torch.zeros(5, 3), mesh, pl)) for pl in places]
+    cols = [[distribute_tensor(full[j][i], mesh, places[j]) for i in range(2)] for j in range(4)]
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    sync = ProcessGroupSync(optimizer)
+    _, _, lists = sync.prepare(params, cols, ("std", "vis"))
+    G = sync.reduce_gram(vgs.gram(lists))
+    out = {"gram_error": (G - vgs.gram([[f[i] for f in full] for i in range(2)])).abs().max().item(),
+           "counted": sum(t is not None for t in lists[0])}
+    partial = [[DTensor.from_local(torch.ones(5, 3), mesh, [Partial()])] * 2]
+    try:
+        sync.prepare(params[:1], partial, ("std", "vis"))
+        out["partial"] = "no error"
+    except ValueError as e:
+        out["partial"] = str(e)
+    # FSDP1 needs an accelerator; its parameters carry this mark (the function it uses)
+    from torch.distributed.fsdp._common_utils import _set_fsdp_flattened
+    model = nn.Linear(4, 2)
+    _set_fsdp_flattened(model.weight)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    steer = vgs.GradientSteering(optimizer)
+    y = model(torch.randn(3, 4))
+    steer.backward({"std": y.square().mean(), "vis": y.sin().mean()})
+    try:
+        optimizer.step()
+        out["fsdp1"] = "no error"
+    except ValueError as e:
+        out["fsdp1"] = str(e)
+    return out
+
+
 def worker(rank, port, path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -240,10 +279,11 @@ def worker(rank, port, path):
                 results[name] = run_scenario(name, rank)
             except Exception:
                 results[name] = {"error": traceback.format_exc()}
-        try:
-            results["bad"] = bad_inputs(rank)
-        except Exception:
-            results["bad"] = {"error": traceback.format_exc()}
+        for key, fn in (("bad", bad_inputs), ("by_hand", by_hand)):
+            try:
+                results[key] = fn(rank)
+            except Exception:
+                results[key] = {"error": traceback.format_exc()}
     finally:
         torch.save(results, os.path.join(path, f"rank{rank}.pt"))
         dist.destroy_process_group()
@@ -268,6 +308,15 @@ def ranks(tmp_path_factory):
 
 def reference(name):
     """One process, the same model, the concatenated batch (all ranks' sequences at once)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: more threads only wait for each other
+    try:
+        return _reference(name)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _reference(name):
     sc = scenario(name)
     policy = "auto" if sc["auto"] else sc["policy"]
     seed = SCENARIOS.index(name)
@@ -375,6 +424,17 @@ def test_mismatched_components_raise_on_every_rank(ranks):
             assert "ranks disagree" in bad[case] and "('std', 'vis')" in bad[case], (r, case, bad[case])
         assert "set_requires_gradient_sync(False)" in bad["fsdp_nosync"], bad["fsdp_nosync"]
         assert bad["buckets"] < 1e-3  # fp16 tensor in the mix
+
+
+def test_dtensor_placements_by_hand(ranks):
+    for r in range(WORLD):
+        res = ranks[r]["by_hand"]
+        assert "error" not in res, res.get("error")
+        assert res["gram_error"] < 1e-5
+        assert "Partial" in res["partial"], res["partial"]
+        assert "FSDP1" in res["fsdp1"], res["fsdp1"]
+    # every rank counts its 2 shards; each of the 2 replicated tensors is counted by one rank
+    assert sum(ranks[r]["by_hand"]["counted"] for r in range(WORLD)) == 2 * WORLD + 2
 
 
 # ----------------------------------------------------------------------------- single process

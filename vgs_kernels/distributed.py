@@ -238,10 +238,8 @@ class ProcessGroupSync:
             local tensors of their components, and ``lists`` the k lists the Gram reads (what this
             rank counts: shards, its slice of replicas).
         """
-        group = self.group()
-        k = len(cols[0]) if cols else 1
-        if group is not None:
-            self._average_replicas(group, params, cols, names, k)
+        self.average(params, cols, names)
+        group, k = self.group(), len(cols[0]) if cols else 1
         world, rank = (dist.get_world_size(group), dist.get_rank(group)) if group is not None else (1, 0)
         out, lcols, lists = [], [], [[] for _ in range(k)]
         for j, (p, col) in enumerate(zip(params, cols)):
@@ -254,7 +252,6 @@ class ProcessGroupSync:
             lcols.append(row)
             for i, g in enumerate(self._counted(group, world, rank, j, p, col, row)):
                 lists[i].append(g)
-        self._ddp_synced.clear()
         return out, lcols, lists
 
     def _counted(self, group: Any, world: int, rank: int, j: int, p: Tensor,
@@ -289,12 +286,18 @@ class ProcessGroupSync:
                              f"{sorted(dist.get_process_group_ranks(group))}; pass the group (or 1-D mesh) "
                              "spanning the mesh as process_group=")
 
-    def _average_replicas(self, group: Any, params: Sequence[Tensor], cols: Rows, names: Sequence[str],
-                          k: int) -> None:
-        """Averages the plain (replicated) gradients over the group, after agreeing on which exist."""
-        plain = [j for j, p in enumerate(params) if not is_dtensor(p)]
+    def average(self, params: Sequence[Tensor], cols: Rows, names: Sequence[str]) -> None:
+        """Averages the plain (replicated) gradients over the group in place, once the ranks agree on
+        which exist: where another rank has a gradient and this one has none, zeros take part (and
+        become .grad for component 0). Nothing to do in one process, for DTensor (FSDP2) gradients
+        (reduce-scattered already) and for what DDP synced itself (combined steps with model=)."""
+        group = self.group()
+        synced = set().union(*(ids for m, ids in self._ddp_params.items() if self._ddp_synced.get(m)))
+        self._ddp_synced.clear()
+        plain = [j for j, p in enumerate(params) if not is_dtensor(p)] if group is not None else []
         if not plain:
             return
+        k = len(cols[0])
         if any(getattr(params[j], "_fsdp_flattened", False) for j in plain):
             raise ValueError("GradientSteering: FSDP1 (FullyShardedDataParallel) parameters are flat shards, not "
                              "replicas; use FSDP2 (torch.distributed.fsdp.fully_shard) or DDP")
@@ -302,13 +305,14 @@ class ProcessGroupSync:
         fp = _fingerprint(tuple(names), k, _layout(params))
         present = self._agree(group, params[plain[0]].device, fp, names, params, "step", present.flatten())
         present = present.view(len(plain), MAX_K)[:, :k].cpu().tolist()
-        synced = set().union(*(ids for m, ids in self._ddp_params.items() if self._ddp_synced.get(m)))
         todo = []
         for row, j in enumerate(plain):
             col, like = cols[j], next((g for g in cols[j] if g is not None), params[j])
             for i in range(k):
                 if present[row][i] and col[i] is None:  # another rank has it: take part with zeros
                     col[i] = torch.zeros_like(like, memory_format=torch.contiguous_format)
+                    if i == 0:
+                        params[j].grad = col[0]
             if id(params[j]) not in synced:
                 todo += [g for g in col if g is not None]
         all_reduce_mean(todo, group)

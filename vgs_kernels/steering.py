@@ -242,7 +242,7 @@ class GradientSteering:
                 self._steer()
             else:
                 params = self._params()
-                self._sync.prepare(params, [[p.grad] for p in params], self.names)  # DDP: average .grad
+                self._sync.average(params, [[p.grad] for p in params], self.names)  # replicas: mean .grad
                 device = self._device()
                 c = self._fixed_coeffs(device)
                 self.stats = {"step": self.step_count, "mode": "combined", "names": self.names,
