@@ -107,17 +107,18 @@ def train(model, steer, optimizer, seed, micro=1, rows=slice(None), no_sync=None
 
 
 def scenario(name):
-    """Every scenario: (parallel, policy, model options, hook gets model=, accumulation)."""
+    """What a scenario name means: '<ddp|fsdp>_<policy or variant>'."""
     kind, _, rest = name.partition("_")
-    policy = rest if rest in POLICY_KW else "vgs"
-    return {"parallel": kind, "policy": policy, "tied": rest == "tied", "heads": rest == "unused",
-            "model_kw": rest in ("model", "modelauto", "unused", "accummodel"),
-            "auto": rest in ("modelauto", "accummodel"), "micro": 3 if rest.startswith("accum") else 1,
-            "ignored": rest == "ignored"}
+    return {"parallel": kind, "policy": rest if rest in POLICY_KW else "vgs",
+            "auto": rest in ("modelauto", "accummodel"),                          # policy "auto", every=2
+            "model_kw": rest in ("model", "modelauto", "accummodel", "unused"),   # the hook gets model=
+            "micro": 3 if rest in ("accum", "accummodel", "bucketview") else 1,   # accumulated, no_sync
+            "tied": rest == "tied", "heads": rest == "unused", "ignored": rest == "ignored",
+            "bucket_view": rest == "bucketview"}
 
 
 SCENARIOS = ([f"ddp_{p}" for p in POLICY_KW] + ["ddp_model", "ddp_modelauto", "ddp_accum", "ddp_accummodel",
-                                                  "ddp_tied", "ddp_unused"]
+                                                  "ddp_bucketview", "ddp_tied", "ddp_unused"]
              + [f"fsdp_{p}" for p in POLICY_KW] + ["fsdp_tied", "fsdp_ignored"])
 
 
@@ -173,7 +174,7 @@ def run_scenario(name, rank):
     inner = Student(tied=sc["tied"], heads=sc["heads"], seed=seed)
     rec = Collectives()
     if sc["parallel"] == "ddp":
-        model = nn.parallel.DistributedDataParallel(inner)
+        model = nn.parallel.DistributedDataParallel(inner, gradient_as_bucket_view=sc["bucket_view"])
         model.register_comm_hook(None, rec.ddp_hook)
     else:
         for layer in inner.lm.model.layers:

@@ -64,9 +64,9 @@ from torch import Tensor, nn
 from vgs_kernels.gram import MAX_K
 
 try:  # public since torch 2.4; absent from builds without torch.distributed
-    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+    from torch.distributed.tensor import DTensor, Partial, Replicate
 except ImportError:  # pragma: no cover
-    DTensor = Partial = Replicate = Shard = None
+    DTensor = Partial = Replicate = None
 
 BUCKET_BYTES = 25 * 2 ** 20  # DDP's default bucket size
 IN_FLIGHT = 2                # all-reduce buckets in flight (bounds the extra memory to 2 buckets)
