@@ -166,6 +166,10 @@ def run(args: argparse.Namespace) -> List[harness.Result]:
     dev = args.device
     env = harness.environment(dev)
     copy_bw = harness.copy_bandwidth(dev, (1 << 30) if dev.type == "cuda" else (256 << 20))
+    touch = ""
+    if dev.type == "cpu":
+        env["first_touch_gbps"] = f"{harness.first_touch_bandwidth(256 << 20) / 1e9:.3g}"
+        touch = f", first-touch bandwidth of fresh memory {env['first_touch_gbps']} GB/s"
     todo = jobs(args)
     calls = sum(j.n_impls * (max(1, args.warmup) + 1 + args.repeats) for j in todo)
     results: List[harness.Result] = []
@@ -178,7 +182,7 @@ def run(args: argparse.Namespace) -> List[harness.Result]:
                 del case
     elapsed = time.perf_counter() - t0
     title = f"{env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}"
-    header = (f"# vgs-bench — {title}\n\nmeasured copy bandwidth {copy_bw / 1e9:.1f} GB/s; "
+    header = (f"# vgs-bench — {title}\n\nmeasured copy bandwidth {copy_bw / 1e9:.1f} GB/s{touch}; "
               f"{args.repeats} timed repeats after {max(1, args.warmup)} warm-up call(s) per impl "
               f"(the first one checked against the baseline) and 1 memory-measuring call, "
               f"interleaved; times are medians (p20–p80 spread); speedup vs X = X's time / this time; "

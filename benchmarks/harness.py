@@ -161,6 +161,18 @@ def copy_bandwidth(device: torch.device, nbytes: int, repeats: int = 10) -> floa
     return 2 * src.numel() * 4 / min(times[1:])
 
 
+def first_touch_bandwidth(nbytes: int, repeats: int = 5) -> float:
+    """CPU: bytes/s of filling freshly allocated memory (page faults included), the fastest of
+    `repeats`. Next to the copy bandwidth it shows what every large temporary costs a CPU baseline:
+    glibc gives blocks above 32 MiB back to the OS on free, so each one is faulted in again."""
+    times = []
+    for _ in range(repeats):
+        with Timer(torch.device("cpu")) as t:
+            torch.empty(nbytes // 4).fill_(1.0)
+        times.append(t.seconds)
+    return nbytes / min(times)
+
+
 # ------------------------------------------------------------------------------------------- cases
 
 @dataclass
