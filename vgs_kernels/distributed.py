@@ -42,7 +42,8 @@ either way.
 FSDP2 reduce-scatters in every backward, so each component arrives averaged and sharded. Do not
 turn FSDP2's gradient sync off (``set_requires_gradient_sync(False)``) on per-component steps: FSDP2
 then accumulates the unsharded gradient of all components in one buffer (an error when the hook
-can see the FSDP modules: ``model=``). HF Accelerate leaves it on.
+can see the FSDP modules: ``model=``). HF Accelerate's ``accumulate()`` turns it off between
+optimizer steps unless ``GradientAccumulationPlugin(..., sync_each_batch=True)``.
 
 Checks (a clear error on every rank instead of a hang or a silent mix): the component names and
 the parameter layout are compared across ranks at the first ``steer.backward`` (before any backward
