@@ -17,12 +17,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import datetime
-import os
 import platform
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
@@ -412,12 +411,3 @@ def tolerance(dtype: torch.dtype) -> float:
     """Agreement tolerance for outputs computed from inputs of `dtype` (fp32 accumulation inside)."""
     return {torch.float64: 1e-9, torch.float32: 2e-4}.get(dtype, 3e-2)
 
-
-def numel_bytes(shapes: Sequence[Sequence[int]], dtype: torch.dtype) -> int:
-    n = 0
-    for s in shapes:
-        k = 1
-        for d in s:
-            k *= d
-        n += k
-    return n * torch.empty((), dtype=dtype).element_size()
