@@ -49,7 +49,7 @@ Rows = Union[slice, Tensor]
 # Bytes of chunk workspace (a chunk's logits, their gradients, one temporary). Larger on CUDA:
 # every chunk re-reads and re-writes the [V, H] weight-gradient accumulator, which costs little
 # next to the chunk's matmuls on a CPU but a lot on a GPU unless chunks have ~1000 rows.
-DEFAULT_MEMORY_BUDGET = {"cpu": 512 << 20, "cuda": 2 << 30}
+DEFAULT_MEMORY_BUDGET = {"cpu": 768 << 20, "cuda": 2 << 30}
 
 
 def chunk_rows(n: int, vocab: int, itemsize: int, memory_budget: Optional[int] = None,
