@@ -107,17 +107,22 @@ class _Heads:
 
 class _Grads:
     """Gradients of one loss component w.r.t. h_s, h_u, the student weight and bias (None when
-    not wanted). The weight gradient is accumulated over chunks in `acc_dtype`."""
+    not wanted, or never reached for h_s / h_u). The weight gradient is accumulated over chunks
+    in `acc_dtype`."""
 
     def __init__(self, h_s, h_u, w, bias, want: Sequence[bool], acc_dtype: torch.dtype):
-        self.h = [torch.zeros_like(h) if h is not None and ok else None for h, ok in zip((h_s, h_u), want)]
+        self.inputs, self.h = (h_s, h_u), [None, None]
+        self.want_h = [h is not None and ok for h, ok in zip((h_s, h_u), want)]
         self.w = torch.zeros(w.shape, dtype=acc_dtype, device=w.device) if want[2] else None
         self.bias = (torch.zeros(w.shape[0], dtype=torch.promote_types(w.dtype, torch.float32), device=w.device)
                      if bias is not None and want[3] else None)
+        self.active = any(self.want_h) or self.w is not None or self.bias is not None
 
     def add(self, k: int, rows: Rows, dz: Tensor, h: Tensor, w: Tensor) -> None:
         """Rows `rows` of input k (0: h_s, 1: h_u) had pre-activation gradient dz [rows, V]."""
-        if self.h[k] is not None:
+        if self.want_h[k]:
+            if self.h[k] is None:
+                self.h[k] = torch.zeros_like(self.inputs[k])
             self.h[k][rows] += dz @ w
         if self.w is not None:
             if self.w.dtype == dz.dtype:
@@ -129,10 +134,6 @@ class _Grads:
 
     def outputs(self) -> List[Optional[Tensor]]:
         return [self.h[0], self.h[1], self.w, self.bias]
-
-    @property
-    def active(self) -> bool:
-        return any(x is not None for x in self.outputs())
 
 
 def _chunks(n: int, rows: Optional[Tensor], size: int) -> Iterator[Rows]:
@@ -345,10 +346,11 @@ class _FusedLinearVGSFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_values, _grad_comps, _grad_terms):
-        out = []
-        for i in range(4):  # h_s, h_u, w_s, b_s: Σ_k grad_k · G_k (stored tensors stay intact for
-            parts = [g * gr[i] for g, gr in zip(grad_values, ctx.grads) if gr[i] is not None]
-            out.append(sum(parts[1:], parts[0]) if parts else None)  # a second backward pass)
+        out = [None] * 4
+        for i in range(4):  # h_s, h_u, w_s, b_s: Σ_k grad_k · G_k, one new tensor (G_k stay
+            for g, grads in zip(grad_values, ctx.grads):  # intact for another backward pass)
+                if grads[i] is not None:
+                    out[i] = grads[i] * g if out[i] is None else out[i].addcmul_(grads[i], g)
         return (*out,) + (None,) * 11
 
 
