@@ -384,3 +384,24 @@ def test_amp_overflow_skips_on_cuda():
     assert scaler.get_scale() == 2.0 ** 7
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n])
+
+
+def test_wrapped_optimizer_is_unwrapped():
+    """HF Accelerate's AcceleratedOptimizer is no torch Optimizer but holds one as `.optimizer`:
+    the hook registers on the inner one, so stepping the wrapper steers."""
+
+    class Wrapper:  # the shape of accelerate.optimizer.AcceleratedOptimizer
+        def __init__(self, optimizer):
+            self.optimizer = optimizer
+
+        def step(self):
+            self.optimizer.step()
+
+    model, (x, y) = Net(), make_batch()
+    ref = expected("vgs", flat_grads(model, x, y))
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    steer = vgs.GradientSteering(Wrapper(opt), gamma=GAMMA)
+    assert steer.optimizer is opt
+    steer.backward(losses(model, x, y))
+    steer.apply()
+    torch.testing.assert_close(steered_grad(model), ref, rtol=1e-5, atol=1e-7)

@@ -87,6 +87,9 @@ class GradientSteering:
                  eta: Optional[float] = None, every: int = 16, ema: float = 0.7,
                  scaler: Optional[Any] = None, process_group: Optional[Any] = None,
                  backend: Optional[str] = None, model: Optional[torch.nn.Module] = None):
+        inner = getattr(optimizer, "optimizer", None)  # HF Accelerate's AcceleratedOptimizer wraps one
+        if not isinstance(optimizer, torch.optim.Optimizer) and isinstance(inner, torch.optim.Optimizer):
+            optimizer = inner
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if getattr(optimizer, "_vgs_steering", None) is not None:
