@@ -156,7 +156,7 @@ def jobs(args: argparse.Namespace) -> List[Job]:
             sizes.append(GOAL_FUSED_LINEAR[dev.type])
         for size in sizes:
             out.append(Job(f"fused-linear N={size[0]} H={size[1]} V={size[2]}", suite_fused_linear.N_IMPLS,
-                           lambda size=size: [suite_fused_linear.case(*size, args.dtype, dev)]))
+                           lambda size=size: suite_fused_linear.cases(*size, args.dtype, dev)))
     return out
 
 

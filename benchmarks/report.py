@@ -159,8 +159,8 @@ def _case_label(r: Result) -> str:
 
 
 def headline(results: Sequence[Result]) -> str:
-    """The README table: the largest fwd+bwd loss case, the largest steering case and the training
-    step, each fast path next to its baselines (time, ratio, peak memory, % of copy bandwidth)."""
+    """The README table: the largest fwd+bwd loss case, the largest steering case, the training
+    step and the largest fused-linear loss step, each fast path next to its baselines (time, ratio, peak memory, % of copy bandwidth)."""
     lines = ["| case | impl | median ms | ratio | peak MiB | % copy BW |", "|---|---|---|---|---|---|"]
 
     def add(rows: List[Result], label: str) -> None:
@@ -194,4 +194,9 @@ def headline(results: Sequence[Result]) -> str:
     step = [r for r in results if r.suite == "step"]
     if step:
         add(step, f"training step ({step[0].params['model']})")
+    fused = largest("fused-linear", lambda r: r.params["N"] * r.params["V"] * r.params["H"],
+                    lambda r: r.params["path"] == "loss step")
+    if fused:
+        p = fused[0].params
+        add(fused, f"fused-linear loss step N={p['N']} H={p['H']} V={p['V']} {p['dtype']}")
     return "\n".join(lines)
