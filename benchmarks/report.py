@@ -107,12 +107,8 @@ def plots(out_dir: str, results: Sequence[Result], title: str) -> List[str]:
                 ax.set_ylabel(label)
                 ax.grid(True, which="both", alpha=0.3)
             axes[0].legend(fontsize=8)
-            fig.suptitle(f"loss {mode}, {fixed} = {at} — {title}", fontsize=9)
-            fig.tight_layout()
-            path = os.path.join(out_dir, f"loss_{mode}_vs_{x}.png")
-            fig.savefig(path, dpi=110)
-            plt.close(fig)
-            written.append(path)
+            written.append(_save(fig, f"loss {mode}, {fixed} = {at} — {title}",
+                                 os.path.join(out_dir, f"loss_{mode}_vs_{x}.png")))
     for suite in dict.fromkeys(r.suite for r in ok if r.suite != "loss"):
         rows = [r for r in ok if r.suite == suite]
         cases = list(dict.fromkeys(_case_label(r) for r in rows))
@@ -136,13 +132,18 @@ def plots(out_dir: str, results: Sequence[Result], title: str) -> List[str]:
             ax.set_xticklabels(cases, fontsize=7)
             ax.set_ylabel(label)
         axes[0][0].legend(fontsize=8)
-        fig.suptitle(f"{suite} — {title}", fontsize=9)
-        fig.tight_layout()
-        path = os.path.join(out_dir, f"{suite}.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, f"{suite} — {title}", os.path.join(out_dir, f"{suite}.png")))
     return written
+
+
+def _save(fig, title: str, path: str) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _metric(r: Result, metric: str) -> Optional[float]:
