@@ -100,11 +100,11 @@ def flat_views(tensors: Sequence[Optional[Tensor]]) -> Optional[List[Optional[Te
     ref = present[0]
     if ref.dtype not in FAST_DTYPES:
         return None
+    if all(t.is_contiguous() for t in present):  # the common case (shapes match): no stride analysis
+        return [None if t is None else t.view(-1) for t in tensors]
     for t in present:
         if t.stride() != ref.stride() or not _dense(t):
             return None
-    if ref.is_contiguous():
-        return [None if t is None else t.view(-1) for t in tensors]
     return [None if t is None else t.as_strided((t.numel(),), (1,)) for t in tensors]
 
 
