@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
+import inspect
 import json
 import os
 import sys
@@ -40,6 +42,7 @@ import vgs_kernels as vgs  # noqa: E402
 METHODS = ("opd", "vgs-fixed", "vgs-auto", "vgs-exact")
 PROBED = ("opd", "vgs-auto")  # the probe runs on the start student and after these (first seed)
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,31 +50,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--family", default="qwen2_vl", choices=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
-    p.add_argument("--steps", type=int, default=120, help="distillation steps per method and seed")
+    p.add_argument("--steps", type=int, default=300, help="distillation steps per method and seed")
     p.add_argument("--batch", type=int, default=32, help="prompts per distillation step")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--gamma", type=float, default=2.0)
     p.add_argument("--lam", type=float, default=0.01)
     p.add_argument("--eta", type=float, default=0.41, help="fixed η of vgs-fixed (the paper's value at γ=2)")
     p.add_argument("--auto-every", type=int, default=10, help="vgs-auto: steps between exact η refreshes")
     p.add_argument("--max-new-tokens", type=int, default=7)
-    p.add_argument("--teacher-steps", type=int, default=1500)
-    p.add_argument("--student-steps", type=int, default=400)
+    p.add_argument("--teacher-steps", type=int, default=2500, help="at most; stops at --teacher-target")
+    p.add_argument("--teacher-target", type=float, default=0.95, help="teacher's held-out accuracy to reach")
+    p.add_argument("--calibrate-steps", type=int, default=300, help="teacher's calibration phase")
+    p.add_argument("--student-steps", type=int, default=300)
     p.add_argument("--pretrain-batch", type=int, default=32)
+    p.add_argument("--pretrain-lr", type=float, default=3e-3)
     p.add_argument("--eval-size", type=int, default=192)
-    p.add_argument("--eval-every", type=int, default=20)
+    p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--probe-size", type=int, default=64, help="prompts in the probe's batch (0: no probe)")
     p.add_argument("--probe-bins", type=int, default=10, help="VDS bins of the probe (10: deciles)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default=os.path.join(HERE, "demo_out"), help="results JSON and plots")
-    p.add_argument("--cache", default=os.path.join(HERE, ".demo_cache"),
+    p.add_argument("--out", default=os.path.join(ROOT, "results", "demo"), help="results JSON and plots")
+    p.add_argument("--cache", default=os.path.join(ROOT, "results", "demo_cache"),
                    help="pre-trained teacher/student weights ('' to disable)")
     p.add_argument("--quick", action="store_true", help="tiny settings for a ~1 minute smoke run")
     args = p.parse_args(argv)
     if args.quick:  # explicit flags still win over these
         given = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
-        for k, v in dict(steps=6, batch=8, teacher_steps=40, student_steps=20, eval_size=32, eval_every=3,
-                         probe_size=16, auto_every=3).items():
+        for k, v in dict(steps=6, batch=8, teacher_steps=40, teacher_target=0.0, calibrate_steps=10, student_steps=20,
+                         eval_size=32, eval_every=3, probe_size=16, auto_every=3).items():
             if "--" + k.replace("_", "-") not in given:
                 setattr(args, k, v)
     return args
@@ -81,20 +87,41 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build(args, seed: int):
-    """Processor, teacher (trained with the images) and the student's starting point (shuffled images)."""
+    """Processor, teacher and the student's starting point (both cached under ``args.cache``).
+
+    Teacher: trained on the task with the images (until ``--teacher-target`` held-out accuracy, checked
+    every 250 steps, at most ``--teacher-steps``), then calibrated: a few hundred steps on the same data
+    with and without the images, with label smoothing. The text-only half gives it a language prior (a
+    real VLM answers text-only prompts; otherwise the text-only pass b is out of distribution); the
+    smoothing keeps its log-probabilities of impossible tokens bounded (trained to zero loss they reach
+    -20 or less with and without the image, and their difference a - b, the visual gain q* adds to the
+    student's prior, becomes noise of several nats that drags q* onto garbage tokens).
+    Student: a smaller language model with the teacher's vision encoder (as real students share a
+    pre-trained ViT; frozen here), trained on shuffled images and text-only: it knows the answer format
+    and the language prior, not how to use what it sees.
+    """
     proc = tiny_processor(args.family, task.WORDS)
     sizes = {"teacher": dict(hidden=96, layers=3, vision_hidden=64, vision_depth=2),
-             "student": dict(hidden=64, layers=2, vision_hidden=48, vision_depth=2)}
-    steps = {"teacher": args.teacher_steps, "student": args.student_steps}
+             "student": dict(hidden=64, layers=2, vision_hidden=64, vision_depth=2)}
+    phases = {"teacher": [dict(steps=args.teacher_steps, target=args.teacher_target),
+                          dict(steps=args.calibrate_steps, lr=args.pretrain_lr / 4, text_only=True, smoothing=0.1)],
+              "student": [dict(steps=args.student_steps, shuffle=True, text_only=True, smoothing=0.1)]}
     models = {}
     for role in ("teacher", "student"):
         model = tiny_vlm(args.family, proc, seed=seed * 2 + (role == "student"), **sizes[role])
-        path = args.cache and os.path.join(args.cache, f"{args.family}-{role}-s{seed}-n{steps[role]}"
-                                           f"-b{args.pretrain_batch}.pt")
+        key = repr((_sources(), sizes[role], phases[role], args.pretrain_batch, args.pretrain_lr))
+        path = args.cache and os.path.join(
+            args.cache, f"{args.family}-{role}-s{seed}-{hashlib.sha1(key.encode()).hexdigest()[:10]}.pt")
         if path and os.path.exists(path):
             model.load_state_dict(torch.load(path))
         else:
-            pretrain(model, proc, steps[role], args.pretrain_batch, seed, shuffle=(role == "student"), desc=role)
+            if role == "student":  # the teacher's vision encoder, except the projection into the LM
+                own = model.state_dict()
+                model.load_state_dict({k: v for k, v in models["teacher"].state_dict().items()
+                                       if "visual" in k and k in own and own[k].shape == v.shape}, strict=False)
+            for i, phase in enumerate(phases[role]):
+                pretrain(model, proc, **{"lr": args.pretrain_lr, **phase}, batch=args.pretrain_batch,
+                         seed=seed * 10 + i, desc=f"{role} {i + 1}/{len(phases[role])}")
             if path:
                 os.makedirs(args.cache, exist_ok=True)
                 torch.save(model.state_dict(), path)
@@ -102,22 +129,49 @@ def build(args, seed: int):
     return proc, models["teacher"], models["student"]
 
 
-def pretrain(model, proc, steps: int, batch: int, seed: int, shuffle: bool, desc: str) -> None:
-    """Cross-entropy on the gold answers; ``shuffle`` pairs every question with another example's image."""
-    rng = np.random.default_rng(10_000 + seed * 2 + shuffle)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+def _sources() -> str:
+    """The task's, the models' and the pre-training code: a change invalidates the cached weights."""
+    files = "".join(open(os.path.join(HERE, f)).read() for f in ("synthetic_task.py", "tiny_vlm.py"))
+    return files + inspect.getsource(pretrain) + inspect.getsource(build)
+
+
+def pretrain(model, proc, steps: int, batch: int, lr: float, seed: int, desc: str, target: float = 0.0,
+             shuffle: bool = False, text_only: bool = False, smoothing: float = 0.0) -> None:
+    """Cross-entropy on the gold answers (one-cycle learning rate).
+
+    shuffle: every question gets another example's image and the vision encoder (but its projection)
+    stays frozen. text_only: the loss adds the same batch without the images. target > 0: stop once
+    the greedy accuracy with the image on held-out examples reaches it (checked every 250 steps).
+    """
+    rng = np.random.default_rng(10_000 + seed)
+    held_out = task.sample(96, np.random.default_rng(20_000 + seed))
+    params = [p for n, p in model.named_parameters() if not (shuffle and "visual" in n and "merger" not in n)]
+    opt = torch.optim.AdamW(params, lr=lr)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 2), pct_start=0.05)
+    tokens = vgs.VisionTokens.from_model(model)
     model.train()
-    for _ in tqdm(range(steps), desc=f"pre-train {desc}", leave=False, disable=None):
+    for step in (bar := tqdm(range(1, steps + 1), desc=f"pre-train {desc}", leave=False, disable=None)):
         examples = task.sample(batch, rng)
         images = [examples[i].image for i in rng.permutation(batch)] if shuffle else None
         inputs, answer = task.supervised_batch(proc, examples, images)
-        pos, mask = vgs.response_positions(answer)
-        logits = vgs.response_logits(model, inputs, pos)
-        target = inputs["input_ids"].gather(1, pos + 1)
-        loss = torch.nn.functional.cross_entropy(logits[mask], target[mask])
+        loss = 0.0
+        for batch_, answer_ in [(inputs, answer)] + ([vgs.strip_images(inputs, answer, tokens)] if text_only else []):
+            pos, mask = vgs.response_positions(answer_)
+            logits = vgs.response_logits(model, batch_, pos)
+            labels = batch_["input_ids"].gather(1, pos + 1)
+            loss = loss + torch.nn.functional.cross_entropy(logits[mask], labels[mask], label_smoothing=smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        schedule.step()
+        if target > 0 and (step % 250 == 0 or step == steps):
+            model.eval()
+            acc = task.accuracy(model, proc, held_out)["all"]
+            model.train()
+            bar.set_postfix(acc=f"{acc:.2f}")
+            if acc >= target or step == steps:
+                print(f"pre-train {desc}: {step} steps, held-out accuracy {acc:.3f}", flush=True)
+                break
     model.eval()
 
 

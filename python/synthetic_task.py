@@ -1,14 +1,14 @@
 """A synthetic visual question-answering task whose answers need the image.
 
-Each 32x32 image holds one shape (square, circle or triangle) of one of four colours in one of four
-quadrants, on a noisy dark background. Three question types:
+Each 32x32 image holds one to three copies of a shape (square, ring or cross) of one of four
+colours, each in its own quadrant, on a noisy dark background. Three question types:
 
-    what colour is the shape ?   ->  it is red
-    what shape is it ?           ->  it is a circle
-    where is the shape ?         ->  it is at the top left
+    what colour is it ?      ->  it is red
+    what shape is it ?       ->  it is a ring
+    how many are there ?     ->  there is one | there are two | there are three
 
-"it is", "a", "at the" are predictable from the question (low visual dependency); the colour, shape
-and position words need the image (high visual dependency). Chance accuracy: 1/4, 1/3, 1/4.
+"it is", "a", "there" are predictable from the question (low visual dependency); the colour, shape
+and count words (and is/are) need the image (high visual dependency). Chance accuracy: 1/4, 1/3, 1/3.
 """
 from __future__ import annotations
 
@@ -19,38 +19,37 @@ import torch
 from PIL import Image, ImageDraw
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230), "yellow": (230, 210, 40)}
-SHAPES = ("square", "circle", "triangle")
-PLACES = ("top left", "top right", "bottom left", "bottom right")
-QUESTIONS = {"colour": "what colour is the shape ?", "shape": "what shape is it ?", "place": "where is the shape ?"}
+SHAPES = ("square", "ring", "cross")
+COUNTS = ("one", "two", "three")
+QUESTIONS = {"colour": "what colour is it ?", "shape": "what shape is it ?", "count": "how many are there ?"}
 SIZE = 32
-WORDS = sorted({w for q in QUESTIONS.values() for w in q.split()} | set(COLOURS) | set(SHAPES)
-               | {w for p in PLACES for w in p.split()} | {"it", "is", "a", "at", "the"})
+WORDS = sorted({w for q in QUESTIONS.values() for w in q.split()} | set(COLOURS) | set(SHAPES) | set(COUNTS)
+               | {"it", "is", "a", "there", "are"})
 
 
 @dataclass
 class Example:
     image: Image.Image
-    kind: str  # question type: colour | shape | place
+    kind: str  # question type: colour | shape | count
     question: str
     answer: str
 
 
-def draw(colour: str, shape: str, place: str, rng: np.random.Generator) -> Image.Image:
-    """A SIZE x SIZE RGB image with ``shape`` in ``colour`` somewhere inside quadrant ``place``."""
-    pixels = rng.integers(0, 40, (SIZE, SIZE, 3), dtype=np.uint8)
-    img = Image.fromarray(pixels)
-    half = SIZE // 2
-    r = int(rng.integers(5, 7))  # half-width of the shape
-    cy = (half if place.startswith("bottom") else 0) + int(rng.integers(r, half - r + 1))
-    cx = (half if place.endswith("right") else 0) + int(rng.integers(r, half - r + 1))
-    box, fill = [cx - r, cy - r, cx + r, cy + r], COLOURS[colour]
-    pen = ImageDraw.Draw(img)
-    if shape == "square":
-        pen.rectangle(box, fill=fill)
-    elif shape == "circle":
-        pen.ellipse(box, fill=fill)
-    else:
-        pen.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+def draw(colour: str, shape: str, count: int, rng: np.random.Generator) -> Image.Image:
+    """A SIZE x SIZE RGB image with ``count`` copies of ``shape`` in ``colour``, in distinct quadrants."""
+    img = Image.fromarray(rng.integers(0, 40, (SIZE, SIZE, 3), dtype=np.uint8))
+    pen, half, fill = ImageDraw.Draw(img), SIZE // 2, COLOURS[colour]
+    for q in rng.permutation(4)[:count]:
+        r = int(rng.integers(5, 7))  # half-width of the shape
+        cy = half * (q // 2) + int(rng.integers(r, half - r + 1))
+        cx = half * (q % 2) + int(rng.integers(r, half - r + 1))
+        if shape == "square":
+            pen.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        elif shape == "ring":
+            pen.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fill, width=2)
+        else:
+            pen.rectangle([cx - r, cy - 1, cx + r, cy + 1], fill=fill)
+            pen.rectangle([cx - 1, cy - r, cx + 1, cy + r], fill=fill)
     return img
 
 
@@ -62,10 +61,11 @@ def blank() -> Image.Image:
 def sample(n: int, rng: np.random.Generator) -> list[Example]:
     out = []
     for _ in range(n):
-        colour, shape, place = (str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES)), str(rng.choice(PLACES)))
+        colour, shape, count = str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES)), int(rng.integers(1, 4))
         kind = str(rng.choice(list(QUESTIONS)))
-        answer = {"colour": f"it is {colour}", "shape": f"it is a {shape}", "place": f"it is at the {place}"}[kind]
-        out.append(Example(draw(colour, shape, place, rng), kind, QUESTIONS[kind], answer))
+        answer = {"colour": f"it is {colour}", "shape": f"it is a {shape}",
+                  "count": f"there {'is' if count == 1 else 'are'} {COUNTS[count - 1]}"}[kind]
+        out.append(Example(draw(colour, shape, count, rng), kind, QUESTIONS[kind], answer))
     return out
 
 

@@ -103,9 +103,10 @@ def test_demo_smoke(tmp_path):
     sys.path.insert(0, os.path.join(HERE, "..", "python"))
     import distill_demo
 
-    res = distill_demo.main(["--quick", "--steps", "2", "--batch", "4", "--teacher-steps", "4", "--student-steps", "2",
-                             "--eval-size", "6", "--eval-every", "2", "--probe-size", "4", "--probe-bins", "2",
-                             "--auto-every", "1", "--threads", "1", "--out", str(tmp_path), "--cache", ""])
+    res = distill_demo.main(["--quick", "--steps", "2", "--batch", "4", "--teacher-steps", "4", "--calibrate-steps", "2",
+                             "--student-steps", "2", "--eval-size", "6", "--eval-every", "2", "--probe-size", "4",
+                             "--probe-bins", "2", "--auto-every", "1", "--threads", "1", "--out", str(tmp_path),
+                             "--cache", ""])
     assert set(res["runs"]) == set(distill_demo.METHODS)
     for method, runs in res["runs"].items():
         log = runs[0]
