@@ -51,8 +51,8 @@ class Preset:
 ALL_MODES = ("fwd", "bwd", "fwdbwd")
 PRESETS = {
     # CPU default: the issue-2 goal case (N=2048, V=32000) + a small sweep over N and V.
-    ("cpu", "default"): Preset([(256, 8192, ALL_MODES), (256, 32000, ("fwdbwd",)),
-                                (256, 151936, ("fwdbwd",)), (2048, 32000, ("fwdbwd",))],
+    ("cpu", "default"): Preset([(128, 8192, ALL_MODES), (128, 32000, ("fwdbwd",)),
+                                (128, 151936, ("fwdbwd",)), (2048, 32000, ("fwdbwd",))],
                                steering_scale=8, step_size="small", fused_linear=[(512, 512, 151936)],
                                repeats=3, warmup=1),
     ("cpu", "tiny"): Preset([(16, 1000, ALL_MODES), (32, 1000, ("fwdbwd",)), (16, 3001, ("fwdbwd",))],
