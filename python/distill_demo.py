@@ -151,7 +151,9 @@ def pretrain(model, proc, steps: int, batch: int, lr: float, seed: int, desc: st
     held_out = task.sample(96, np.random.default_rng(20_000 + seed))
     params = [p for n, p in model.named_parameters() if not (shuffle and "visual" in n and "merger" not in n)]
     opt = torch.optim.AdamW(params, lr=lr)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 2), pct_start=0.05)
+    total = max(steps, 3)  # OneCycleLR needs >= 2 warm-up steps and one more
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total,
+                                                   pct_start=min(0.5, max(0.05, 2 / total)))
     tokens = vgs.VisionTokens.from_model(model)
     model.train()
     for step in (bar := tqdm(range(1, steps + 1), desc=f"pre-train {desc}", leave=False, disable=None)):
