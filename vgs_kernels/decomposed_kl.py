@@ -92,11 +92,18 @@ def _rows(x: Optional[Tensor], v: int) -> Optional[Tensor]:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def valid_mask(mask: Optional[Tensor], shape: Tuple[int, ...], device: torch.device) -> Tensor:
+    """Leading-shape mask (bool or 0/1 numbers; nonzero = valid, None = all valid) -> bool `shape`."""
+    if mask is None:
+        return torch.ones(shape, dtype=torch.bool, device=device)
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
 def _row_mask(mask: Optional[Tensor]) -> Optional[Tensor]:
-    """Leading-shape mask (bool or 0/1 numbers; nonzero = valid) -> contiguous bool [N]."""
+    """Leading-shape mask -> contiguous bool [N] (None stays None: no mask to read)."""
     if mask is None:
         return None
-    return (mask if mask.dtype == torch.bool else mask != 0).reshape(-1).contiguous()
+    return valid_mask(mask, (), mask.device).reshape(-1).contiguous()
 
 
 # ----------------------------------------------------------------------------- reference
@@ -166,7 +173,7 @@ def decomposed_kl_reference(s: Tensor, u: Optional[Tensor], a: Tensor, b: Option
                             detach_prior: bool = True) -> KLTerms:
     """Plain-torch (log_softmax, autograd) version of `decomposed_kl`, for tests and as a spec."""
     _check_inputs(s, u, a, b, mask, temperature)
-    keep = None if mask is None else (mask if mask.dtype == torch.bool else mask != 0)[..., None]
+    keep = None if mask is None else valid_mask(mask, (), mask.device)[..., None]
     acc = _acc_dtype(s, u, a, b)
 
     def logp(x):  # masked positions are zeroed before anything so NaN there cannot leak

@@ -40,7 +40,8 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from vgs_kernels.decomposed_kl import N_STATS, KLTerms, decomposed_kl_reference, kl_backward, kl_forward
+from vgs_kernels.decomposed_kl import (N_STATS, KLTerms, decomposed_kl_reference, kl_backward, kl_forward,
+                                       valid_mask)
 from vgs_kernels.loss import VGSLoss, VGSLossOutput
 
 Pair = Union[float, Tuple[float, float]]
@@ -265,7 +266,7 @@ def _valid_rows(mask: Optional[Tensor]) -> Optional[Tensor]:
     """Indices of the valid positions (None: all). One host sync; masked rows are never computed."""
     if mask is None:
         return None
-    return (mask if mask.dtype == torch.bool else mask != 0).reshape(-1).nonzero().squeeze(1)
+    return valid_mask(mask, (), mask.device).reshape(-1).nonzero().squeeze(1)
 
 
 def _flat(h: Optional[Tensor]) -> Optional[Tensor]:
@@ -447,8 +448,7 @@ class FusedLinearVGSLoss(VGSLoss):
         _check(h_s, h_u, w_student, h_a, h_b, w_teacher, mask, bias_student, bias_teacher,
                self.temperature, self.softcap, self.chunk_size)
         lead = h_s.shape[:-1]
-        valid = (torch.ones(lead, dtype=torch.bool, device=h_s.device) if mask is None
-                 else mask if mask.dtype == torch.bool else mask != 0)
+        valid = valid_mask(mask, lead, h_s.device)
         weights = self.reduction_weights(valid, _acc_dtype(h_s, h_a), num_items_in_batch).reshape(-1)
         coeffs = ([(1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)] if self.components
                   else [(1.0, self.gamma, self.lam)])

@@ -32,7 +32,7 @@ from typing import NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from vgs_kernels.decomposed_kl import KLTerms, decomposed_kl
+from vgs_kernels.decomposed_kl import KLTerms, decomposed_kl, valid_mask
 
 REDUCTIONS = ("sequence", "token", "sum", "none")
 Number = Union[int, float]
@@ -163,8 +163,7 @@ class VGSLoss(nn.Module):
     def reduce(self, terms: KLTerms, mask: Optional[Tensor], *, monolithic: bool = False,
                num_items_in_batch: Optional[Union[Number, Tensor]] = None) -> VGSLossOutput:
         """The loss from per-position terms (e.g. of `decomposed_kl`, leading shape [..., T])."""
-        valid = (torch.ones_like(terms.std, dtype=torch.bool) if mask is None
-                 else mask if mask.dtype == torch.bool else mask != 0)
+        valid = valid_mask(mask, terms.std.shape, terms.std.device)
         w = self.reduction_weights(valid, terms.std.dtype, num_items_in_batch)
         red = (lambda x: w * x) if self.reduction == "none" else (lambda x: (w * x).sum())
         std = red(terms.std)
