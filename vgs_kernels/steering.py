@@ -144,7 +144,8 @@ class GradientSteering:
         if not self._open:
             self._split = self._wants_split()
             self._open = True
-        self._sync.before_backward(names, self._params(), self._split)
+        params = self._params()
+        self._sync.before_backward(names, params, self._split)
         live = [i for i, n in enumerate(names) if losses[n].requires_grad]
         if not live:
             return
@@ -153,7 +154,6 @@ class GradientSteering:
             total = sum(c[i] * losses[names[i]] for i in live)
             self._run_backward(self._scale(total), retain_graph)
             return
-        params = self._params()
         for pos, i in enumerate(live):
             retain = retain_graph or pos < len(live) - 1
             loss = self._scale(losses[names[i]])
@@ -202,7 +202,7 @@ class GradientSteering:
             self.policy == "auto" and self.eta_ema is not None and self.step_count % self.every != 0)
 
     def _run_backward(self, loss: Tensor, retain_graph: bool) -> None:
-        """The one place a backward runs (the distributed helper wraps it, e.g. DDP no_sync)."""
+        """The one place a backward runs (DDP's sync is switched by ProcessGroupSync.before_backward)."""
         torch.autograd.backward(loss, retain_graph=retain_graph)
 
     def _scale(self, loss: Tensor) -> Tensor:
