@@ -38,7 +38,6 @@ def base_weights(names: Sequence[str], gamma: float = 2.0, weights: Optional[Map
     if unknown:
         raise ValueError(f"weights names components {sorted(unknown)} that are not among {names}")
     w = [float(extra.get(n, 1.0)) for n in names]
-    w[std] = float(extra.get(names[std], 1.0))
     if vis >= 0:
         w[vis] = float(extra.get(names[vis], gamma))
     return w, std, vis
@@ -49,15 +48,24 @@ def _steered_norm(G: Tensor, u: Tensor) -> Tensor:
     return (u @ G @ u).clamp_min(0).sqrt()
 
 
-def vgs(G: Tensor, w: Tensor, std: int = 0, vis: int = 1) -> Tensor:
-    """Exact VGS (Eq. 15): eta = |w_std g_std| / |w_std g_std + w_vis g_vis|, c = eta * w.
-    Components other than std and vis are added with the same eta and their own weight."""
+def _steering(w: Tensor, std: int, vis: int) -> Tensor:
+    """u with u_std = w_std, u_vis = w_vis and 0 elsewhere: the combination eta is measured on."""
     u = torch.zeros_like(w)
     u[std] = w[std]
     if vis >= 0:
         u[vis] = w[vis]
-    eta = (w[std].abs() * G[std, std].clamp_min(0).sqrt()) / _steered_norm(G, u)
-    return eta * w
+    return u
+
+
+def _eta(G: Tensor, w: Tensor, u: Tensor, std: int) -> Tensor:
+    """|w_std g_std| / |sum_i u_i g_i|: the step size of the standard gradient kept (Eq. 15)."""
+    return (w[std].abs() * G[std, std].clamp_min(0).sqrt()) / _steered_norm(G, u)
+
+
+def vgs(G: Tensor, w: Tensor, std: int = 0, vis: int = 1) -> Tensor:
+    """Exact VGS (Eq. 15): eta = |w_std g_std| / |w_std g_std + w_vis g_vis|, c = eta * w.
+    Components other than std and vis are added with the same eta and their own weight."""
+    return _eta(G, w, _steering(w, std, vis), std) * w
 
 
 def project(G: Tensor, w: Tensor, std: int = 0, vis: int = 1) -> Tensor:
@@ -69,10 +77,9 @@ def project(G: Tensor, w: Tensor, std: int = 0, vis: int = 1) -> Tensor:
     conflict = G[std, vis].clamp_max(0)
     # Removing the projection adds -<s, v>/|v|^2 * w_std to the coefficient of g_vis.
     shift = torch.where(G[vis, vis] > 0, -conflict / G[vis, vis], torch.zeros_like(conflict)) * w[std]
-    u = torch.zeros_like(w)
-    u[std] = w[std]
-    u[vis] = w[vis] + shift
-    eta = (w[std].abs() * G[std, std].clamp_min(0).sqrt()) / _steered_norm(G, u)
+    u = _steering(w, std, vis)
+    u[vis] = u[vis] + shift
+    eta = _eta(G, w, u, std)
     c = eta * w
     c[vis] = eta * u[vis]
     return c
