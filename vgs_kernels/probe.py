@@ -70,6 +70,7 @@ def gradient_geometry(logits: Sequence[torch.Tensor], params: Iterable[torch.nn.
     """
     from vgs_kernels.decomposed_kl import decomposed_kl
     from vgs_kernels.gram import gram
+    from vgs_kernels import policies
 
     s, u, a, b, mask = logits
     if mask is None:
@@ -87,6 +88,7 @@ def gradient_geometry(logits: Sequence[torch.Tensor], params: Iterable[torch.nn.
     # The loss's sequence weights: 1/|τ| per token (the overall mean over sequences only rescales).
     weight = mask.float() / mask.sum(-1, keepdim=True).clamp(min=1)
     which = vds_bins(vds, mask, bins)
+    steer_w = torch.tensor([0.0, gamma, 1.0], dtype=torch.float64)  # weights of (lang, vis, std)
     rows = []
     for k in [*range(bins), -1]:
         sel = mask if k == -1 else which == k
@@ -102,12 +104,12 @@ def gradient_geometry(logits: Sequence[torch.Tensor], params: Iterable[torch.nn.
                 return math.nan
             return math.degrees(math.acos(float((G[i, j] / (norm[i] * norm[j])).clamp(-1, 1))))
 
-        steered = float(G[2, 2] + 2 * gamma * G[1, 2] + gamma ** 2 * G[1, 1]) ** 0.5
+        eta = float(policies.vgs(G, steer_w, std=2, vis=1)[2])  # Eq. 15, as the hook computes it
         v = vds[sel]
         rows.append(GeometryRow(bin=k, tokens=int(sel.sum()), vds_lo=float(v.min()), vds_hi=float(v.max()),
                                 angle_lang_vis=angle(0, 1), angle_lang_std=angle(0, 2), angle_vis_std=angle(1, 2),
                                 norm_lang=float(norm[0]), norm_vis=float(norm[1]), norm_std=float(norm[2]),
-                                eta=float(norm[2]) / steered if steered > 0 else math.nan))
+                                eta=eta if math.isfinite(eta) else math.nan))
     return rows
 
 
