@@ -1,4 +1,5 @@
-"""The component gradients of one optimizer step, kept apart and checked at every seam of the loop.
+"""The steered components: their names and weights, and their gradients over one optimizer step,
+kept apart and checked at every seam of the loop.
 
 Component 0's gradient accumulates in ``.grad`` as usual; every other component has one buffer per
 parameter, swapped into ``.grad`` while its backward runs, so autograd accumulates it in place
@@ -16,10 +17,14 @@ host synchronisation, no values read); before the next backward and before steer
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional
+import math
+from typing import Callable, Dict, List, Mapping, Optional
 
 import torch
 from torch import Tensor
+
+from vgs_kernels import policies
+from vgs_kernels.loss import VGSLossOutput
 
 MODIFIED = (
     "GradientSteering: .grad of {n} parameter(s) was changed after steer.backward() and before the "
@@ -121,3 +126,72 @@ class ComponentGrads:
         """cols[j] = [params[j].grad, component 1's gradient, ...] (None where absent)."""
         empty = (None,) * (self.k - 1)
         return [[p.grad, *self._buffers.get(p, empty)] for p in self.params]
+
+
+class ComponentSpec:
+    """The components' names (fixed by the first backward) and weights w (vgs_kernels/policies.py).
+
+    gamma, lam, weights: what the hook was given (None: not given). A loss output brings its own
+    weights; one given to the hook as well must agree, so gamma and lambda are set in one place.
+    """
+
+    def __init__(self, gamma: Optional[float], lam: Optional[float], weights: Mapping[str, float]):
+        self.explicit = {**({"vis": float(gamma)} if gamma is not None else {}),
+                         **({"lp": float(lam)} if lam is not None else {}), **weights}
+        self.gamma = 2.0 if gamma is None else float(gamma)
+        self.lam = 0.01 if lam is None else float(lam)
+        self.weights = dict(weights)
+        self.names: Optional[tuple] = None
+        self.w: List[float] = []
+        self.std = self.vis = 0
+        self._device_w: Optional[Tensor] = None
+
+    def adopt(self, out: VGSLossOutput) -> Tensor:
+        """A loss output's total, once its eta and weights are checked against the hook's."""
+        if out.eta is not None:
+            raise ValueError("the loss output was scaled by the loss's own eta (VGSLoss(eta=...)); with "
+                             "GradientSteering leave the loss's eta=None: the policy sets eta "
+                             "(policy='fixed', eta=...)")
+        adopted = dict(zip(self.names, self.w)) if self.names is not None else {}
+        for name, have in out.weights.items():
+            for given, what in ((self.explicit.get(name), "GradientSteering's"), (adopted.get(name), "the first call's")):
+                if given is not None and not math.isclose(given, have):
+                    raise ValueError(f"the loss output weighs {name!r} by {have} but {what} weight is {given}; "
+                                     "give gamma / lam to the loss only (the hook takes them from its output)")
+        return out.total
+
+    def check(self, losses: Mapping[str, Tensor], weights: Optional[Mapping[str, float]] = None,
+              differentiable: bool = True) -> tuple:
+        """The names of `losses` (scalar tensors), checked against the first call's."""
+        if not isinstance(losses, Mapping) or not losses:
+            raise TypeError("losses must be a VGSLossOutput or a non-empty dict {name: scalar loss tensor}")
+        names = tuple(losses)
+        for n, loss in losses.items():
+            if not isinstance(loss, Tensor) or loss.numel() != 1:
+                raise ValueError(f"losses[{n!r}] must be a scalar tensor, got "
+                                 f"{tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__}")
+            if differentiable and not loss.requires_grad:
+                raise ValueError(f"losses[{n!r}] does not require grad, so it would add nothing to the step: "
+                                 "it was detached, computed under torch.no_grad(), or only its gradient "
+                                 "was kept elsewhere (FusedLinearVGSLoss(components=False): pass the whole "
+                                 "output, steer.backward(out)); drop a component that is constant")
+        if self.names is None:
+            self.set(names, weights)
+        elif names != self.names:
+            raise ValueError(f"losses must have the components {self.names} (in that order) as in the "
+                             f"first call, got {names}")
+        return names
+
+    def set(self, names: tuple, weights: Optional[Mapping[str, float]] = None) -> None:
+        if not 1 <= len(names) <= 4:
+            raise ValueError(f"1 to 4 components can be steered, got {len(names)}: {names}")
+        self._device_w = None
+        self.w, self.std, self.vis = policies.base_weights(
+            names, self.gamma, {**({"lp": self.lam} if "lp" in names else {}), **(weights or {}), **self.weights})
+        self.names = names
+
+    def tensor(self, device: torch.device) -> Tensor:
+        """w as a [k] float32 tensor on `device`, built once (a blocking host-to-device copy)."""
+        if self._device_w is None or self._device_w.device != device:
+            self._device_w = torch.tensor(self.w, dtype=torch.float32).to(device)
+        return self._device_w

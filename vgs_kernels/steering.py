@@ -45,7 +45,7 @@ from torch import Tensor
 
 from vgs_kernels import policies
 from vgs_kernels.combine import combine
-from vgs_kernels.components import ComponentGrads, trainable
+from vgs_kernels.components import ComponentGrads, ComponentSpec, trainable
 from vgs_kernels.distributed import ProcessGroupSync
 from vgs_kernels.gram import gram
 from vgs_kernels.loss import VGSLossOutput
@@ -55,6 +55,32 @@ STATE_KEY = "vgs_kernels.GradientSteering"
 STAT_KEYS = ("step", "mode", "names", "gram", "norms", "cos", "coeffs", "eta", "fallback", "eta_ema",
              "eta_error")
 Losses = Union[VGSLossOutput, Mapping[str, Tensor]]
+
+
+class AutoEta:
+    """Policy "auto"'s state: the EMA of the exact eta, measured every ``every`` steps and again
+    right after a measurement that fell back (which never feeds the EMA)."""
+
+    def __init__(self, every: int, ema: float):
+        if not (isinstance(every, int) and every >= 1):
+            raise ValueError(f"every must be an int >= 1, got {every!r}")
+        if not 0.0 <= ema < 1.0:
+            raise ValueError(f"ema must be in [0, 1), got {ema!r}")
+        self.every, self.ema = every, ema
+        self.value: Optional[Tensor] = None       # NaN until the first successful measurement
+        self.retry: Union[bool, Tensor] = False   # the last measurement fell back
+
+    def due(self, step: int) -> bool:
+        if isinstance(self.retry, Tensor):  # read once after each measurement (one host sync)
+            self.retry = bool(self.retry)
+        return self.value is None or self.retry or step % self.every == 0
+
+    def measured(self, eta: Tensor, fell_back: Tensor) -> Tensor:
+        """Feeds an exact eta; returns eta_error = |EMA used so far - eta| / eta (NaN if none)."""
+        prev = self.value.to(eta) if self.value is not None else torch.full_like(eta, math.nan)
+        blended = torch.where(prev.isnan(), eta, self.ema * prev + (1 - self.ema) * eta)
+        self.value, self.retry = torch.where(fell_back, prev, blended), fell_back
+        return torch.where(fell_back, math.nan, (prev - eta).abs() / eta.abs())
 
 
 class GradientSteering:
@@ -108,34 +134,41 @@ class GradientSteering:
             raise ValueError(f"policy must be one of {POLICIES} or a callable (G, names) -> coeffs, got {policy!r}")
         if policy == "fixed" and eta is None:
             raise ValueError("policy='fixed' needs eta= (e.g. 0.41, the paper's value at gamma=2)")
-        if not (isinstance(every, int) and every >= 1):
-            raise ValueError(f"every must be an int >= 1, got {every!r}")
-        if not 0.0 <= ema < 1.0:
-            raise ValueError(f"ema must be in [0, 1), got {ema!r}")
         _reject_sparse(model)
-        self.optimizer, self.policy, self.scaler, self.backend = optimizer, policy, scaler, backend
-        self.gamma, self.lam, self.eta, self.every, self.ema = gamma, lam, eta, every, ema
-        self.weights = dict(weights or {})
-        self.process_group, self._backward_fn = process_group, backward_fn or torch.autograd.backward
-        self.names: Optional[tuple] = None
+        self.optimizer, self.policy, self.scaler, self.backend, self.eta = optimizer, policy, scaler, backend, eta
+        self._spec, self._auto = ComponentSpec(gamma, lam, dict(weights or {})), AutoEta(every, ema)
+        self._backward_fn = backward_fn or torch.autograd.backward
         self.step_count = 0
-        self.eta_ema: Optional[Tensor] = None   # NaN until auto's first successful measurement
-        self._retry: Union[bool, Tensor] = False  # auto: the last measurement fell back
         self.stats: Dict[str, Any] = {}
         self._grads = ComponentGrads(optimizer)
         self._open = False   # gradients of a step are being collected
         self._split = True   # ... per component (else one combined backward)
+        self._unscaling: Optional[Any] = None  # a GradScaler unscaling this optimizer right now
         self._sync = ProcessGroupSync(optimizer, process_group, model, self._wants_split)
         self._handles = [optimizer.register_step_pre_hook(lambda *_: self.apply()),
                          optimizer.register_state_dict_post_hook(self._save),
                          optimizer.register_load_state_dict_post_hook(self._load)]
         self._patched = [(optimizer, "zero_grad", _before(optimizer.zero_grad, lambda *a, **k: self.reset()))]
-        _guard_grad_scalers()
-        self._unscaling: Optional[Any] = None  # a GradScaler unscaling this optimizer right now
         for obj, name, fn in self._patched:
             setattr(obj, name, fn)
+        _guard_grad_scalers()
         optimizer._vgs_steering = self
         self._load(optimizer)  # the optimizer's state may have been loaded before the hook existed
+
+    @property
+    def names(self) -> Optional[tuple]:
+        """The components' names, fixed by the first backward."""
+        return self._spec.names
+
+    @property
+    def eta_ema(self) -> Optional[Tensor]:
+        """Policy "auto"'s EMA of eta (NaN until its first successful measurement; None before)."""
+        return self._auto.value
+
+    @property
+    def needs_components(self) -> bool:
+        """Whether the coming backward runs per component (False: one combined backward)."""
+        return self._wants_split()
 
     # ------------------------------------------------------------------ collecting gradients
 
@@ -146,10 +179,11 @@ class GradientSteering:
         {name: scalar loss}. The names and their order are fixed by the first call (component 0's
         gradient lives in .grad). Every component must carry a gradient.
         """
-        comps, total = (losses.losses(), self._adopt(losses)) if isinstance(losses, VGSLossOutput) \
-            else (losses, None)
-        names = self._check(comps, losses.weights if total is not None else None,
-                            differentiable=total is None or losses.components)
+        out = losses if isinstance(losses, VGSLossOutput) else None
+        total = self._spec.adopt(out) if out is not None else None
+        comps = out.losses() if out is not None else losses
+        names = self._spec.check(comps, out.weights if out is not None else None,
+                                 differentiable=out is None or out.components)
         if self._open and not self._grads.intact():  # the loop dropped every .grad: a new step
             self._open = False
         if not self._open:
@@ -159,12 +193,12 @@ class GradientSteering:
         self._sync.before_backward(names, self._grads.params, self._split)
         if not self._split:
             c = self._fixed_coeffs(comps[names[0]].device)
-            loss = (c[self._std] / self._w[self._std]) * total if total is not None else \
+            loss = (c[self._spec.std] / self._spec.w[self._spec.std]) * total if total is not None else \
                 sum(c[i] * comps[n] for i, n in enumerate(names))
             self._run_backward(loss, retain_graph)
             return
-        if isinstance(losses, VGSLossOutput) and not losses.components:
-            raise ValueError(f"GradientSteering(policy={self._policy_name()}): this step needs each component's "
+        if out is not None and not out.components:
+            raise ValueError(f"GradientSteering(policy={self.policy!r}): this step needs each component's "
                              "gradient (needs_components is True) but the loss output only carries the combined "
                              "one; use FusedLinearVGSLoss(components=True), or set loss_fn.components = "
                              "steer.needs_components before each forward")
@@ -173,69 +207,11 @@ class GradientSteering:
             self._grads.run(i, lambda: self._run_backward(comps[n], retain))
         self._grads.mark()
 
-    @property
-    def needs_components(self) -> bool:
-        """Whether the coming backward runs per component (False: one combined backward)."""
-        return self._wants_split()
-
-    def _adopt(self, out: VGSLossOutput) -> Tensor:
-        """A loss output's total, once its eta and weights are checked against the hook's."""
-        if out.eta is not None:
-            raise ValueError("the loss output was scaled by the loss's own eta (VGSLoss(eta=...)); with "
-                             "GradientSteering leave the loss's eta=None: the policy sets eta "
-                             "(policy='fixed', eta=...)")
-        explicit = {**({"vis": self.gamma} if self.gamma is not None else {}),
-                    **({"lp": self.lam} if self.lam is not None else {}), **self.weights}
-        adopted = dict(zip(self.names, self._w)) if self.names is not None else {}
-        for name, have in out.weights.items():
-            for given, what in ((explicit.get(name), "GradientSteering's"), (adopted.get(name), "the first call's")):
-                if given is not None and not math.isclose(given, have):
-                    raise ValueError(f"the loss output weighs {name!r} by {have} but {what} weight is {given}; "
-                                     "give gamma / lam to the loss only (the hook takes them from its output)")
-        return out.total
-
-    def _check(self, losses: Mapping[str, Tensor], weights: Optional[Mapping[str, float]] = None,
-               differentiable: bool = True) -> tuple:
-        if not isinstance(losses, Mapping) or not losses:
-            raise TypeError("losses must be a VGSLossOutput or a non-empty dict {name: scalar loss tensor}")
-        names = tuple(losses)
-        for n, loss in losses.items():
-            if not isinstance(loss, Tensor) or loss.numel() != 1:
-                raise ValueError(f"losses[{n!r}] must be a scalar tensor, got "
-                                 f"{tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__}")
-            if differentiable and not loss.requires_grad:
-                raise ValueError(f"losses[{n!r}] does not require grad, so it would add nothing to the step: "
-                                 "it was detached, computed under torch.no_grad(), or only its gradient "
-                                 "was kept elsewhere (FusedLinearVGSLoss(components=False): pass the whole "
-                                 "output, steer.backward(out)); drop a component that is constant")
-        if self.names is None:
-            self._set_names(names, weights)
-        elif names != self.names:
-            raise ValueError(f"losses must have the components {self.names} (in that order) as in the "
-                             f"first call, got {names}")
-        return names
-
-    def _set_names(self, names: tuple, weights: Optional[Mapping[str, float]] = None) -> None:
-        if not 1 <= len(names) <= 4:
-            raise ValueError(f"1 to 4 components can be steered, got {len(names)}: {names}")
-        self._w_dev = None
-        gamma = 2.0 if self.gamma is None else self.gamma
-        lam = 0.01 if self.lam is None else self.lam
-        self._w, self._std, self._vis = policies.base_weights(
-            names, gamma, {**({"lp": lam} if "lp" in names else {}), **(weights or {}), **self.weights})
-        self.names = names
-
     def _wants_split(self) -> bool:
         """Whether this step's backward (between steps: the next one's) runs per component."""
         if self._open:
             return self._split
-        if self.policy == "fixed":
-            return False
-        if self.policy != "auto":
-            return True
-        if isinstance(self._retry, Tensor):  # read once after each measurement (one host sync)
-            self._retry = bool(self._retry)
-        return self.eta_ema is None or self._retry or self.step_count % self.every == 0
+        return self.policy != "fixed" and (self.policy != "auto" or self._auto.due(self.step_count))
 
     def _run_backward(self, loss: Tensor, retain_graph: bool) -> None:
         """The one place a backward runs (DDP's sync is switched by ProcessGroupSync.before_backward)."""
@@ -243,17 +219,9 @@ class GradientSteering:
 
     # ------------------------------------------------------------------ steering
 
-    def _weights(self, device: torch.device) -> Tensor:
-        """w as a [k] float32 tensor on `device`, built once (a blocking host-to-device copy)."""
-        if self._w_dev is None or self._w_dev.device != device:
-            self._w_dev = torch.tensor(self._w, dtype=torch.float32).to(device)
-        return self._w_dev
-
     def _fixed_coeffs(self, device: torch.device) -> Tensor:
-        if self.policy == "fixed":
-            return policies.fixed(self._weights(device), self.eta)
-        self.eta_ema = self.eta_ema.to(device)  # a no-op but once after loading a checkpoint
-        return policies.fixed(self._weights(device), self.eta_ema)
+        eta = self.eta if self.policy == "fixed" else self._auto.value.to(device)
+        return policies.fixed(self._spec.tensor(device), eta)
 
     def apply(self) -> None:
         """Steers the gradients collected since the last step into .grad (idempotent per step)."""
@@ -268,8 +236,7 @@ class GradientSteering:
                 self._steer(device)
             else:
                 self._sync.average(params, [[p.grad] for p in params], self.names)  # replicas: mean .grad
-                c = self._fixed_coeffs(device)
-                self._record("combined", device, coeffs=c)
+                self._record("combined", device, self._fixed_coeffs(device))
         finally:
             self._grads.clear()
             self.step_count += 1
@@ -283,7 +250,7 @@ class GradientSteering:
         return torch.nn.utils.clip_grad_norm_(trainable(self.optimizer), max_norm, norm_type, **kwargs)
 
     def _steer(self, device: torch.device) -> None:
-        k = len(self.names)
+        k, spec = len(self.names), self._spec
         out, cols, lists = self._sync.prepare(self._grads.params, self._grads.columns(), self.names)
         device = out[0].device if out else device
         G = gram(lists, backend=self.backend) if lists[0] else torch.zeros(k, k, device=device)
@@ -292,34 +259,33 @@ class GradientSteering:
         scale = getattr(scaler, "_scale", None) if scaler is not None else None
         if scale is not None:  # the Gram of the unscaled gradients (the policies do not care)
             G = G / scale.to(G).square()
-        w = self._weights(device)
+        w = spec.tensor(device)
         policy = "vgs" if self.policy == "auto" else self.policy
-        raw = (self._call_policy(G) if callable(policy)
-               else policies.BUILTIN[policy](G, w, self._std, self._vis))
+        raw = self._call_policy(G) if callable(policy) else policies.BUILTIN[policy](G, w, spec.std, spec.vis)
         coeffs, fell_back = policies.guard(G, raw, w)
         combine(out, [[col[i] for col in cols] for i in range(k)], coeffs, backend=self.backend)
-        self._record("exact", device, G=G, coeffs=coeffs, fell_back=fell_back)
+        self._record("exact", device, coeffs, G, fell_back)
 
     def _call_policy(self, G: Tensor) -> Tensor:
-        """A user policy's coefficients, checked: k finite-or-not floats (a sequence or a tensor)."""
-        name = getattr(self.policy, "__name__", repr(self.policy))
+        """A user policy's coefficients, checked: k numbers (a [k] tensor or a sequence)."""
+        name, k = getattr(self.policy, "__name__", repr(self.policy)), len(self.names)
         c = self.policy(G, self.names)
         if not isinstance(c, Tensor):
             try:
                 c = torch.as_tensor(c, dtype=torch.float32)
             except (TypeError, ValueError, RuntimeError) as e:
-                raise TypeError(f"policy {name} must return {len(self.names)} coefficients (a [k] tensor), "
+                raise TypeError(f"policy {name} must return {k} coefficients (a [k] tensor), "
                                 f"got {type(c).__name__}: {e}") from None
-        if c.shape != (len(self.names),) or c.is_complex():
-            raise ValueError(f"policy {name} must return a [k] = [{len(self.names)}] tensor of coefficients "
-                             f"for the components {self.names}, got shape {tuple(c.shape)}")
+        if c.shape != (k,) or c.is_complex():
+            raise ValueError(f"policy {name} must return a [k] = [{k}] tensor of coefficients for the "
+                             f"components {self.names}, got shape {tuple(c.shape)}")
         return c.to(device=G.device, dtype=torch.float32)
 
     def _record(self, mode: str, device: torch.device, coeffs: Tensor, G: Optional[Tensor] = None,
                 fell_back: Optional[Tensor] = None) -> None:
         """stats with every key of STAT_KEYS (NaN where this step measured nothing)."""
         k, nan = len(self.names), torch.full((), math.nan, device=device)
-        eta = coeffs[self._std] / self._w[self._std]
+        eta = coeffs[self._spec.std] / self._spec.w[self._spec.std]
         stats: Dict[str, Any] = {"step": self.step_count, "mode": mode, "names": self.names,
                                  "gram": nan.expand(k, k), "norms": nan.expand(k), "cos": nan.expand(k, k),
                                  "coeffs": coeffs, "eta": eta, "eta_ema": nan, "eta_error": nan,
@@ -330,21 +296,10 @@ class GradientSteering:
             stats.update(gram=G, norms=norms, cos=torch.where(denom > 0, G / denom, torch.zeros_like(G)),
                          fallback=fell_back)
             if self.policy == "auto":
-                self._measured(eta, fell_back, stats)
-        if self.policy == "auto" and self.eta_ema is not None:
-            stats["eta_ema"] = self.eta_ema
+                stats["eta_error"] = self._auto.measured(eta, fell_back)
+        if self.policy == "auto" and self._auto.value is not None:
+            stats["eta_ema"] = self._auto.value
         self.stats = stats
-
-    def _measured(self, eta: Tensor, fell_back: Tensor, stats: Dict[str, Any]) -> None:
-        """auto: an exact eta feeds the EMA, unless it fell back (then the next step measures again)."""
-        prev = self.eta_ema.to(eta) if self.eta_ema is not None else torch.full_like(eta, math.nan)
-        blended = torch.where(prev.isnan(), eta, self.ema * prev + (1 - self.ema) * eta)
-        self.eta_ema = torch.where(fell_back, prev, blended)
-        stats["eta_error"] = torch.where(fell_back, math.nan, (prev - eta).abs() / eta.abs())
-        self._retry = fell_back
-
-    def _policy_name(self) -> str:
-        return repr(self.policy) if isinstance(self.policy, str) else getattr(self.policy, "__name__", "callable")
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -354,16 +309,17 @@ class GradientSteering:
         self._open = False
 
     def state_dict(self) -> Dict[str, Any]:
-        retry = self._retry if isinstance(self._retry, bool) else bool(self._retry)
-        return {"step_count": self.step_count, "eta_ema": self.eta_ema, "names": self.names, "retry": retry}
+        return {"step_count": self.step_count, "eta_ema": self._auto.value, "names": self.names,
+                "retry": bool(self._auto.retry)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.step_count = int(state["step_count"])
-        self.eta_ema, self._retry = state["eta_ema"], bool(state.get("retry", False))
-        if state.get("names") is not None and self.names is None:
-            self._set_names(tuple(state["names"]))
-        elif state.get("names") is not None and tuple(state["names"]) != self.names:
-            raise ValueError(f"saved components {tuple(state['names'])} differ from {self.names}")
+        self._auto.value, self._auto.retry = state["eta_ema"], bool(state.get("retry", False))
+        saved = tuple(state["names"]) if state.get("names") is not None else None
+        if saved is not None and self.names is None:
+            self._spec.set(saved)
+        elif saved is not None and saved != self.names:
+            raise ValueError(f"saved components {saved} differ from {self.names}")
 
     def _save(self, optimizer, state_dict: Dict[str, Any]) -> Dict[str, Any]:
         state_dict["param_groups"][0][STATE_KEY] = self.state_dict()
