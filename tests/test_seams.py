@@ -372,3 +372,19 @@ def test_backend_info_and_one_warning_on_fallback(monkeypatch):
         assert _backend.resolve(torch.device("cpu")) == "reference"
     assert len(caught) == 1 and "undefined symbol" in str(caught[0].message)
     assert "rebuild" in vgs.backend_info()["cpu_reason"]
+
+
+def test_a_backward_that_bypasses_the_hook_raises():
+    """E.g. a framework's own loss.backward() (Trainer): the step would go unsteered."""
+    model, (x, y) = Net(), make_batch()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    steer = vgs.GradientSteering(opt, gamma=GAMMA)
+    L = losses(model, x, y)
+    (L["std"] + GAMMA * L["vis"]).backward()
+    with pytest.raises(RuntimeError, match="did not come through steer.backward"):
+        opt.step()
+    opt.zero_grad()
+    opt.step()  # nothing to step: fine
+    steer.backward(losses(model, x, y))
+    steer.clip_grad_norm_(1.0)
+    opt.step()  # steered by clip_grad_norm_ already: fine

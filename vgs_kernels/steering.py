@@ -143,9 +143,10 @@ class GradientSteering:
         self._grads = ComponentGrads(optimizer)
         self._open = False   # gradients of a step are being collected
         self._split = True   # ... per component (else one combined backward)
+        self._done = False   # this step's gradients were steered (or discarded)
         self._unscaling: Optional[Any] = None  # a GradScaler unscaling this optimizer right now
         self._sync = ProcessGroupSync(optimizer, process_group, model, self._wants_split)
-        self._handles = [optimizer.register_step_pre_hook(lambda *_: self.apply()),
+        self._handles = [optimizer.register_step_pre_hook(lambda *_: self._before_step()),
                          optimizer.register_state_dict_post_hook(self._save),
                          optimizer.register_load_state_dict_post_hook(self._load)]
         self._patched = [(optimizer, "zero_grad", _before(optimizer.zero_grad, lambda *a, **k: self.reset()))]
@@ -189,7 +190,7 @@ class GradientSteering:
         if not self._open:
             self._split = self._wants_split()
             self._grads.start(len(names))
-            self._open = True
+            self._open, self._done = True, False
         self._sync.before_backward(names, self._grads.params, self._split)
         if not self._split:
             c = self._fixed_coeffs(comps[names[0]].device)
@@ -223,12 +224,22 @@ class GradientSteering:
         eta = self.eta if self.policy == "fixed" else self._auto.value.to(device)
         return policies.fixed(self._spec.tensor(device), eta)
 
+    def _before_step(self) -> None:
+        """The optimizer's step pre-hook: steer, and refuse gradients that bypassed the hook."""
+        if not self._open and not self._done and any(p.grad is not None for p in trainable(self.optimizer)):
+            raise RuntimeError("GradientSteering: optimizer.step() with gradients that did not come through "
+                               "steer.backward() (a plain loss.backward() or the framework's own backward); "
+                               "they would be stepped unsteered. Call steer.backward(out) instead (with "
+                               "TRL use vgs_kernels.integrations.trl.VGSDistillationTrainer), or "
+                               "steer.remove() to train without steering")
+        self.apply()
+
     def apply(self) -> None:
         """Steers the gradients collected since the last step into .grad (idempotent per step)."""
         if not self._open or (self._split and not self._grads.intact()):
             self._open = False
             return
-        self._open = False
+        self._open, self._done = False, True
         try:
             params = self._grads.params
             device = params[0].device if params else torch.device("cpu")
@@ -306,7 +317,7 @@ class GradientSteering:
     def reset(self) -> None:
         """Drops the gradients collected since the last step (optimizer.zero_grad() calls this)."""
         self._grads.clear()
-        self._open = False
+        self._open = self._done = False
 
     def state_dict(self) -> Dict[str, Any]:
         return {"step_count": self.step_count, "eta_ema": self._auto.value, "names": self.names,
