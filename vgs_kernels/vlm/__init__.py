@@ -13,8 +13,10 @@ the image and text-only (the same chat prompt with the image removed). Two ways 
 text-only batches score the same response tokens.
 """
 from vgs_kernels.vlm.messages import text_only_batch, without_images
-from vgs_kernels.vlm.plumbing import (VISION_KEYS, DistillLogits, VisionTokens, check_processor, distill_logits,
-                                      response_logits, response_positions, rollout_batch, strip_images)
+from vgs_kernels.vlm.plumbing import (VISION_KEYS, DistillLogits, check_processor, distill_logits, response_logits,
+                                      response_positions, rollout_batch, strip_images)
+from vgs_kernels.vlm.specs import FAMILY_SPECS, FamilySpec, VisionTokens, family_spec, register_family
 
-__all__ = ["DistillLogits", "VISION_KEYS", "VisionTokens", "check_processor", "distill_logits", "response_logits",
-           "response_positions", "rollout_batch", "strip_images", "text_only_batch", "without_images"]
+__all__ = ["DistillLogits", "FAMILY_SPECS", "FamilySpec", "VISION_KEYS", "VisionTokens", "check_processor",
+           "distill_logits", "family_spec", "register_family", "response_logits", "response_positions",
+           "rollout_batch", "strip_images", "text_only_batch", "without_images"]

@@ -19,12 +19,15 @@ PADDING_SIDES = ("left", "right", "split")
 def without_images(conversation: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """``conversation`` (a list of ``{"role", "content"}`` messages) with its image/video entries removed.
 
-    String contents are kept as they are; list contents lose their entries whose ``type`` is one of
-    :data:`VISUAL_TYPES`. The input is not modified.
+    List contents lose their entries whose ``type`` is one of :data:`VISUAL_TYPES`; string contents become
+    ``[{"type": "text", "text": ...}]``, as TRL's ``prepare_multimodal_messages`` turns them before rendering
+    VLM prompts (VLM templates such as LLaVA's iterate over content entries). The input is not modified.
     """
     out = []
     for message in conversation:
         content = message.get("content")
+        if isinstance(content, str):
+            content = [{"type": "text", "text": content}]
         if isinstance(content, list):
             message = {**message, "content": [c for c in content if c.get("type") not in VISUAL_TYPES]}
         out.append(message)
