@@ -361,3 +361,27 @@ def tiny_case(case: str, words: list[str], **options: Any) -> tuple[Any, Callabl
         raise ValueError(f"case must be one of {tuple(CASES)}, got {case!r}")
     family, opts = CASES[case]
     return tiny_processor(family, words, **{**opts, **options}), functools.partial(tiny_vlm, family)
+
+
+TITLES = {"qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwen3-VL", "llava": "LLaVA-1.5",
+          "llava_onevision": "LLaVA-OneVision", "idefics3": "Idefics3 / SmolVLM",
+          "idefics3_split": "Idefics3 / SmolVLM, image splitting", "gemma3": "Gemma3", "internvl": "InternVL3"}
+
+
+def families_table() -> str:
+    """The README's table of supported families, from :data:`CASES` and the spec table (kept in sync by a test)."""
+    from vgs_kernels.vlm.specs import FAMILY_SPECS
+
+    def code(items) -> str:
+        return ", ".join(f"`{repr(i)[1:-1]}`" for i in items if i) or "-"
+
+    rows = ["| family (tested) | `model_type` | vision ids (config fields / tokens) | around each span | "
+            "vision inputs dropped |", "|---|---|---|---|---|"]
+    for case, (family, _) in CASES.items():
+        spec = FAMILY_SPECS[family]
+        around = [f"before `{repr(spec.before)[1:-1]}`" if spec.before else "",
+                  f"after `{repr(spec.after)[1:-1]}`" if spec.after else "",
+                  f"inner {code(spec.inner)}" if spec.inner else ""]
+        rows.append(f"| {TITLES[case]} | `{family}` | {code((spec.placeholder,) + spec.marker_fields + spec.marker_tokens)}"
+                    f" | {', '.join(a for a in around if a) or '-'} | {code(spec.vision_keys)} |")
+    return "\n".join(rows) + "\n"
