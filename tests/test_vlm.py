@@ -133,6 +133,12 @@ def test_check_processor_and_vision_token_errors(fam, monkeypatch):
             m.setattr(student.config, field, proc.tokenizer.convert_tokens_to_ids("red"))
             with pytest.raises(ValueError, match="disagree"):
                 check_processor(proc, student)
+    # The id-only path reproduces the template on check_processor's probe conversation (checked by default).
+    check_processor(proc, student, id_path=True)
+    if case.startswith("qwen2"):  # "Picture 1: " labels stay in the id-only rows: the probe says so
+        with pytest.raises(ValueError, match="does not reproduce"):
+            check_processor(proc, student, add_vision_id=True)
+        check_processor(proc, student, id_path=False, add_vision_id=True)
     # A response holding a vision token (sampled without suppress_tokens) is an error, not masked.
     tokens = VisionTokens.from_model(student, proc)
     for vid in tokens.ids().tolist():

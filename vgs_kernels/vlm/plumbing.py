@@ -14,7 +14,7 @@ from typing import Any, Mapping, NamedTuple
 
 import torch
 
-from vgs_kernels.vlm.specs import FAMILY_SPECS, LAYOUT_KEYS, VisionTokens, _image_id
+from vgs_kernels.vlm.specs import FAMILY_SPECS, LAYOUT_KEYS, VisionTokens, _image_id, family_spec
 
 # Every family's vision-input keys (for messages naming what strip_images drops).
 VISION_KEYS = tuple(dict.fromkeys(k for spec in FAMILY_SPECS.values() for k in spec.vision_keys)) + LAYOUT_KEYS
@@ -36,29 +36,65 @@ class DistillLogits(NamedTuple):
     mask: torch.Tensor
 
 
-def check_processor(processor: Any, model: torch.nn.Module, vision_tokens: VisionTokens | None = None) -> None:
-    """Raise ValueError when ``processor`` and ``model`` disagree on the vision tokens or the vocabulary.
+def check_processor(processor: Any, model: torch.nn.Module, vision_tokens: VisionTokens | None = None, *,
+                    id_path: bool = True, **template_kwargs: Any) -> None:
+    """Raise ValueError when ``processor`` and ``model`` disagree, or when the id-only path would be inexact.
 
-    Compares the processor attributes the family spec pairs with config fields (``processor.image_token_id``
-    with ``config.image_token_id`` for most families; Gemma3's processor names its ``<start_of_image>``
-    id ``image_token_id``, paired with ``config.boi_token_index``), resolves the spec's token strings with
-    the processor's tokenizer, and checks that the tokenizer fits the model's vocabulary.
+    Compares the processor attribute the family spec pairs with a config field (``processor.image_token_id``
+    with ``config.image_token_id`` for most families; Gemma3's processor names its ``<start_of_image>`` id
+    ``image_token_id``: ``config.boi_token_index``), resolves the spec's token strings with the processor's
+    tokenizer, and checks the tokenizer against the model's vocabulary. With ``id_path`` it also renders a
+    probe conversation (two images, then text) with the processor's chat template (``template_kwargs``
+    passed on, e.g. ``add_vision_id=True``) and checks that :func:`strip_images` gives, token for token,
+    what the template renders without the images. Pass ``id_path=False`` when the text-only batch comes from
+    the messages (:func:`vgs_kernels.vlm.text_only_batch`): that path needs no family spec.
     """
+    spec = family_spec(model)
+    if vision_tokens is None and spec is None and not id_path and _image_id(model.config) is not None:
+        vision_tokens = VisionTokens(image=_image_id(model.config))
     tokens = vision_tokens or VisionTokens.from_model(model, processor)
-    spec = FAMILY_SPECS.get(getattr(model.config, "model_type", None))
-    pairs = (spec.processor_ids or {"image_token_id": spec.placeholder}) if spec is not None and vision_tokens is None \
-        else {"image_token_id": None}
-    for attr, cfg_field in pairs.items():
-        proc_id = getattr(processor, attr, None)
-        model_id = tokens.image if cfg_field is None else getattr(model.config, cfg_field, None)
-        if proc_id is not None and proc_id != model_id:
-            where = "vision_tokens.image" if cfg_field is None else f"{type(model).__name__}.config.{cfg_field}"
-            raise ValueError(f"processor and model disagree on the image placeholder: processor.{attr}={proc_id}, "
-                             f"{where}={model_id}")
+    proc_id = getattr(processor, "image_token_id", None)
+    if spec is not None and vision_tokens is None:  # the pairing the family's processor uses
+        for attr, cfg_field in (spec.processor_ids or {"image_token_id": spec.placeholder}).items():
+            proc_id, model_id = getattr(processor, attr, None), getattr(model.config, cfg_field, None)
+            if proc_id is not None and proc_id != model_id:
+                raise ValueError(f"processor and model disagree on the image placeholder: processor.{attr}="
+                                 f"{proc_id}, {type(model).__name__}.config.{cfg_field}={model_id}")
+    elif proc_id is not None and proc_id not in tokens.ids().tolist():
+        raise ValueError(f"processor and model disagree on the image placeholder: processor.image_token_id={proc_id} "
+                         f"is none of the model's vision ids {tokens.ids().tolist()}")
     n_tok, vocab = len(getattr(processor, "tokenizer", processor)), _vocab_size(model)
     if n_tok > vocab:
         raise ValueError(f"processor's tokenizer has {n_tok} tokens but {type(model).__name__} has a vocabulary "
                          f"of {vocab}: mismatched processor and model")
+    if id_path:
+        _probe_id_path(processor, tokens, template_kwargs)
+
+
+def _probe_id_path(processor: Any, tokens: VisionTokens, template_kwargs: dict) -> None:
+    """strip_images on a rendered probe conversation must equal the template rendered without its images."""
+    from PIL import Image
+
+    from vgs_kernels.vlm.messages import text_only_batch
+
+    # Images first, then the text: the layout TRL gives VLM prompts. Text on both sides of an image can merge
+    # across the cut (Qwen's template joins contents with no separator): only the messages path is exact there.
+    conv = [[{"role": "user", "content": [{"type": "image"}, {"type": "image"},
+                                          {"type": "text", "text": "Describe both images ."}]}]]
+    image = Image.new("RGB", (64, 48), (120, 60, 30))
+    text = processor.apply_chat_template(conv, add_generation_prompt=True, **template_kwargs)
+    prompt = processor(text=text, images=[[image, image]], return_tensors="pt")
+    tok = processor.tokenizer
+    eos = tok.eos_token_id if tok.eos_token_id is not None else 0
+    full, rmask = rollout_batch(prompt, torch.cat([prompt["input_ids"], torch.tensor([[eos]])], 1), eos)
+    got = strip_images(full, rmask, tokens)[0]["input_ids"][0].tolist()
+    want = text_only_batch(processor, conv, [torch.tensor([eos])], **template_kwargs)[0]["input_ids"][0].tolist()
+    if got != want:
+        raise ValueError(f"the id-only text-only path (strip_images) does not reproduce {type(processor).__name__}'s "
+                         f"chat template without the images on a probe conversation: {tok.convert_ids_to_tokens(got)}"
+                         f" vs {tok.convert_ids_to_tokens(want)}; build the text-only batch from the messages "
+                         "(vgs_kernels.vlm.text_only_batch, then distill_logits(..., text_batch=...)) and pass "
+                         "id_path=False here")
 
 
 def rollout_batch(prompt_batch: Mapping[str, Any], sequences: torch.Tensor, eos_token_id: int | list[int]
