@@ -14,7 +14,7 @@ family                span (processor expansion of the template's image entry)  
 Qwen2/2.5/3-VL        ``<|vision_start|> <|image_pad|>*N <|vision_end|>``                          -
 LLaVA                 ``<image>*N``  (template: ``<image>\\n``)                                    after ``\\n``
 LLaVA-OneVision       ``<image>*N``  (image_newline is an embedding, counted in N)                 -
-Idefics3 / SmolVLM    ``<fake_token_around_image> <row_i_col_j> <image>*N ... \\n ...``            inner ``\\n``
+Idefics3              ``<fake_token_around_image> <row_i_col_j> <image>*N ... \\n ...``            inner ``\\n``
                       ``<fake_token_around_image> <global-img> <image>*N <fake_token_around_image>``
 Gemma3                ``\\n\\n <start_of_image> <image_soft_token>*N <end_of_image> \\n\\n``       ``\\n\\n`` each
 InternVL              ``<img> <IMG_CONTEXT>*N </img>``  (template: ``<IMG_CONTEXT>\\n``)           after ``\\n``
@@ -65,22 +65,18 @@ class FamilySpec:
 _QWEN = FamilySpec("image_token_id", ("video_token_id", "vision_start_token_id", "vision_end_token_id"),
                    vision_keys=("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
                                 "second_per_grid_ts"))
+# Every row is tested against the chat template (tests/test_vlm.py builds each family from vgs_kernels.testing).
 FAMILY_SPECS: dict[str, FamilySpec] = {
     "qwen2_vl": _QWEN,
     "qwen2_5_vl": _QWEN,
     "qwen3_vl": _QWEN,
-    "qwen3_vl_moe": _QWEN,
     "llava": FamilySpec("image_token_index", after="\n", vision_keys=("pixel_values", "image_sizes")),
-    "llava_next": FamilySpec("image_token_index", after="\n", vision_keys=("pixel_values", "image_sizes")),
     "llava_onevision": FamilySpec("image_token_index", ("video_token_index",),
                                   vision_keys=("pixel_values", "image_sizes", "batch_num_images",
                                                "pixel_values_videos", "image_sizes_videos")),
     "idefics3": FamilySpec("image_token_id", marker_tokens=("<fake_token_around_image>", "<global-img>",
                                                             "<row_*_col_*>"),
                            inner=("\n",), vision_keys=("pixel_values", "pixel_attention_mask")),
-    "smolvlm": FamilySpec("image_token_id", marker_tokens=("<fake_token_around_image>", "<global-img>",
-                                                           "<row_*_col_*>"),
-                          inner=("\n",), vision_keys=("pixel_values", "pixel_attention_mask")),
     "gemma3": FamilySpec("image_token_index", ("boi_token_index", "eoi_token_index"), before="\n\n",
                          after="\n\n", processor_ids={"image_token_id": "boi_token_index"}),
     "internvl": FamilySpec("image_token_id", marker_tokens=("<img>", "</img>"), after="\n"),
