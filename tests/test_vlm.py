@@ -146,6 +146,10 @@ def test_check_processor_and_vision_token_errors(fam, monkeypatch):
                                                 batch["input_ids"]))
         with pytest.raises(ValueError, match="contain vision tokens"):
             distill_logits(student, teacher, bad, rmask, processor=proc)
+    prompt = {"input_ids": batch["input_ids"][:, :2], "attention_mask": batch["attention_mask"][:, :2]}
+    seq = torch.cat([prompt["input_ids"], torch.full((len(rmask), 2), tokens.ids()[-1].item())], 1)
+    with pytest.raises(ValueError, match="contain vision tokens"):
+        rollout_batch(prompt, seq, proc.tokenizer.eos_token_id, vision_tokens=tokens)
     # Families whose spec names token strings need the processor.
     if FAMILY_SPECS[student.config.model_type].strings():
         with pytest.raises(ValueError, match="pass processor="):

@@ -97,13 +97,16 @@ def _probe_id_path(processor: Any, tokens: VisionTokens, template_kwargs: dict) 
                          "id_path=False here")
 
 
-def rollout_batch(prompt_batch: Mapping[str, Any], sequences: torch.Tensor, eos_token_id: int | list[int]
-                  ) -> tuple[dict[str, Any], torch.Tensor]:
+def rollout_batch(prompt_batch: Mapping[str, Any], sequences: torch.Tensor, eos_token_id: int | list[int],
+                  vision_tokens: VisionTokens | None = None) -> tuple[dict[str, Any], torch.Tensor]:
     """The full batch (prompt + sampled response) and its response mask, from ``model.generate`` output.
 
     prompt_batch: the processor batch given to ``generate`` (input_ids [B, P], attention_mask, vision
     inputs). sequences: [B, P + R] as ``generate`` returns it. A response runs up to and including its
     first ``eos_token_id``; what follows is ``generate``'s padding. Returns (batch, response_mask [B, P + R] bool).
+    Sample with ``suppress_tokens=vision_tokens.ids().tolist()``: a response holding a vision placeholder
+    or marker cannot be scored text-only, so it is an error here (when ``vision_tokens`` is given) and in
+    :func:`distill_logits`, never silently masked.
     """
     ids = prompt_batch["input_ids"]
     B, P = ids.shape
@@ -121,6 +124,8 @@ def rollout_batch(prompt_batch: Mapping[str, Any], sequences: torch.Tensor, eos_
                                     torch.zeros_like(resp, dtype=val.dtype)], 1)
     batch["input_ids"] = sequences
     response_mask = torch.cat([torch.zeros_like(ids, dtype=torch.bool), valid], 1)
+    if vision_tokens is not None:
+        _check_response_tokens(sequences, response_mask, vision_tokens)
     return batch, response_mask
 
 
@@ -326,12 +331,7 @@ def _check_batch(batch: Mapping[str, Any], response_mask: torch.Tensor, tokens: 
                              "pad on the left or the right only (left-pad prompts for generate)")
     if not bool(response_mask.any()):
         raise ValueError("response_mask marks no token: nothing to distil")
-    vision = torch.isin(ids, tokens.ids(ids.device))
-    if bool((vision & response_mask.bool()).any()):
-        rows = (vision & response_mask.bool()).any(1).nonzero().flatten().tolist()
-        raise ValueError(f"the responses of rows {rows} contain vision tokens {tokens.ids().tolist()} (placeholders "
-                         "or markers), which the text-only pass cannot score; suppress them when sampling: "
-                         "generate(..., suppress_tokens=VisionTokens.from_model(model, processor).ids().tolist())")
+    _check_response_tokens(ids, response_mask, tokens)
     n_image = int((ids == tokens.image).sum())
     if n_image == 0 and (expect_images or batch.get("pixel_values") is not None):
         raise ValueError(f"the batch holds no image placeholder token (id {tokens.image}) "
@@ -349,3 +349,12 @@ def _check_batch(batch: Mapping[str, Any], response_mask: torch.Tensor, tokens: 
     if pixels is not None and pixels.ndim == 2 and tokens.patch_dim is not None and pixels.shape[1] != tokens.patch_dim:
         raise ValueError(f"pixel_values has {pixels.shape[1]} values per patch but the model's vision encoder "
                          f"takes {tokens.patch_dim}: mismatched processor and model (patch size?)")
+
+
+def _check_response_tokens(ids: torch.Tensor, response_mask: torch.Tensor, tokens: VisionTokens) -> None:
+    bad = torch.isin(ids, tokens.ids(ids.device)) & response_mask.bool()
+    if bool(bad.any()):
+        raise ValueError(f"the responses of rows {bad.any(1).nonzero().flatten().tolist()} contain vision tokens "
+                         f"{tokens.ids().tolist()} (placeholders or markers), which the text-only pass cannot score; "
+                         "suppress them when sampling: generate(..., suppress_tokens=VisionTokens.from_model(model, "
+                         "processor).ids().tolist())")
