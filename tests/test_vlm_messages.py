@@ -82,3 +82,23 @@ def test_every_spec_row_has_a_tested_case():
     from vgs_kernels.testing import CASES
     from vgs_kernels.vlm import FAMILY_SPECS
     assert set(FAMILY_SPECS) == {family for family, _ in CASES.values()}
+
+
+def test_trl_prompts_render_like_trl():
+    """Prompts as trl.DistillationTrainer holds them (string contents, or prepared with image entries) give the
+    rows TRL's own rendering gives once the image entries are gone; LLaVA's template needs list contents."""
+    from trl.data_utils import prepare_multimodal_messages
+
+    llava = tiny_processor("llava", WORDS)
+    raw = [[{"role": "user", "content": "what colour is the square ?"}], [{"role": "user", "content": "left or right"}]]
+    prepared = [prepare_multimodal_messages(p, images=[object()] * n) for p, n in zip(raw, [1, 2])]
+    resp = [torch.tensor([3, 4]), torch.tensor([5])]
+    for proc in (llava, tiny_processor("qwen2_vl", WORDS)):
+        from_raw = text_only_batch(proc, raw, resp)
+        from_prepared = text_only_batch(proc, prepared, resp)
+        trl_text = proc.apply_chat_template([prepare_multimodal_messages(p) for p in raw], add_generation_prompt=True,
+                                            tokenize=True, return_dict=True)["input_ids"]
+        for i in range(2):
+            for batch, rmask in (from_raw, from_prepared):
+                keep = batch["attention_mask"][i].bool() & ~rmask[i]
+                assert batch["input_ids"][i][keep].tolist() == list(trl_text[i])
