@@ -388,3 +388,17 @@ def test_a_backward_that_bypasses_the_hook_raises():
     steer.backward(losses(model, x, y))
     steer.clip_grad_norm_(1.0)
     opt.step()  # steered by clip_grad_norm_ already: fine
+
+
+def test_scaler_and_a_scaling_backward_fn_are_not_combined():
+    class Acc:  # stands for accelerate.Accelerator: backward() scales with self.scaler
+        def __init__(self):
+            self.scaler = torch.amp.GradScaler("cpu")
+
+        def backward(self, loss, **kwargs):
+            self.scaler.scale(loss).backward(**kwargs)
+
+    acc = Acc()
+    opt = torch.optim.SGD(Net().parameters(), lr=1.0)
+    with pytest.raises(ValueError, match="scaled twice; drop scaler="):
+        vgs.GradientSteering(opt, scaler=acc.scaler, backward_fn=acc.backward)

@@ -135,6 +135,9 @@ class GradientSteering:
         if policy == "fixed" and eta is None:
             raise ValueError("policy='fixed' needs eta= (e.g. 0.41, the paper's value at gamma=2)")
         _reject_sparse(model)
+        if scaler is not None and getattr(getattr(backward_fn, "__self__", None), "scaler", None) is scaler:
+            raise ValueError("scaler= is the GradScaler of backward_fn's accelerator, whose backward already "
+                             "scales every loss: the losses would be scaled twice; drop scaler=")
         self.optimizer, self.policy, self.scaler, self.backend, self.eta = optimizer, policy, scaler, backend, eta
         self._spec, self._auto = ComponentSpec(gamma, lam, dict(weights or {})), AutoEta(every, ema)
         self._backward_fn = backward_fn or torch.autograd.backward
