@@ -14,7 +14,7 @@ from typing import Any, Mapping, NamedTuple
 
 import torch
 
-from vgs_kernels.vlm.specs import FAMILY_SPECS, LAYOUT_KEYS, VisionTokens, _image_id, family_spec
+from vgs_kernels.vlm.specs import FAMILY_SPECS, LAYOUT_KEYS, VisionTokens, _image_id, family_spec, hf_model
 
 # Every family's vision-input keys (for messages naming what strip_images drops).
 VISION_KEYS = tuple(dict.fromkeys(k for spec in FAMILY_SPECS.values() for k in spec.vision_keys)) + LAYOUT_KEYS
@@ -50,13 +50,13 @@ def check_processor(processor: Any, model: torch.nn.Module, vision_tokens: Visio
     the messages (:func:`vgs_kernels.vlm.text_only_batch`): that path needs no family spec.
     """
     spec = family_spec(model)
-    if vision_tokens is None and spec is None and not id_path and _image_id(model.config) is not None:
-        vision_tokens = VisionTokens(image=_image_id(model.config))
+    if vision_tokens is None and spec is None and not id_path and _image_id(hf_model(model).config) is not None:
+        vision_tokens = VisionTokens(image=_image_id(hf_model(model).config))
     tokens = vision_tokens or VisionTokens.from_model(model, processor)
     proc_id = getattr(processor, "image_token_id", None)
     if spec is not None and vision_tokens is None:  # the pairing the family's processor uses
         for attr, cfg_field in (spec.processor_ids or {"image_token_id": spec.placeholder}).items():
-            proc_id, model_id = getattr(processor, attr, None), getattr(model.config, cfg_field, None)
+            proc_id, model_id = getattr(processor, attr, None), getattr(hf_model(model).config, cfg_field, None)
             if proc_id is not None and proc_id != model_id:
                 raise ValueError(f"processor and model disagree on the image placeholder: processor.{attr}="
                                  f"{proc_id}, {type(model).__name__}.config.{cfg_field}={model_id}")
@@ -299,12 +299,13 @@ def _vision_tokens(model: torch.nn.Module, processor: Any, have_text_batch: bool
     try:
         return VisionTokens.from_model(model, processor)
     except ValueError:
-        if not have_text_batch or _image_id(model.config) is None:
+        if not have_text_batch or _image_id(hf_model(model).config) is None:
             raise
-        return VisionTokens(image=_image_id(model.config), vision_keys=())
+        return VisionTokens(image=_image_id(hf_model(model).config), vision_keys=())
 
 
 def _vocab_size(model: torch.nn.Module) -> int:
+    model = hf_model(model)
     head = model.get_output_embeddings()
     return head.weight.shape[0] if head is not None else model.config.get_text_config().vocab_size
 

@@ -118,8 +118,8 @@ class VisionTokens:
         processor is needed by families whose spec names token strings (LLaVA's ``\\n``, Idefics3's tile
         tokens, InternVL's ``<img>``...); Qwen's and LLaVA-OneVision's specs are all config fields.
         """
-        cfg = model.config
-        name = type(model).__name__
+        cfg = hf_model(model).config
+        name = type(hf_model(model)).__name__
         spec = FAMILY_SPECS.get(getattr(cfg, "model_type", None))
         if spec is None:
             image = _image_id(cfg)
@@ -157,7 +157,15 @@ class VisionTokens:
 
 def family_spec(model: torch.nn.Module) -> FamilySpec | None:
     """The table row of ``model`` (None for an unknown family)."""
-    return FAMILY_SPECS.get(getattr(model.config, "model_type", None))
+    return FAMILY_SPECS.get(getattr(hf_model(model).config, "model_type", None))
+
+
+def hf_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside DDP / DataParallel wrappers, for its config and LM head (the
+    forward passes still go through the wrapper, so DDP sees them)."""
+    while not hasattr(model, "config") and isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    return model
 
 
 def _image_id(cfg) -> int | None:
