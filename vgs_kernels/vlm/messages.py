@@ -62,8 +62,8 @@ def text_only_batch(processor: Any, prompts: Sequence[Sequence[dict[str, Any]]],
     """
     if padding_side not in PADDING_SIDES:
         raise ValueError(f"padding_side must be one of {PADDING_SIDES}, got {padding_side!r}")
-    if isinstance(prompts, (str, dict)) or (len(prompts) and isinstance(prompts[0], dict)):
-        raise ValueError("prompts must be a list of conversations (a list of lists of messages), one per row")
+    if isinstance(prompts, (str, dict)) or not len(prompts) or isinstance(prompts[0], dict):
+        raise ValueError("prompts must be a non-empty list of conversations (lists of messages), one per row")
     responses, block = _responses(completion_ids, completion_mask, len(prompts))
     if padding_side == "split" and block is None:
         block = _right_pad(responses)
@@ -75,7 +75,7 @@ def text_only_batch(processor: Any, prompts: Sequence[Sequence[dict[str, Any]]],
     if pad_token_id is None:
         pad_token_id = getattr(getattr(processor, "tokenizer", processor), "pad_token_id", None)
         pad_token_id = 0 if pad_token_id is None else pad_token_id
-    device = responses[0].device if responses else None
+    device = responses[0].device
 
     def row(vals: Sequence[int]) -> torch.Tensor:
         return torch.as_tensor(list(map(int, vals)), dtype=torch.long, device=device)

@@ -184,16 +184,18 @@ def _field(cfg, name: str, model: str) -> int:
 def _resolve(tok, pattern: str, model: str) -> list[int]:
     if not any(c in pattern for c in "*?["):
         return [_single(tok, pattern, model)]
-    vocab = tok.get_vocab()
-    ids = sorted(i for t, i in vocab.items() if fnmatch.fnmatchcase(t, pattern))
-    if not ids:
-        raise ValueError(f"{model}: the processor's tokenizer has no token matching {pattern!r} of the model's "
-                         "marker spec: mismatched processor and model?")
-    return ids
+    # Marker tokens are added tokens: search those first (the full vocabulary of a real tokenizer is large).
+    for vocab in (tok.get_added_vocab(), tok.get_vocab()):
+        ids = sorted(i for t, i in vocab.items() if fnmatch.fnmatchcase(t, pattern))
+        if ids:
+            return ids
+    raise ValueError(f"{model}: the processor's tokenizer has no token matching {pattern!r} of the model's marker "
+                     "spec: mismatched processor and model?")
 
 
 def _single(tok, token: str, model: str) -> int:
-    ids = tok.encode(token, add_special_tokens=False) if token not in tok.get_vocab() else [tok.get_vocab()[token]]
+    known = tok.convert_tokens_to_ids(token)
+    ids = [known] if known is not None and known != tok.unk_token_id else tok.encode(token, add_special_tokens=False)
     if len(ids) != 1 or ids[0] == tok.unk_token_id:
         raise ValueError(f"{model}: the processor's tokenizer encodes {token!r} of the model's marker spec as "
                          f"{ids}, not one known token: mismatched processor and model, or a tokenizer whose "
