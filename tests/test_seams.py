@@ -37,7 +37,7 @@ def test_1_fused_linear_combined_output_steps_or_raises():
     with pytest.raises(ValueError, match=r"losses\['std'\] does not require grad.*steer.backward\(out\)"):
         steer.backward({"std": out.std, "vis": out.vis, "lp": out.lp})  # silently a zero step before
     steer.backward(out)  # the whole output: its combined gradient, scaled by the hook's eta
-    torch.testing.assert_close(head.weight.grad, ref, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(head.weight.grad, ref, rtol=1e-4, atol=1e-6)  # fp32, other kernel paths
 
     exact = vgs.GradientSteering(torch.optim.SGD(nn.Linear(4, 11).parameters(), lr=0.5), policy="vgs")
     with pytest.raises(ValueError, match="needs each component's gradient.*components=True"):
