@@ -162,8 +162,8 @@ class VGSDistillationTrainer(DistillationTrainer):
         return optimizer
 
     def _needs_components(self) -> bool:
-        """Whether the next backward runs per component (exact steps) or combined."""
-        return self.steer._wants_split()
+        """Whether the next backward runs per component (exact steps) or combined (and in evaluation)."""
+        return self.steer is not None and self.model.training and self.steer._wants_split()
 
     # ------------------------------------------------------------------ rollouts
 
