@@ -56,13 +56,16 @@ def test_sum_and_fixed():
     torch.testing.assert_close(policies.fixed(W, torch.tensor(0.5)), 0.5 * W)
 
 
-@pytest.mark.parametrize("name", ["vgs", "project", "sum"])
+@pytest.mark.parametrize("name", ["vgs", "project", "pcgrad", "sum"])
 def test_scale_invariant(name):
     """GradScaler multiplies every component by S: G by S^2; the coefficients must not change."""
     s, v, lp = vectors(3, conflict=-1.0)
     G = gram_of(s, v, lp)
     fn = policies.BUILTIN[name]
-    torch.testing.assert_close(fn(G * 4096.0 ** 2, W), fn(G, W), rtol=1e-5, atol=0)
+    torch.manual_seed(0)
+    scaled = fn(G * 4096.0 ** 2, W)
+    torch.manual_seed(0)
+    torch.testing.assert_close(scaled, fn(G, W), rtol=1e-5, atol=0)
 
 
 def test_component_order_and_weights():
@@ -105,3 +108,51 @@ def test_guard_falls_back_without_nan(name, case):
     G = gram_of(s, v, lp)
     c, fell_back = policies.guard(G, policies.BUILTIN[name](G, W), W)
     assert torch.isfinite(c).all() and fell_back.item() is False
+
+
+# ----------------------------------------------------------------------------- guarantees (docstring of policies.py)
+
+
+def jacobians(k, n=40, trials=60):
+    """Random Jacobians [k, n], float64, a third of them with forced conflicts."""
+    g = torch.Generator().manual_seed(k)
+    for t in range(trials):
+        J = torch.randn(k, n, generator=g, dtype=torch.float64)
+        if t % 3 == 0:
+            J[1] = -J[0] * 0.7 + 0.3 * J[1]
+        yield J
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_pcgrad_equals_torchjd(k):
+    torchjd = pytest.importorskip("torchjd.aggregation")
+    w = torch.ones(k)
+    for i, J in enumerate(jacobians(k)):
+        torch.manual_seed(i)
+        ours = policies.pcgrad((J @ J.T).float(), w).double() @ J
+        torch.manual_seed(i)  # the same random projection orders
+        theirs = torchjd.PCGrad()(J)
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_pcgrad_two_components_never_conflict():
+    for J in jacobians(2):
+        w = torch.tensor([1.0, GAMMA])
+        d = policies.pcgrad((J @ J.T).float(), w).double() @ J
+        assert (J @ d >= -1e-6 * J.norm(dim=1) * d.norm()).all()
+
+
+def test_vgs_keeps_the_standard_step_size():
+    for J in jacobians(2):
+        d = policies.vgs((J @ J.T).float(), W[:2]).double() @ J
+        torch.testing.assert_close(d.norm(), J[0].norm(), rtol=1e-4, atol=0)
+        u = J[0] + GAMMA * J[1]  # the direction of Eq. 15
+        torch.testing.assert_close(d / d.norm(), u / u.norm(), rtol=1e-4, atol=1e-5)
+
+
+def test_project_never_pulls_against_vis():
+    for J in jacobians(2):
+        c = policies.project((J @ J.T).float(), W[:2]).double()
+        d = c @ J
+        assert J[1] @ d >= -1e-6 * J[1].norm() * d.norm()
+        torch.testing.assert_close(d.norm(), J[0].norm(), rtol=1e-4, atol=0)  # the size eta keeps

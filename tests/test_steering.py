@@ -181,7 +181,7 @@ def test_zero_grad_drops_components_and_remove():
     steer.backward(losses(model, x, y))
     steer.apply()
     torch.testing.assert_close(steered_grad(model), ref, rtol=1e-5, atol=1e-7)
-    assert steer.step_count == 1 and not steer._buffers
+    assert steer.step_count == 1 and not steer._grads._buffers
     with pytest.raises(RuntimeError, match="already has"):
         vgs.GradientSteering(opt)
     steer.remove()
@@ -218,7 +218,7 @@ def test_state_dict_round_trip():
     steer = vgs.GradientSteering(opt, policy="auto", gamma=GAMMA, every=3)
     run(model, opt, steer, 4)
     sd = copy.deepcopy(opt.state_dict())  # (a plain state_dict shares Adam's tensors with opt)
-    assert sd[vgs.steering.STATE_KEY]["step_count"] == 4
+    assert sd["param_groups"][0][vgs.steering.STATE_KEY]["step_count"] == 4
     clone = Net()
     clone.load_state_dict(model.state_dict())
     opt2 = torch.optim.Adam(clone.parameters(), lr=1e-2)
@@ -322,7 +322,7 @@ def test_bad_input():
     model, (x, y) = Net(), make_batch()
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     with pytest.raises(ValueError, match="policy must be one of"):
-        vgs.GradientSteering(opt, policy="pcgrad")
+        vgs.GradientSteering(opt, policy="pcgrad-ish")
     with pytest.raises(ValueError, match="needs eta"):
         vgs.GradientSteering(opt, policy="fixed")
     with pytest.raises(TypeError, match="torch.optim.Optimizer"):

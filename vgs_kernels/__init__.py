@@ -4,7 +4,7 @@ The data path, one module per step:
 logits -> decomposed_kl (KL split) -> loss (per-term cotangents) -> steering.backward (per-term
 gradients) -> gram -> policies (coefficients) -> combine -> optimizer.step().
 """
-from vgs_kernels._backend import BACKENDS, get_backend, set_backend, use_backend
+from vgs_kernels._backend import BACKENDS, backend_info, get_backend, set_backend, use_backend
 
 __version__ = "0.1.0"
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-from typing import Iterator, Optional
+import warnings
+from typing import Any, Dict, Iterator, Optional
 
 import torch
 
@@ -21,9 +22,9 @@ BACKENDS = ("auto", "cpp", "triton", "reference")
 try:  # The compiled extension registers torch.ops.vgs_kernels.* when imported.
     from vgs_kernels import _C  # noqa: F401
 
-    HAS_CPP = True
-except ImportError:  # pragma: no cover - only when the package was not built
-    HAS_CPP = False
+    HAS_CPP, CPP_ERROR = True, None
+except ImportError as e:  # not built, or built against another torch (undefined symbols)
+    HAS_CPP, CPP_ERROR = False, f"{type(e).__name__}: {e}"
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -72,6 +73,8 @@ def resolve(device: torch.device, backend: Optional[str] = None) -> str:
             return "triton"
         if device.type == "cpu" and HAS_CPP:
             return "cpp"
+        if device.type in ("cpu", "cuda"):
+            _warn_slow(device.type)
         return "reference"
     if name == "cpp":
         if not HAS_CPP:
@@ -86,3 +89,58 @@ def resolve(device: torch.device, backend: Optional[str] = None) -> str:
             raise RuntimeError(f"backend 'triton' needs CUDA tensors (got device {device}) "
                                "or TRITON_INTERPRET=1")
     return name
+
+
+_warned: set = set()
+
+
+def _why_not(device_type: str) -> Optional[str]:
+    """Why `auto` cannot run the fast backend on `device_type` (None when it can)."""
+    if device_type == "cpu" and not HAS_CPP:
+        return (f"the compiled extension vgs_kernels._C did not load ({CPP_ERROR}); rebuild it against "
+                "this torch: pip install --no-build-isolation -e .")
+    if device_type == "cuda" and not HAS_TRITON:
+        return "triton is not installed (pip install triton)"
+    return None
+
+
+def _warn_slow(device_type: str) -> None:
+    """One warning per device type when `auto` falls back to the slow plain-torch reference."""
+    if device_type not in _warned:
+        _warned.add(device_type)
+        warnings.warn(f"vgs_kernels: running the slow plain-torch reference on {device_type} tensors: "
+                      f"{_why_not(device_type)}. See vgs_kernels.backend_info().", RuntimeWarning,
+                      stacklevel=3)
+
+
+def backend_info() -> Dict[str, Any]:
+    """Which backend each device gets and why.
+
+    Returns {"backend": the global setting, "cpu"/"cuda": the backend `auto` runs there,
+    "cpu_reason"/"cuda_reason": why not the fast one (None when it is), "cpp_loaded": bool,
+    "cpp_error": the extension's import error or None, "triton": Triton's version or None,
+    "triton_interpret": bool, "torch": torch's version, "cuda_available": bool}.
+    """
+    triton_version = None
+    if HAS_TRITON:
+        import triton
+
+        triton_version = triton.__version__
+    info: Dict[str, Any] = {"backend": _current}
+    for dev in ("cpu", "cuda"):
+        info[dev] = _resolve_quietly(torch.device(dev))
+        info[f"{dev}_reason"] = _why_not(dev)
+    info.update(cpp_loaded=HAS_CPP, cpp_error=CPP_ERROR, triton=triton_version,
+                triton_interpret=TRITON_INTERPRET, torch=torch.__version__,
+                cuda_available=torch.cuda.is_available())
+    return info
+
+
+def _resolve_quietly(device: torch.device) -> str:
+    """`resolve` without the fallback warning (for reports); errors become their message."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        try:
+            return resolve(device)
+        except RuntimeError as e:
+            return f"unavailable: {e}"

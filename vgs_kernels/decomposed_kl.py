@@ -93,10 +93,21 @@ def _rows(x: Optional[Tensor], v: int) -> Optional[Tensor]:
 
 
 def valid_mask(mask: Optional[Tensor], shape: Tuple[int, ...], device: torch.device) -> Tensor:
-    """Leading-shape mask (bool or 0/1 numbers; nonzero = valid, None = all valid) -> bool `shape`."""
+    """Leading-shape mask (bool, or numbers that are all 0 or 1; None = all valid) -> bool `shape`.
+
+    A non-bool mask is checked (one host sync; pass a bool mask to skip it): a weight such as 0.5,
+    a -1, a NaN or a labels tensor (-100 / token ids) raises instead of being silently binarised.
+    """
     if mask is None:
         return torch.ones(shape, dtype=torch.bool, device=device)
-    return mask if mask.dtype == torch.bool else mask != 0
+    if mask.dtype == torch.bool:
+        return mask
+    bad = (mask != 0) & (mask != 1)
+    if bool(bad.any()):
+        raise ValueError(f"mask must be bool or hold only 0 and 1 (1 = response token), got the value "
+                         f"{mask[bad].flatten()[0].item()!r} (dtype {mask.dtype}); masks are not per-token "
+                         "weights. From labels, pass labels != -100; to weight tokens, scale the loss")
+    return mask != 0
 
 
 def _row_mask(mask: Optional[Tensor]) -> Optional[Tensor]:

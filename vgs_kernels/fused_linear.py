@@ -419,9 +419,13 @@ class FusedLinearVGSLoss(VGSLoss):
     `fused_linear_decomposed_kl`) and
     components: True (default) keeps the gradients of std, vis and lp apart, so out.std, out.vis
       and out.lp are each differentiable (exact steering: one backward per component) and
-      out.total too; False computes only the combined gradient (fixed / auto η: 2 matmuls and
-      one kl_backward pass per chunk fewer, one dW buffer instead of three); then only out.total
-      is differentiable and out.std, out.vis, out.lp are detached values.
+      out.total too; False computes only the combined gradient (2 matmuls and one kl_backward
+      pass per chunk fewer, one dW buffer instead of three); then only out.total is
+      differentiable and out.std, out.vis, out.lp are detached values. With GradientSteering,
+      pass the whole output, ``steer.backward(out)``: on steps with one combined backward
+      (policy "fixed", auto's steps between measurements) False is enough, and a step that
+      needs the components raises; ``loss_fn.components = steer.needs_components`` before each
+      forward picks the cheaper mode whenever it is safe.
     The gradients are computed in forward (module docstring); backward only scales them, so
     calling backward on several outputs (retain_graph=True) costs no recomputation.
     """
@@ -468,4 +472,5 @@ class FusedLinearVGSLoss(VGSLoss):
             std, vis, lp = comps.unbind(0)
             total = values[0] if self.eta is None else self.eta * values[0]
         vds = None if mono else terms[3].reshape(lead)
-        return VGSLossOutput(total, std, vis, lp, vds)
+        return VGSLossOutput(total, std, vis, lp, vds, weights=self.weights(mono), eta=self.eta,
+                             components=self.components)

@@ -27,7 +27,7 @@ Reductions (w_t is zero on masked positions):
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -38,16 +38,36 @@ REDUCTIONS = ("sequence", "token", "sum", "none")
 Number = Union[int, float]
 
 
-class VGSLossOutput(NamedTuple):
-    """total = η(std + γ·vis + λ·lp). total, std, vis, lp: scalars (leading shape for reduction
-    "none"), differentiable; vds: detached per-position VDS, float32, zero where masked (None for
-    the monolithic loss, which does not compute it)."""
-
+class _Reduced(NamedTuple):
     total: Tensor
     std: Tensor
     vis: Tensor
     lp: Tensor
     vds: Optional[Tensor]
+
+
+class VGSLossOutput(_Reduced):
+    """total = η(std + γ·vis + λ·lp). total, std, vis, lp: scalars (leading shape for reduction
+    "none"), differentiable; vds: detached per-position VDS, float32, zero where masked (None for
+    the monolithic loss, which does not compute it).
+
+    Beyond the five fields, the output carries what `GradientSteering.backward(out)` needs so the
+    weights are given once: ``weights`` ({"std": 1, "vis": γ, "lp": λ}; {"std": 1} for the
+    monolithic loss), ``eta`` (the loss's own η or None) and ``components`` (False when only
+    ``total`` is differentiable, e.g. ``FusedLinearVGSLoss(components=False)``).
+    """
+
+    def __new__(cls, total: Tensor, std: Tensor, vis: Tensor, lp: Tensor, vds: Optional[Tensor], *,
+                weights: Optional[Dict[str, float]] = None, eta: Optional[Union[float, Tensor]] = None,
+                components: bool = True) -> "VGSLossOutput":
+        self = super().__new__(cls, total, std, vis, lp, vds)
+        self.weights = dict(weights) if weights is not None else {"std": 1.0, "vis": 1.0, "lp": 1.0}
+        self.eta, self.components = eta, components
+        return self
+
+    def losses(self) -> Dict[str, Tensor]:
+        """The components by name, as GradientSteering.backward takes them."""
+        return {name: getattr(self, name) for name in self.weights}
 
 
 def masked_quantile(x: Tensor, valid: Tensor, q: Sequence[float]) -> Tensor:
@@ -56,6 +76,8 @@ def masked_quantile(x: Tensor, valid: Tensor, q: Sequence[float]) -> Tensor:
     x, valid: same shape (valid bool). Returns [len(q)] in x.dtype; zeros when nothing is valid.
     """
     x, valid = x.detach().reshape(-1), valid.reshape(-1)
+    if x.numel() == 0:  # an empty batch ([B, 0, V]): nothing is valid
+        return torch.zeros(len(q), dtype=x.dtype, device=x.device)
     n = valid.sum()
     v = torch.where(valid, x, torch.inf).sort().values  # the valid values first, in order
     pos = torch.tensor(q, dtype=x.dtype, device=x.device) * (n - 1).clamp(min=0)
@@ -140,10 +162,12 @@ class VGSLoss(nn.Module):
         if self.reduction == "token":
             if num_items_in_batch is None:
                 return w / w.sum().clamp(min=1)
-            if not isinstance(num_items_in_batch, Tensor) and not num_items_in_batch > 0:
-                raise ValueError(f"num_items_in_batch must be > 0, got {num_items_in_batch!r}")
-            return w / num_items_in_batch
+            return w / _positive_count(num_items_in_batch)
         return w
+
+    def weights(self, monolithic: bool = False) -> Dict[str, float]:
+        """The components' weights in total = η Σ weight · component (η excluded)."""
+        return {"std": 1.0} if monolithic else {"std": 1.0, "vis": self.gamma, "lp": self.lam}
 
     def vds_factors(self, vds: Tensor, valid: Tensor) -> Tuple[Optional[Tensor], Tensor]:
         """(f, g) from the detached VDS: the adaptive-γ factor f_t ∈ {0, 1/2, 1} (None when not
@@ -169,12 +193,23 @@ class VGSLoss(nn.Module):
         std = red(terms.std)
         if monolithic:
             zero = torch.zeros_like(std)
-            return VGSLossOutput(self.combine(std, zero, zero), std, zero, zero.clone(), None)
+            return VGSLossOutput(self.combine(std, zero, zero), std, zero, zero.clone(), None,
+                                 weights=self.weights(True), eta=self.eta)
         vds = terms.vds.detach()
         f, gate = self.vds_factors(vds, valid)
         vis = red(terms.vis if f is None else f * terms.vis)
         lp = red(gate * terms.lang)
-        return VGSLossOutput(self.combine(std, vis, lp), std, vis, lp, vds)
+        return VGSLossOutput(self.combine(std, vis, lp), std, vis, lp, vds, weights=self.weights(),
+                             eta=self.eta)
+
+
+def _positive_count(n: Union[Number, Tensor]) -> Union[Number, Tensor]:
+    """num_items_in_batch, checked > 0 (a tensor is read once: a 0 would give inf/NaN gradients)."""
+    ok = bool((n > 0).all()) if isinstance(n, Tensor) else isinstance(n, (int, float)) and n > 0
+    if not ok:
+        raise ValueError(f"num_items_in_batch must be a count > 0 (the number of valid tokens of the whole "
+                         f"accumulated batch), got {n!r}; a batch without valid tokens needs no call")
+    return n
 
 
 def vgs_loss(s: Tensor, u: Optional[Tensor], a: Tensor, b: Optional[Tensor],

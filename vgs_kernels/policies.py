@@ -7,9 +7,20 @@ gradient is sum_i c_i g_i (vgs_kernels/combine.py). All built-in rules are invar
 scale of the gradients (GradScaler's loss scale cancels). ``std`` and ``vis`` are the indices of
 the standard and visual components.
 
-    vgs      exact Eq. 15: eta = |g_std| / |g_std + gamma g_vis|, c = eta * w
-    project  PCGrad-style: when <g_std, g_vis> < 0, drop g_std's part along g_vis, then as vgs
-    sum      the monolithic loss: c = w
+What each rule guarantees (d = sum_i c_i g_i is the step direction; tests/test_policies.py checks
+each property on random Gram matrices):
+
+    vgs      exact Eq. 15: eta = |g_std| / |g_std + gamma g_vis|, c = eta * w.
+             |eta (w_std g_std + w_vis g_vis)| = |w_std g_std|: the standard step's size, turned
+             towards the visual gradient. No inner-product guarantee.
+    project  conflict-aware VGS (not PCGrad): when <g_std, g_vis> < 0, g_std loses its part along
+             g_vis before gamma g_vis is added; eta keeps |g_std|'s size as in vgs. For std and
+             vis alone it guarantees <d, g_vis> >= 0 (std never pulls against vis); <d, g_std>
+             may still be negative (the Std loss can rise to first order).
+    pcgrad   PCGrad (Yu et al. 2020) exactly as TorchJD's PCGrad aggregator: each weighted
+             gradient w_i g_i is projected, in a random order, off every other one it conflicts
+             with, then they are summed; no eta. For k = 2: <d, g_i> >= 0 for both components.
+    sum      the monolithic loss: c = w, d = the plain weighted gradient.
     fixed    a constant eta (the paper's practice): c = eta * w, needs no Gram (one combined backward)
 
 ``auto`` (exact eta every K steps, EMA in between) is stateful and lives in the hook
@@ -85,6 +96,28 @@ def project(G: Tensor, w: Tensor, std: int = 0, vis: int = 1) -> Tensor:
     return c
 
 
+def pcgrad(G: Tensor, w: Tensor, std: int = 0, vis: int = 1) -> Tensor:
+    """PCGrad on the weighted gradients w_i g_i, as TorchJD's PCGradWeighting: for each i, with a
+    fresh ``torch.randperm`` order (CPU generator, as TorchJD), w_i g_i's projection is reduced by
+    its component along every w_j g_j it has a negative inner product with; the results are summed.
+    Device-side ``where`` instead of branches: no host synchronisation."""
+    k = G.shape[0]
+    w = w.to(G)
+    Gw = G * w[:, None] * w[None, :]
+    c, eye = torch.zeros_like(w), torch.eye(k, dtype=w.dtype, device=w.device)
+    for i in range(k):
+        cur = torch.zeros_like(w)
+        cur[i] = 1.0
+        for j in torch.randperm(k).tolist():
+            if j == i:
+                continue
+            inner = Gw[j] @ cur
+            step = torch.where((inner < 0) & (Gw[j, j] > 0), inner / Gw[j, j], torch.zeros_like(inner))
+            cur = cur - step * eye[j]
+        c = c + cur
+    return c * w
+
+
 def plain_sum(G: Tensor, w: Tensor, std: int = 0, vis: int = 1) -> Tensor:
     """The monolithic loss: c = w (no steering; the baseline)."""
     return w.to(device=G.device, dtype=torch.float32).clone()
@@ -95,7 +128,7 @@ def fixed(w: Tensor, eta) -> Tensor:
     return w * eta
 
 
-BUILTIN: Dict[str, Callable[..., Tensor]] = {"vgs": vgs, "project": project, "sum": plain_sum}
+BUILTIN: Dict[str, Callable[..., Tensor]] = {"vgs": vgs, "project": project, "pcgrad": pcgrad, "sum": plain_sum}
 
 
 def guard(G: Tensor, coeffs: Tensor, fallback: Tensor) -> Tuple[Tensor, Tensor]:

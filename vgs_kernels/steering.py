@@ -1,97 +1,103 @@
 """The optimizer hook: keep the components' gradients apart, steer them right before the step.
 
-    steer = vgs.GradientSteering(optimizer, policy="vgs", gamma=2.0)
+    loss_fn = vgs.VGSLoss(gamma=2.0, lam=0.01)
+    steer = vgs.GradientSteering(optimizer, policy="vgs")      # gamma/lam come with the loss output
     for micro_batch in batch:                                   # gradient accumulation is fine
         out = loss_fn(...)
-        steer.backward({"std": out.std, "vis": out.vis, "lp": out.lp})
-    optimizer.step()          # pre-hook: Gram -> policy -> combine into .grad, then the step
+        steer.backward(out)          # or a dict {"std": ..., "vis": ..., "lp": ...} of any losses
+    steer.clip_grad_norm_(1.0)       # optional: clipping sees the steered gradient
+    optimizer.step()                 # pre-hook: Gram -> policy -> combine into .grad, then the step
     optimizer.zero_grad()
-    log(steer.stats)          # Gram, norms, cosines, coefficients, eta, fallback flag
+    log(steer.stats)                 # the same keys every step (NaN where a step measured nothing)
 
-``backward`` runs one backward per component (the graph is retained in between). Component 0's
-gradient accumulates in ``.grad`` as usual; every other component has one buffer per parameter,
-swapped into ``.grad`` while its backward runs, so autograd accumulates it in place (micro-batches
-add up per component, no extra copy). On ``fixed`` steps, and on ``auto`` steps between two
-measurements, it runs a single backward of eta * sum_i w_i L_i instead (no buffers).
+``backward`` runs one backward per component (vgs_kernels/components.py keeps them apart). On
+``fixed`` steps, and on ``auto`` steps between two measurements, it runs a single backward of
+eta * sum_i w_i L_i instead (``needs_components`` tells which is coming).
 
 At ``apply()`` (called by the optimizer's step pre-hook, by ``GradScaler.unscale_`` when the hook
-was given the scaler, or by you): G = gram(components) (all-reduced over the process group), the
-policy turns G into coefficients, combine() writes sum_i c_i g_i into ``.grad`` and the buffers are
-released. Anything that reads ``.grad`` before the step (clip_grad_norm_, logging) must come after
-``steer.apply()``.
+was given the scaler, by ``clip_grad_norm_``, or by you): G = gram(components) (all-reduced over the
+process group), the policy turns G into coefficients, combine() writes sum_i c_i g_i into ``.grad``.
+Anything that changes ``.grad`` before that on a per-component step raises (components.py);
+``model.zero_grad()`` there discards the collected components like ``optimizer.zero_grad()``.
 
-AMP: pass ``scaler=`` and unscaled losses; the hook scales each loss itself, and steers *before*
-the scaler unscales and checks ``.grad``, so an overflow in any component (inf/NaN in its buffer)
-reaches ``.grad`` and the scaler skips the step. The policies are invariant to the common loss
-scale; ``stats`` report the unscaled Gram.
+AMP: pass ``scaler=`` and unscaled losses; the hook scales each loss itself and steers *before* the
+scaler unscales and checks ``.grad``, so an overflow in any component reaches ``.grad`` and the
+scaler skips the step. The policies are invariant to the common loss scale; ``stats`` report the
+unscaled Gram. A scaler used but not passed raises at the step (its unscale_ changes .grad).
 
-zero_grad: the buffers are dropped at every apply(); ``optimizer.zero_grad()`` (wrapped by the
-hook) also drops buffers collected since the last step and forgets that step, like ``.grad``.
+Checkpoints: the hook's state (step count, auto's EMA) travels inside ``optimizer.state_dict()``
+(in its first param group, which ``Optimizer.load_state_dict`` keeps), so it is restored whether
+the optimizer's state is loaded before or after the hook is created.
 
-Distributed (vgs_kernels/distributed.py): each rank's Gram is a partial one over what it counts
-(its shards, its slice of replicated tensors), all-reduced over the process group (k*k numbers);
-replicated gradients (DDP) are averaged per component first; the kernels read and write local
-tensors (a DTensor's local shard under FSDP2).
+Distributed (vgs_kernels/distributed.py): each rank's Gram is a partial one over what it counts,
+all-reduced over the process group (k*k numbers); replicated gradients (DDP) are averaged per
+component first; the kernels read and write local tensors (a DTensor's local shard under FSDP2).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Mapping, Optional, Union
+import math
+from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 import torch
 from torch import Tensor
 
 from vgs_kernels import policies
 from vgs_kernels.combine import combine
+from vgs_kernels.components import ComponentGrads, trainable
 from vgs_kernels.distributed import ProcessGroupSync
 from vgs_kernels.gram import gram
+from vgs_kernels.loss import VGSLossOutput
 
-POLICIES = ("vgs", "project", "sum", "fixed", "auto")
+POLICIES = ("vgs", "project", "pcgrad", "sum", "fixed", "auto")
 STATE_KEY = "vgs_kernels.GradientSteering"
+STAT_KEYS = ("step", "mode", "names", "gram", "norms", "cos", "coeffs", "eta", "fallback", "eta_ema",
+             "eta_error")
+Losses = Union[VGSLossOutput, Mapping[str, Tensor]]
 
 
 class GradientSteering:
     """Gradient steering on an existing optimizer (registers itself; ``remove()`` undoes it).
 
     Args:
-        optimizer: any torch.optim.Optimizer; its parameters (all groups) are steered.
-        policy: "vgs" (exact Eq. 15), "project" (PCGrad-style), "sum" (monolithic), "fixed"
-            (constant ``eta``, one combined backward), "auto" (exact every ``every`` steps, EMA of
-            eta with one combined backward in between), or a callable (G [k, k], names) -> [k]
-            coefficients (device tensor).
-        gamma: weight of the ``vis`` component (the second one if none is named "vis").
-        lam: weight of a component named ``lp`` (VGSLoss's out.lp is not multiplied by lambda).
+        optimizer: any torch.optim.Optimizer (or a wrapper with ``.optimizer``, e.g. Accelerate's);
+            its trainable parameters (all groups) are steered.
+        policy: "vgs" (exact Eq. 15), "project" (conflict-aware VGS), "pcgrad" (PCGrad as TorchJD),
+            "sum" (monolithic), "fixed" (constant ``eta``, one combined backward), "auto" (exact
+            every ``every`` steps, EMA of eta with one combined backward in between), or a callable
+            (G [k, k] float32, names) -> [k] coefficients. vgs_kernels/policies.py says what each
+            guarantees.
+        gamma, lam: weights of the ``vis`` component (the second one if none is named "vis") and
+            of ``lp``. Default: taken from the loss output given to ``backward`` (2.0 and 0.01 for
+            a dict of losses); given here and different from the loss's, ``backward`` raises.
         weights: weights of other components by name (default 1.0; may override std/vis/lp too).
-        eta: the constant of policy "fixed".
-        every: K of policy "auto" (steps between exact measurements).
-        ema: EMA decay of policy "auto": eta_ema <- ema * eta_ema + (1 - ema) * eta_exact.
+        eta: the constant of policy "fixed". every, ema: policy "auto" measures the exact eta
+            every ``every`` steps (and again right after a step that fell back) and uses
+            eta_ema <- ema * eta_ema + (1 - ema) * eta in between.
         scaler: the torch.amp.GradScaler of an AMP loop (then pass unscaled losses).
         process_group: group over which the Gram is all-reduced; None: the world group when
-            torch.distributed is initialised (DDP's group if ``model`` holds DDP), else no reduction.
-        model: optional, the DDP- or FSDP2-wrapped model: lets the hook turn DDP's own gradient
-            sync off on per-component steps (it averages each component once at the step instead)
-            and check FSDP2's (vgs_kernels/distributed.py).
+            torch.distributed is initialised (DDP's group if ``model`` holds DDP), else none.
+        model: optional, the (DDP/FSDP2-wrapped) model: lets the hook manage DDP's sync, check
+            FSDP2's, and reject sparse embeddings up front.
         backend: forces the gram/combine backend ("auto", "cpp", "triton", "reference").
+        backward_fn: runs every backward the hook runs, as ``backward_fn(loss, retain_graph=...)``
+            (e.g. ``accelerator.backward``); default ``torch.autograd.backward``.
 
     Attributes:
-        stats: after each step, device tensors (call .item() when logging): "gram" [k, k] (unscaled),
-            "norms" [k], "cos" [k, k], "coeffs" [k], "eta" (coeffs[std] / w[std]), "fallback" (bool:
-            the Gram or the policy's coefficients were not finite, the plain weighted sum was used),
-            and "step", "mode" ("exact" or "combined": then only coeffs, eta, fallback), "names";
-            policy "auto" adds "eta_ema" and, on exact steps, "eta_error" = |eta_ema - eta| / eta
-            (how far the EMA used on the combined steps was from the exact value).
+        stats: after each step, the keys STAT_KEYS, every step: "step", "mode" ("exact" or
+            "combined"), "names", and device tensors "gram" [k, k] (unscaled), "norms" [k], "cos"
+            [k, k], "coeffs" [k], "eta" (coeffs[std] / w[std]), "fallback" (bool: G or the policy's
+            coefficients were not finite, the plain weighted sum was used), "eta_ema" (auto) and
+            "eta_error" = |eta_ema - eta| / eta on auto's measurements; NaN where not measured.
         step_count, eta_ema: the state saved with optimizer.state_dict() (or self.state_dict()).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, policy: Union[str, policies.Policy] = "vgs",
-                 gamma: float = 2.0, *, lam: float = 0.01, weights: Optional[Mapping[str, float]] = None,
-                 eta: Optional[float] = None, every: int = 16, ema: float = 0.7,
-                 scaler: Optional[Any] = None, process_group: Optional[Any] = None,
-                 backend: Optional[str] = None, model: Optional[torch.nn.Module] = None):
-        inner = getattr(optimizer, "optimizer", None)  # HF Accelerate's AcceleratedOptimizer wraps one
-        if not isinstance(optimizer, torch.optim.Optimizer) and isinstance(inner, torch.optim.Optimizer):
-            optimizer = inner
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+                 gamma: Optional[float] = None, *, lam: Optional[float] = None,
+                 weights: Optional[Mapping[str, float]] = None, eta: Optional[float] = None,
+                 every: int = 16, ema: float = 0.7, scaler: Optional[Any] = None,
+                 process_group: Optional[Any] = None, backend: Optional[str] = None,
+                 model: Optional[torch.nn.Module] = None, backward_fn: Optional[Callable[..., Any]] = None):
+        optimizer = _unwrap(optimizer)
         if getattr(optimizer, "_vgs_steering", None) is not None:
             raise RuntimeError("this optimizer already has a GradientSteering hook; remove() it first")
         if not callable(policy) and policy not in POLICIES:
@@ -102,127 +108,135 @@ class GradientSteering:
             raise ValueError(f"every must be an int >= 1, got {every!r}")
         if not 0.0 <= ema < 1.0:
             raise ValueError(f"ema must be in [0, 1), got {ema!r}")
+        _reject_sparse(model)
         self.optimizer, self.policy, self.scaler, self.backend = optimizer, policy, scaler, backend
-        self.gamma, self.lam, self.eta, self.every, self.ema = float(gamma), float(lam), eta, every, ema
+        self.gamma, self.lam, self.eta, self.every, self.ema = gamma, lam, eta, every, ema
         self.weights = dict(weights or {})
-        self.process_group = process_group
+        self.process_group, self._backward_fn = process_group, backward_fn or torch.autograd.backward
         self.names: Optional[tuple] = None
         self.step_count = 0
-        self.eta_ema: Optional[Tensor] = None
+        self.eta_ema: Optional[Tensor] = None   # NaN until auto's first successful measurement
+        self._retry: Union[bool, Tensor] = False  # auto: the last measurement fell back
         self.stats: Dict[str, Any] = {}
-        self._buffers: Dict[Tensor, List[Optional[Tensor]]] = {}  # param -> grads of components 1..k-1
+        self._grads = ComponentGrads(optimizer)
         self._open = False   # gradients of a step are being collected
         self._split = True   # ... per component (else one combined backward)
         self._sync = ProcessGroupSync(optimizer, process_group, model, self._wants_split)
         self._handles = [optimizer.register_step_pre_hook(lambda *_: self.apply()),
                          optimizer.register_state_dict_post_hook(self._save),
-                         optimizer.register_load_state_dict_pre_hook(self._load)]
-        self._patched = [(optimizer, "zero_grad", self._wrap(optimizer.zero_grad, lambda *a, **k: self.reset()))]
+                         optimizer.register_load_state_dict_post_hook(self._load)]
+        self._patched = [(optimizer, "zero_grad", _before(optimizer.zero_grad, lambda *a, **k: self.reset()))]
         if scaler is not None:  # steer before the scaler unscales and checks .grad for inf/NaN
-            self._patched.append((scaler, "unscale_", self._wrap(
-                scaler.unscale_, lambda opt: self.apply() if opt is self.optimizer else None)))
+            self._patched.append((scaler, "unscale_", _before(
+                scaler.unscale_, lambda opt: self.apply() if _unwrap(opt) is self.optimizer else None)))
         for obj, name, fn in self._patched:
             setattr(obj, name, fn)
         optimizer._vgs_steering = self
-
-    @staticmethod
-    def _wrap(method: Callable, before: Callable) -> Callable:
-        def wrapped(*args, **kwargs):
-            before(*args, **kwargs)
-            return method(*args, **kwargs)
-        return wrapped
+        self._load(optimizer)  # the optimizer's state may have been loaded before the hook existed
 
     # ------------------------------------------------------------------ collecting gradients
 
-    def backward(self, losses: Mapping[str, Tensor], *, retain_graph: bool = False) -> None:
+    def backward(self, losses: Losses, *, retain_graph: bool = False) -> None:
         """Backward of each named scalar loss into its own gradient (or one combined backward).
 
-        The names and their order are fixed by the first call (component 0 is the one whose
-        gradient lives in .grad). A loss that does not require grad contributes zero.
+        losses: a VGSLossOutput (its weights and component mode come with it) or a dict
+        {name: scalar loss}. The names and their order are fixed by the first call (component 0's
+        gradient lives in .grad). Every component must carry a gradient.
         """
-        names = self._check(losses)
+        comps, total = (losses.losses(), self._adopt(losses)) if isinstance(losses, VGSLossOutput) \
+            else (losses, None)
+        names = self._check(comps, losses.weights if total is not None else None)
+        if self._open and not self._grads.intact():  # the loop dropped every .grad: a new step
+            self._open = False
         if not self._open:
             self._split = self._wants_split()
+            self._grads.start(len(names))
             self._open = True
-        params = self._params()
-        self._sync.before_backward(names, params, self._split)
-        live = [i for i, n in enumerate(names) if losses[n].requires_grad]
-        if not live:
-            return
+        self._sync.before_backward(names, self._grads.params, self._split)
         if not self._split:
-            c = self._fixed_coeffs(losses[names[live[0]]].device)
-            total = sum(c[i] * losses[names[i]] for i in live)
-            self._run_backward(self._scale(total), retain_graph)
+            c = self._fixed_coeffs(comps[names[0]].device)
+            loss = (c[self._std] / self._w[self._std]) * total if total is not None else \
+                sum(c[i] * comps[n] for i, n in enumerate(names))
+            self._run_backward(loss, retain_graph)
             return
-        for pos, i in enumerate(live):
-            retain = retain_graph or pos < len(live) - 1
-            loss = self._scale(losses[names[i]])
-            if i == 0:
-                self._run_backward(loss, retain)
-                continue
-            stash = [p.grad for p in params]  # .grad holds component 0; swap component i in
-            for p in params:
-                p.grad = self._buffers.get(p, (None,) * len(names))[i - 1]
-            try:
-                self._run_backward(loss, retain)
-            finally:
-                for p, g in zip(params, stash):
-                    if p.grad is not None or p in self._buffers:
-                        self._buffers.setdefault(p, [None] * (len(names) - 1))[i - 1] = p.grad
-                    p.grad = g
+        if isinstance(losses, VGSLossOutput) and not losses.components:
+            raise ValueError(f"GradientSteering(policy={self._policy_name()}): this step needs each component's "
+                             "gradient (needs_components is True) but the loss output only carries the combined "
+                             "one; use FusedLinearVGSLoss(components=True), or set loss_fn.components = "
+                             "steer.needs_components before each forward")
+        for i, n in enumerate(names):
+            retain = retain_graph or i < len(names) - 1
+            self._grads.run(i, lambda: self._run_backward(comps[n], retain))
+        self._grads.mark()
 
-    def _check(self, losses: Mapping[str, Tensor]) -> tuple:
+    @property
+    def needs_components(self) -> bool:
+        """Whether the coming backward runs per component (False: one combined backward)."""
+        return self._wants_split()
+
+    def _adopt(self, out: VGSLossOutput) -> Tensor:
+        """A loss output's total, once its eta and weights are checked against the hook's."""
+        if out.eta is not None:
+            raise ValueError("the loss output was scaled by the loss's own eta (VGSLoss(eta=...)); with "
+                             "GradientSteering leave the loss's eta=None: the policy sets eta "
+                             "(policy='fixed', eta=...)")
+        explicit = {**({"vis": self.gamma} if self.gamma is not None else {}),
+                    **({"lp": self.lam} if self.lam is not None else {}), **self.weights}
+        adopted = dict(zip(self.names, self._w)) if self.names is not None else {}
+        for name, have in out.weights.items():
+            for given, what in ((explicit.get(name), "GradientSteering's"), (adopted.get(name), "the first call's")):
+                if given is not None and not math.isclose(given, have):
+                    raise ValueError(f"the loss output weighs {name!r} by {have} but {what} weight is {given}; "
+                                     "give gamma / lam to the loss only (the hook takes them from its output)")
+        return out.total
+
+    def _check(self, losses: Mapping[str, Tensor], weights: Optional[Mapping[str, float]] = None) -> tuple:
         if not isinstance(losses, Mapping) or not losses:
-            raise TypeError("losses must be a non-empty dict {name: scalar loss tensor}")
+            raise TypeError("losses must be a VGSLossOutput or a non-empty dict {name: scalar loss tensor}")
         names = tuple(losses)
         for n, loss in losses.items():
             if not isinstance(loss, Tensor) or loss.numel() != 1:
                 raise ValueError(f"losses[{n!r}] must be a scalar tensor, got "
                                  f"{tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__}")
+            if not loss.requires_grad:
+                raise ValueError(f"losses[{n!r}] does not require grad, so it would add nothing to the step: "
+                                 "it was detached, computed under torch.no_grad(), or only its gradient "
+                                 "was kept elsewhere (FusedLinearVGSLoss(components=False): pass the whole "
+                                 "output, steer.backward(out)); drop a component that is constant")
         if self.names is None:
-            self._set_names(names)
+            self._set_names(names, weights)
         elif names != self.names:
             raise ValueError(f"losses must have the components {self.names} (in that order) as in the "
                              f"first call, got {names}")
         return names
 
-    def _set_names(self, names: tuple) -> None:
+    def _set_names(self, names: tuple, weights: Optional[Mapping[str, float]] = None) -> None:
         if not 1 <= len(names) <= 4:
             raise ValueError(f"1 to 4 components can be steered, got {len(names)}: {names}")
         self._w_dev = None
+        gamma = 2.0 if self.gamma is None else self.gamma
+        lam = 0.01 if self.lam is None else self.lam
         self._w, self._std, self._vis = policies.base_weights(
-            names, self.gamma, {**({"lp": self.lam} if "lp" in names else {}), **self.weights})
+            names, gamma, {**({"lp": lam} if "lp" in names else {}), **(weights or {}), **self.weights})
         self.names = names
 
     def _wants_split(self) -> bool:
         """Whether this step's backward (between steps: the next one's) runs per component."""
         if self._open:
             return self._split
-        return self.policy != "fixed" and not (
-            self.policy == "auto" and self.eta_ema is not None and self.step_count % self.every != 0)
+        if self.policy == "fixed":
+            return False
+        if self.policy != "auto":
+            return True
+        if isinstance(self._retry, Tensor):  # read once after each measurement (one host sync)
+            self._retry = bool(self._retry)
+        return self.eta_ema is None or self._retry or self.step_count % self.every == 0
 
     def _run_backward(self, loss: Tensor, retain_graph: bool) -> None:
         """The one place a backward runs (DDP's sync is switched by ProcessGroupSync.before_backward)."""
-        torch.autograd.backward(loss, retain_graph=retain_graph)
-
-    def _scale(self, loss: Tensor) -> Tensor:
-        return loss if self.scaler is None else self.scaler.scale(loss)
-
-    def _params(self) -> List[Tensor]:
-        """The optimizer's trainable parameters, each once (a tied weight is one Parameter)."""
-        seen, out = set(), []
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                if p.requires_grad and id(p) not in seen:
-                    seen.add(id(p))
-                    out.append(p)
-        return out
+        self._backward_fn(loss if self.scaler is None else self.scaler.scale(loss), retain_graph=retain_graph)
 
     # ------------------------------------------------------------------ steering
-
-    def _device(self) -> torch.device:
-        params = self._params()
-        return params[0].device if params else torch.device("cpu")
 
     def _weights(self, device: torch.device) -> Tensor:
         """w as a [k] float32 tensor on `device`, built once (a blocking host-to-device copy)."""
@@ -231,36 +245,42 @@ class GradientSteering:
         return self._w_dev
 
     def _fixed_coeffs(self, device: torch.device) -> Tensor:
-        if self.policy != "fixed":
-            self.eta_ema = self.eta_ema.to(device)  # once, after loading a checkpoint
-        return policies.fixed(self._weights(device), self.eta if self.policy == "fixed" else self.eta_ema)
+        if self.policy == "fixed":
+            return policies.fixed(self._weights(device), self.eta)
+        self.eta_ema = self.eta_ema.to(device)  # a no-op but once after loading a checkpoint
+        return policies.fixed(self._weights(device), self.eta_ema)
 
     def apply(self) -> None:
         """Steers the gradients collected since the last step into .grad (idempotent per step)."""
-        if not self._open:
+        if not self._open or (self._split and not self._grads.intact()):
+            self._open = False
             return
         self._open = False
         try:
+            params = self._grads.params
+            device = params[0].device if params else torch.device("cpu")
             if self._split:
-                self._steer()
+                self._steer(device)
             else:
-                params = self._params()
                 self._sync.average(params, [[p.grad] for p in params], self.names)  # replicas: mean .grad
-                device = self._device()
                 c = self._fixed_coeffs(device)
-                self.stats = {"step": self.step_count, "mode": "combined", "names": self.names,
-                              "coeffs": c, "eta": c[self._std] / self._w[self._std],
-                              "fallback": torch.zeros((), dtype=torch.bool, device=device)}
+                self._record("combined", device, coeffs=c)
         finally:
-            self._buffers.clear()
+            self._grads.clear()
             self.step_count += 1
 
-    def _steer(self) -> None:
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, **kwargs: Any) -> Tensor:
+        """Steers (and, with ``scaler=``, unscales) first, then torch.nn.utils.clip_grad_norm_ over
+        the steered parameters; returns the total norm of the steered gradient."""
+        self.apply()
+        if self.scaler is not None and _stage(self.scaler, self.optimizer) == "READY":
+            self.scaler.unscale_(self.optimizer)
+        return torch.nn.utils.clip_grad_norm_(trainable(self.optimizer), max_norm, norm_type, **kwargs)
+
+    def _steer(self, device: torch.device) -> None:
         k = len(self.names)
-        params = self._params()
-        cols = [[p.grad, *self._buffers.get(p, (None,) * (k - 1))] for p in params]
-        out, cols, lists = self._sync.prepare(params, cols, self.names)  # local tensors; Gram's share
-        device = out[0].device if out else self._device()
+        out, cols, lists = self._sync.prepare(self._grads.params, self._grads.columns(), self.names)
+        device = out[0].device if out else device
         G = gram(lists, backend=self.backend) if lists[0] else torch.zeros(k, k, device=device)
         G = self._sync.reduce_gram(G.to(device))
         scale = getattr(self.scaler, "_scale", None) if self.scaler is not None else None
@@ -268,54 +288,85 @@ class GradientSteering:
             G = G / scale.to(G).square()
         w = self._weights(device)
         policy = "vgs" if self.policy == "auto" else self.policy
-        raw = (policy(G, self.names) if callable(policy)
+        raw = (self._call_policy(G) if callable(policy)
                else policies.BUILTIN[policy](G, w, self._std, self._vis))
-        coeffs, fell_back = policies.guard(G, raw.to(device=device, dtype=torch.float32), w)
+        coeffs, fell_back = policies.guard(G, raw, w)
         combine(out, [[col[i] for col in cols] for i in range(k)], coeffs, backend=self.backend)
-        norms = G.diagonal().clamp_min(0).sqrt()
-        denom = norms[:, None] * norms[None, :]
-        eta = coeffs[self._std] / w[self._std]
-        self.stats = {"step": self.step_count, "mode": "exact", "names": self.names, "gram": G,
-                      "norms": norms, "cos": torch.where(denom > 0, G / denom, torch.zeros_like(G)),
-                      "coeffs": coeffs, "eta": eta, "fallback": fell_back}
-        if self.policy == "auto":
-            if self.eta_ema is not None:  # how far the EMA (used in between) is from the exact eta
-                previous = self.eta_ema.to(device)
-                self.stats["eta_error"] = (previous - eta).abs() / eta.abs()
-                new = self.ema * previous + (1 - self.ema) * eta
-                self.eta_ema = torch.where(fell_back, previous, new)
-            else:
-                self.eta_ema = torch.where(fell_back, torch.ones_like(eta), eta)
-            self.stats["eta_ema"] = self.eta_ema
+        self._record("exact", device, G=G, coeffs=coeffs, fell_back=fell_back)
+
+    def _call_policy(self, G: Tensor) -> Tensor:
+        """A user policy's coefficients, checked: k finite-or-not floats (a sequence or a tensor)."""
+        name = getattr(self.policy, "__name__", repr(self.policy))
+        c = self.policy(G, self.names)
+        if not isinstance(c, Tensor):
+            try:
+                c = torch.as_tensor(c, dtype=torch.float32)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise TypeError(f"policy {name} must return {len(self.names)} coefficients (a [k] tensor), "
+                                f"got {type(c).__name__}: {e}") from None
+        if c.shape != (len(self.names),) or c.is_complex():
+            raise ValueError(f"policy {name} must return a [k] = [{len(self.names)}] tensor of coefficients "
+                             f"for the components {self.names}, got shape {tuple(c.shape)}")
+        return c.to(device=G.device, dtype=torch.float32)
+
+    def _record(self, mode: str, device: torch.device, coeffs: Tensor, G: Optional[Tensor] = None,
+                fell_back: Optional[Tensor] = None) -> None:
+        """stats with every key of STAT_KEYS (NaN where this step measured nothing)."""
+        k, nan = len(self.names), torch.full((), math.nan, device=device)
+        eta = coeffs[self._std] / self._w[self._std]
+        stats: Dict[str, Any] = {"step": self.step_count, "mode": mode, "names": self.names,
+                                 "gram": nan.expand(k, k), "norms": nan.expand(k), "cos": nan.expand(k, k),
+                                 "coeffs": coeffs, "eta": eta, "eta_ema": nan, "eta_error": nan,
+                                 "fallback": torch.zeros((), dtype=torch.bool, device=device)}
+        if G is not None:
+            norms = G.diagonal().clamp_min(0).sqrt()
+            denom = norms[:, None] * norms[None, :]
+            stats.update(gram=G, norms=norms, cos=torch.where(denom > 0, G / denom, torch.zeros_like(G)),
+                         fallback=fell_back)
+            if self.policy == "auto":
+                self._measured(eta, fell_back, stats)
+        if self.policy == "auto" and self.eta_ema is not None:
+            stats["eta_ema"] = self.eta_ema
+        self.stats = stats
+
+    def _measured(self, eta: Tensor, fell_back: Tensor, stats: Dict[str, Any]) -> None:
+        """auto: an exact eta feeds the EMA, unless it fell back (then the next step measures again)."""
+        prev = self.eta_ema.to(eta) if self.eta_ema is not None else torch.full_like(eta, math.nan)
+        blended = torch.where(prev.isnan(), eta, self.ema * prev + (1 - self.ema) * eta)
+        self.eta_ema = torch.where(fell_back, prev, blended)
+        stats["eta_error"] = torch.where(fell_back, math.nan, (prev - eta).abs() / eta.abs())
+        self._retry = fell_back
+
+    def _policy_name(self) -> str:
+        return repr(self.policy) if isinstance(self.policy, str) else getattr(self.policy, "__name__", "callable")
 
     # ------------------------------------------------------------------ bookkeeping
 
     def reset(self) -> None:
         """Drops the gradients collected since the last step (optimizer.zero_grad() calls this)."""
-        self._buffers.clear()
+        self._grads.clear()
         self._open = False
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"step_count": self.step_count, "eta_ema": self.eta_ema, "names": self.names}
+        retry = self._retry if isinstance(self._retry, bool) else bool(self._retry)
+        return {"step_count": self.step_count, "eta_ema": self.eta_ema, "names": self.names, "retry": retry}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.step_count = int(state["step_count"])
-        self.eta_ema = state["eta_ema"]
+        self.eta_ema, self._retry = state["eta_ema"], bool(state.get("retry", False))
         if state.get("names") is not None and self.names is None:
             self._set_names(tuple(state["names"]))
         elif state.get("names") is not None and tuple(state["names"]) != self.names:
             raise ValueError(f"saved components {tuple(state['names'])} differ from {self.names}")
 
     def _save(self, optimizer, state_dict: Dict[str, Any]) -> Dict[str, Any]:
-        state_dict[STATE_KEY] = self.state_dict()
+        state_dict["param_groups"][0][STATE_KEY] = self.state_dict()
         return state_dict
 
-    def _load(self, optimizer, state_dict: Dict[str, Any]) -> Dict[str, Any]:
-        state_dict = dict(state_dict)
-        mine = state_dict.pop(STATE_KEY, None)
+    def _load(self, optimizer) -> None:
+        mine = optimizer.param_groups[0].pop(STATE_KEY, None) if optimizer.param_groups else None
         if mine is not None:
             self.load_state_dict(mine)
-        return state_dict
 
     def remove(self) -> None:
         """Unregisters the hooks and wrappers and drops the buffers (.grad is left as it is)."""
@@ -329,3 +380,33 @@ class GradientSteering:
         self.reset()
         if getattr(self.optimizer, "_vgs_steering", None) is self:
             del self.optimizer._vgs_steering
+
+
+def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer (HF Accelerate's AcceleratedOptimizer subclasses Optimizer but wraps one)."""
+    inner = getattr(optimizer, "optimizer", None)
+    if isinstance(inner, torch.optim.Optimizer):
+        optimizer = inner
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    return optimizer
+
+
+def _before(method: Callable, before: Callable) -> Callable:
+    def wrapped(*args, **kwargs):
+        before(*args, **kwargs)
+        return method(*args, **kwargs)
+    return wrapped
+
+
+def _reject_sparse(model: Optional[torch.nn.Module]) -> None:
+    for m in model.modules() if isinstance(model, torch.nn.Module) else ():
+        if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and m.sparse:
+            raise TypeError(f"GradientSteering: {type(m).__name__}(sparse=True) gives sparse gradients; "
+                            "steering needs dense ones: build it with sparse=False")
+
+
+def _stage(scaler: Any, optimizer: torch.optim.Optimizer) -> Optional[str]:
+    """GradScaler's stage for `optimizer` this step ("READY", "UNSCALED", "STEPPED"), None if unknown."""
+    state = getattr(scaler, "_per_optimizer_states", {}).get(id(optimizer))
+    return getattr(state.get("stage"), "name", None) if state else "READY"
