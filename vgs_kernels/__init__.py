@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 from vgs_kernels.decomposed_kl import KLTerms, decomposed_kl, decomposed_kl_reference
 from vgs_kernels.loss import VGSLoss, VGSLossOutput, vgs_loss
 from vgs_kernels.vlm import (DistillLogits, VisionTokens, check_processor, distill_logits, response_logits,
-                             response_positions, rollout_batch, strip_images)
+                             response_positions, rollout_batch, strip_images, text_only_batch)
 from vgs_kernels.probe import GeometryRow, gradient_geometry, plot_gradient_geometry
 from vgs_kernels.fused_linear import FusedLinearVGSLoss, fused_linear_decomposed_kl
 from vgs_kernels.gram import gram

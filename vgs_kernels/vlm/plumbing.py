@@ -1,68 +1,23 @@
-"""VLM plumbing: from a transformers VLM batch to the four response-logit tensors of the decomposed loss.
+"""The data path from a transformers VLM batch to the four response-logit tensors of the decomposed loss.
 
-On-policy distillation scores the student's response tokens four times: student and teacher, each with
-the image and text-only (the same chat prompt with the image removed). This module
-
-- builds the rollout batch from ``generate`` output (:func:`rollout_batch`),
-- builds the text-only batch by dropping the vision placeholder span (``<|vision_start|>``, the
-  ``<|image_pad|>`` run, ``<|vision_end|>``) and the vision inputs, re-padding on the batch's side
-  (:func:`strip_images`) — for Qwen's chat templates this is token for token what the template renders
-  for the same conversation without the image,
-- runs the four forward passes, projecting only the response positions through the LM head
-  (``logits_to_keep`` with a [B, T] position tensor), and checks that the two passes saw the same
-  response tokens (:func:`distill_logits`).
-
-Tested with Qwen2-VL, Qwen2.5-VL and Qwen3-VL; any transformers VLM whose config names its placeholder
-ids (``image_token_id`` / ``image_token_index``) and whose forward accepts ``logits_to_keep`` fits.
+- :func:`rollout_batch`: the full batch (prompt + sampled response) and its response mask from ``generate``;
+- :func:`strip_images`: the text-only batch from token ids only, cutting each image span as the model's
+  family spec says (:mod:`vgs_kernels.vlm.specs`); :func:`vgs_kernels.vlm.text_only_batch` builds it from the
+  chat messages instead, exact by construction;
+- :func:`distill_logits`: the four forward passes, projecting only the response positions through the LM
+  head (``logits_to_keep`` with a [B, T] position tensor), after checking that the image and text-only
+  batches score the same response tokens.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Mapping, NamedTuple
 
 import torch
 
-# Inputs that carry the image (or video) itself; the text-only batch drops them.
-VISION_KEYS = ("pixel_values", "image_grid_thw", "image_sizes", "pixel_values_videos", "video_grid_thw",
-               "second_per_grid_ts", "position_ids", "rope_deltas")
+from vgs_kernels.vlm.specs import FAMILY_SPECS, LAYOUT_KEYS, VisionTokens, _image_id
 
-
-@dataclass(frozen=True)
-class VisionTokens:
-    """Token ids of a VLM's vision placeholders.
-
-    ``image``/``video`` are the placeholder ids repeated once per visual token; ``start``/``end`` the
-    markers around each run (None where the model has none); ``merge`` the spatial merge size that maps
-    an ``image_grid_thw`` row to its token count (prod(thw) / merge**2), None if the model has no grids.
-    """
-
-    image: int
-    video: int | None = None
-    start: int | None = None
-    end: int | None = None
-    merge: int | None = None
-    patch_dim: int | None = None  # values per flattened patch row of pixel_values (Qwen-style encoders)
-
-    @classmethod
-    def from_model(cls, model: torch.nn.Module) -> "VisionTokens":
-        cfg = model.config
-        image = getattr(cfg, "image_token_id", None)
-        image = getattr(cfg, "image_token_index", None) if image is None else image
-        if image is None:
-            raise ValueError(f"{type(model).__name__}: config has no image_token_id / image_token_index; "
-                             "is this a vision-language model?")
-        vision_cfg = getattr(cfg, "vision_config", None)
-        merge = getattr(vision_cfg, "spatial_merge_size", None)
-        dims = [getattr(vision_cfg, k, None) for k in ("in_channels", "temporal_patch_size", "patch_size")]
-        patch_dim = dims[0] * dims[1] * dims[2] ** 2 if merge and all(isinstance(d, int) for d in dims) else None
-        return cls(image=image, video=getattr(cfg, "video_token_id", None),
-                   start=getattr(cfg, "vision_start_token_id", None), end=getattr(cfg, "vision_end_token_id", None),
-                   merge=merge, patch_dim=patch_dim)
-
-    def ids(self, device: torch.device | None = None) -> torch.Tensor:
-        """All ids the text-only batch drops, as a 1-D int64 tensor."""
-        ids = [i for i in (self.image, self.video, self.start, self.end) if i is not None]
-        return torch.tensor(ids, dtype=torch.long, device=device)
+# Every family's vision-input keys (for messages naming what strip_images drops).
+VISION_KEYS = tuple(dict.fromkeys(k for spec in FAMILY_SPECS.values() for k in spec.vision_keys)) + LAYOUT_KEYS
 
 
 class DistillLogits(NamedTuple):
@@ -81,13 +36,25 @@ class DistillLogits(NamedTuple):
     mask: torch.Tensor
 
 
-def check_processor(processor: Any, model: torch.nn.Module) -> None:
-    """Raise ValueError when ``processor`` and ``model`` disagree on the image placeholder or vocabulary."""
-    tokens = VisionTokens.from_model(model)
-    proc_id = getattr(processor, "image_token_id", None)
-    if proc_id is not None and proc_id != tokens.image:
-        raise ValueError(f"processor and model disagree on the image placeholder: processor.image_token_id="
-                         f"{proc_id}, {type(model).__name__}.config.image_token_id={tokens.image}")
+def check_processor(processor: Any, model: torch.nn.Module, vision_tokens: VisionTokens | None = None) -> None:
+    """Raise ValueError when ``processor`` and ``model`` disagree on the vision tokens or the vocabulary.
+
+    Compares the processor attributes the family spec pairs with config fields (``processor.image_token_id``
+    with ``config.image_token_id`` for most families; Gemma3's processor names its ``<start_of_image>``
+    id ``image_token_id``, paired with ``config.boi_token_index``), resolves the spec's token strings with
+    the processor's tokenizer, and checks that the tokenizer fits the model's vocabulary.
+    """
+    tokens = vision_tokens or VisionTokens.from_model(model, processor)
+    spec = FAMILY_SPECS.get(getattr(model.config, "model_type", None))
+    pairs = (spec.processor_ids or {"image_token_id": spec.placeholder}) if spec is not None and vision_tokens is None \
+        else {"image_token_id": None}
+    for attr, cfg_field in pairs.items():
+        proc_id = getattr(processor, attr, None)
+        model_id = tokens.image if cfg_field is None else getattr(model.config, cfg_field, None)
+        if proc_id is not None and proc_id != model_id:
+            where = "vision_tokens.image" if cfg_field is None else f"{type(model).__name__}.config.{cfg_field}"
+            raise ValueError(f"processor and model disagree on the image placeholder: processor.{attr}={proc_id}, "
+                             f"{where}={model_id}")
     n_tok, vocab = len(getattr(processor, "tokenizer", processor)), _vocab_size(model)
     if n_tok > vocab:
         raise ValueError(f"processor's tokenizer has {n_tok} tokens but {type(model).__name__} has a vocabulary "
@@ -124,13 +91,19 @@ def rollout_batch(prompt_batch: Mapping[str, Any], sequences: torch.Tensor, eos_
 def strip_images(batch: Mapping[str, Any], response_mask: torch.Tensor, tokens: VisionTokens,
                  pad_token_id: int | None = None, padding_side: str | None = None
                  ) -> tuple[dict[str, Any], torch.Tensor]:
-    """The text-only batch: same prompt and response, vision placeholders and vision inputs removed.
+    """The text-only batch from token ids: same prompt and response, image spans and vision inputs removed.
 
-    batch: a processor batch with input_ids [B, L] (+ attention_mask, mm_token_type_ids, ... of the same
-    shape, and vision inputs). response_mask: [B, L] bool, True on response tokens. Placeholder and
-    marker tokens are dropped from the prompt only; rows shrink by their own count and are re-padded
-    with ``pad_token_id`` (default: the batch's own pad id, else 0) on ``padding_side`` (default: "left"
-    when some row starts with padding, else "right"). Returns (text_batch, text_response_mask).
+    batch: a processor batch with input_ids [B, L] (+ attention_mask, mm_token_type_ids, token_type_ids, ...
+    of the same shape, and vision inputs). response_mask: [B, L] bool, True on response tokens.
+    tokens: the model's :class:`VisionTokens` (``VisionTokens.from_model(model, processor)``). In the
+    prompt, every image span (``tokens.before``, vision ids with ``tokens.inner`` ids between them,
+    ``tokens.after``) is dropped; the response is kept as it is. Rows shrink by their own count, lose
+    their padding (also ``generate``'s padding after an early end of sequence) and are re-padded with ``pad_token_id`` (default: the batch's own pad id, else 0) on ``padding_side``
+    (default: "left" when some row starts with padding, else "right"). Keys in ``tokens.vision_keys`` and
+    layout keys (position_ids, rope_deltas) are dropped. Returns (text_batch, text_response_mask).
+
+    For the published chat templates this is token for token what the template renders without the image
+    (tested per family); a span missing its ``before`` / ``after`` text raises instead of guessing.
     """
     ids = batch["input_ids"]
     B, L = ids.shape
@@ -144,7 +117,10 @@ def strip_images(batch: Mapping[str, Any], response_mask: torch.Tensor, tokens: 
     if pad_token_id is None:
         pads = ids[attn == 0]
         pad_token_id = int(pads[0]) if pads.numel() else 0
-    keep = ~(torch.isin(ids, tokens.ids(ids.device)) & ~response_mask.bool())
+    prompt = attn.bool() & ~response_mask.bool()
+    keep = torch.tensor([_keep_row(row, p, tokens, i) for i, (row, p) in
+                         enumerate(zip(ids.tolist(), prompt.tolist()))], dtype=torch.bool, device=ids.device)
+    keep = keep.reshape(B, L) & attn.bool()  # padding goes too: rows are re-padded on one side
     n_keep = keep.sum(1)
     T = int(n_keep.max())
     # Destination column of every kept token: packed in order, shifted right by the row's new padding.
@@ -159,18 +135,45 @@ def strip_images(batch: Mapping[str, Any], response_mask: torch.Tensor, tokens: 
 
     text = {}
     for key, val in batch.items():
-        if key in VISION_KEYS:
+        if key in tokens.vision_keys or key in LAYOUT_KEYS:
             continue
         if isinstance(val, torch.Tensor) and val.shape == (B, L):
             fill = pad_token_id if key == "input_ids" else -100 if key == "labels" else 0
             text[key] = repack(val, fill)
         elif isinstance(val, torch.Tensor):
             raise ValueError(f"strip_images: don't know how to remove the image from batch[{key!r}] of shape "
-                             f"{tuple(val.shape)}; expected [B, L] = {(B, L)} or one of {VISION_KEYS}")
+                             f"{tuple(val.shape)}; expected [B, L] = {(B, L)} or one of the model's vision keys "
+                             f"{tokens.vision_keys} (add it to the family spec's vision_keys)")
         else:
             text[key] = val
     text.setdefault("attention_mask", repack(attn, 0))
     return text, repack(response_mask.bool(), False)
+
+
+def _keep_row(ids: list[int], prompt: list[bool], tokens: VisionTokens, row: int) -> list[bool]:
+    """Which tokens of one row the text-only batch keeps: everything but the prompt's image spans."""
+    vision, inner = set(tokens.ids().tolist()), set(tokens.inner)
+    keep = [True] * len(ids)
+    i = 0
+    while i < len(ids):
+        if not (prompt[i] and ids[i] in vision):
+            i += 1
+            continue
+        end, k = i + 1, i + 1  # the span runs to its last vision id; inner ids may sit between them
+        while k < len(ids) and prompt[k] and (ids[k] in vision or ids[k] in inner):
+            end = k + 1 if ids[k] in vision else end
+            k += 1
+        start, stop = i - len(tokens.before), end + len(tokens.after)
+        if start < 0 or ids[start:i] != list(tokens.before) or not all(prompt[start:i]) or not all(keep[start:i]) \
+                or ids[end:stop] != list(tokens.after) or not all(prompt[end:stop]):
+            raise ValueError(f"strip_images: the image span at row {row}, positions {i}..{end - 1}, is not "
+                             f"preceded by {list(tokens.before)} and followed by {list(tokens.after)} as the "
+                             "model's family spec says (its tokenizer merges them with the neighbouring text, or "
+                             "the chat template differs from the published one): build the text-only batch "
+                             "from messages with vgs_kernels.vlm.text_only_batch, or pass vision_tokens=...")
+        keep[start:stop] = [False] * (stop - start)
+        i = stop
+    return keep
 
 
 def response_positions(response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,19 +205,23 @@ def response_logits(model: torch.nn.Module, batch: Mapping[str, Any], pos: torch
 
 def distill_logits(student: torch.nn.Module, teacher: torch.nn.Module, batch: Mapping[str, Any],
                    response_mask: torch.Tensor, text_batch: Mapping[str, Any] | None = None,
-                   text_response_mask: torch.Tensor | None = None, expect_images: bool = True,
-                   ) -> DistillLogits:
+                   text_response_mask: torch.Tensor | None = None, expect_images: bool = True, *,
+                   processor: Any = None, vision_tokens: VisionTokens | None = None) -> DistillLogits:
     """Run the four forward passes and return their response logits aligned with one mask.
 
     batch: processor batch of prompt + response (e.g. from :func:`rollout_batch`), with the images.
     response_mask: [B, L] bool, True on response tokens. text_batch / text_response_mask: the text-only
-    batch; built with :func:`strip_images` when not given. expect_images: raise if the batch holds no
-    image placeholder (a text-only batch makes Vis, Lang and VDS meaningless).
+    batch, e.g. from :func:`vgs_kernels.vlm.text_only_batch` (exact for every family); built with
+    :func:`strip_images` when not given. expect_images: raise if the batch holds no image placeholder (a
+    text-only batch makes Vis, Lang and VDS meaningless). processor / vision_tokens: how the model's vision
+    tokens are found (``VisionTokens.from_model(student, processor)`` by default; families whose spec names
+    token strings need the processor; a model without a spec needs ``vision_tokens`` unless ``text_batch``
+    is given).
     Student passes keep the autograd graph (call in train mode as you like); teacher passes run under
     ``torch.no_grad``.
     """
-    tokens = VisionTokens.from_model(student)
-    t_tokens = VisionTokens.from_model(teacher)
+    tokens = vision_tokens or _vision_tokens(student, processor, text_batch is not None)
+    t_tokens = vision_tokens or _vision_tokens(teacher, processor, text_batch is not None)
     if t_tokens.ids().tolist() != tokens.ids().tolist():
         raise ValueError(f"teacher and student disagree on the vision placeholder ids: {t_tokens} vs {tokens}")
     vs, vt = _vocab_size(student), _vocab_size(teacher)
@@ -246,6 +253,16 @@ def distill_logits(student: torch.nn.Module, teacher: torch.nn.Module, batch: Ma
     return DistillLogits(s, u, a, b, mask)
 
 
+def _vision_tokens(model: torch.nn.Module, processor: Any, have_text_batch: bool) -> VisionTokens:
+    """The model's vision tokens; with a caller-built text batch, the placeholder alone serves the checks."""
+    try:
+        return VisionTokens.from_model(model, processor)
+    except ValueError:
+        if not have_text_batch or _image_id(model.config) is None:
+            raise
+        return VisionTokens(image=_image_id(model.config), vision_keys=())
+
+
 def _vocab_size(model: torch.nn.Module) -> int:
     head = model.get_output_embeddings()
     return head.weight.shape[0] if head is not None else model.config.get_text_config().vocab_size
@@ -275,8 +292,10 @@ def _check_batch(batch: Mapping[str, Any], response_mask: torch.Tensor, tokens: 
         raise ValueError("response_mask marks no token: nothing to distil")
     vision = torch.isin(ids, tokens.ids(ids.device))
     if bool((vision & response_mask.bool()).any()):
-        raise ValueError("a response contains vision placeholder tokens; suppress them when sampling "
-                         "(generate(..., suppress_tokens=VisionTokens.from_model(model).ids().tolist()))")
+        rows = (vision & response_mask.bool()).any(1).nonzero().flatten().tolist()
+        raise ValueError(f"the responses of rows {rows} contain vision tokens {tokens.ids().tolist()} (placeholders "
+                         "or markers), which the text-only pass cannot score; suppress them when sampling: "
+                         "generate(..., suppress_tokens=VisionTokens.from_model(model, processor).ids().tolist())")
     n_image = int((ids == tokens.image).sum())
     if n_image == 0 and (expect_images or batch.get("pixel_values") is not None):
         raise ValueError(f"the batch holds no image placeholder token (id {tokens.image}) "
