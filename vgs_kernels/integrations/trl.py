@@ -8,16 +8,16 @@
 What changes against the parent (everything else — generation, VLM inputs, gradient accumulation,
 Accelerate, checkpoints, TRL's metrics — is the parent's):
 
-* rollouts: the text-only prompt of each rollout (the same prompt without its image, identical
-  response tokens) is built with the rollout (:func:`vgs_kernels.vlm.strip_images`), and every vision
-  placeholder id (not only the image token) is suppressed in generation;
+* rollouts: the text-only batch of each rollout (the same chat prompt rendered without its image,
+  identical response tokens) is built with the rollout (:func:`vgs_kernels.vlm.text_only_batch`), and
+  every vision-only id (placeholder and markers, not only the image token) is suppressed in generation;
 * loss: four hidden-state passes (student / teacher, with / without the image) inside TRL's
   ``_forward_redirection``, then :class:`vgs_kernels.FusedLinearVGSLoss` (no [N, V] logits) reduced
   per token over Trainer's ``num_items_in_batch`` (gradient accumulation exact, like TRL's loss);
 * backward: Trainer's ``accelerator.backward(loss)`` is routed to the steering hook (one backward
   per component on exact steps, one combined backward on ``fixed`` and between ``auto``
-  measurements); the hook steers before Trainer clips and logs ``grad_norm``, so both see the
-  steered gradient;
+  measurements), whose every backward is Accelerate's (``backward_fn``); the hook steers before
+  Trainer clips and logs ``grad_norm``, so both see the steered gradient;
 * logs: ``vgs/std``, ``vgs/vis``, ``vgs/lang``, ``vgs/vds`` (per-token means), ``vgs/eta``,
   ``vgs/fallback``, ``vgs/cos_std_vis`` ... (the hook's stats) next to TRL's metrics. The student
   entropy TRL logs is not computed by the fused loss and is left out.
@@ -31,6 +31,7 @@ way in the README is the route).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -41,7 +42,8 @@ from trl import DistillationConfig, DistillationTrainer
 from vgs_kernels import steering as _steering
 from vgs_kernels.fused_linear import FusedLinearVGSLoss
 from vgs_kernels.steering import GradientSteering
-from vgs_kernels.vlm import VisionTokens, _vocab_size, check_processor, strip_images
+from vgs_kernels.vlm import VisionTokens, check_processor, text_only_batch
+from vgs_kernels.vlm.plumbing import _vocab_size
 
 POLICIES = ("vgs", "fixed", "auto", "pcgrad", "sum")
 
@@ -106,11 +108,14 @@ class VGSDistillationTrainer(DistillationTrainer):
         if train_dataset is not None and columns is not None and not {"image", "images"} & set(columns):
             raise ValueError(f"train_dataset has columns {columns} but no 'image' or 'images' column: VGS "
                              "splits the visual from the language part of the loss and needs an image per prompt")
+        processor = kwargs.get("processing_class", rest[1] if len(rest) > 1 else None)
+        if isinstance(model, torch.nn.Module) and isinstance(teacher_model, torch.nn.Module):
+            _check_models(model, teacher_model, processor)  # before TRL's own, less specific, checks
         super().__init__(model, teacher_model, args, train_dataset, *rest, **kwargs)
         student = self.accelerator.unwrap_model(self.model)
         teacher = self.accelerator.unwrap_model(self.teacher_model) if self.teacher_model is not None else None
-        self._check_models(student, teacher)
-        self.vision = VisionTokens.from_model(student)
+        _check_models(student, teacher, self.processing_class)  # models loaded from names by TRL
+        self.vision = VisionTokens.from_model(student, self.processing_class)
         # A sampled vision id (not only the image token TRL suppresses) would corrupt the rollout.
         suppress = sorted(set(self.generation_kwargs.get("suppress_tokens") or []) | set(self.vision.ids().tolist()))
         self.generation_kwargs["suppress_tokens"] = suppress
@@ -120,35 +125,7 @@ class VGSDistillationTrainer(DistillationTrainer):
                                           detach_prior=args.detach_prior)
         self.steer: Optional[GradientSteering] = None
         self._pending = None  # the VGSLossOutput of the micro-batch whose backward comes next
-
-    def _check_models(self, student, teacher) -> None:
-        if self.processing_class is None or not hasattr(self.processing_class, "image_processor"):
-            raise ValueError("processing_class must be the VLM's processor (with an image processor), got "
-                             f"{type(self.processing_class).__name__}")
-        try:
-            ids = VisionTokens.from_model(student).ids().tolist()
-        except ValueError as err:
-            raise ValueError(f"model: {err}") from None
-        try:
-            check_processor(self.processing_class, student)
-        except ValueError as err:
-            raise ValueError(f"processing_class does not fit model: {err}") from None
-        if teacher is None:
-            raise ValueError("teacher_model is required: VGS scores every rollout with the teacher")
-        try:
-            t_ids = VisionTokens.from_model(teacher).ids().tolist()
-        except ValueError as err:
-            raise ValueError(f"teacher_model: {err}") from None
-        if _vocab_size(teacher) != _vocab_size(student):
-            raise ValueError(f"teacher_model has a vocabulary of {_vocab_size(teacher)} but model has "
-                             f"{_vocab_size(student)}: VGS needs one tokenizer and vocabulary")
-        if t_ids != ids:
-            raise ValueError("teacher_model and model disagree on the vision placeholder ids")
-        for name, m in (("model", student), ("teacher_model", teacher)):
-            cfg = m.config.get_text_config()
-            for attr in ("output_multiplier", "lm_head_multiplier", "logits_scaling"):
-                if getattr(cfg, attr, None) is not None:
-                    raise ValueError(f"{name}: config.{attr} is not supported by VGSDistillationTrainer")
+        self._backward_kwargs: dict = {}  # Trainer's kwargs of that backward (DeepSpeed, LOMO)
 
     # ------------------------------------------------------------------ the optimizer and its hook
 
@@ -156,14 +133,16 @@ class VGSDistillationTrainer(DistillationTrainer):
         optimizer = super().create_optimizer(model)
         inner = getattr(optimizer, "optimizer", optimizer)
         if self.steer is None or self.steer.optimizer is not inner:
-            a = self.args
-            self.steer = GradientSteering(inner, policy=a.steering_policy, gamma=a.gamma, lam=a.lam, eta=a.eta,
-                                          every=a.eta_every)
+            a, acc = self.args, self.accelerator
+            # gamma / lam come with the loss output; every backward the hook runs is Accelerate's
+            backward = functools.partial(type(acc).backward, acc)
+            self.steer = GradientSteering(inner, policy=a.steering_policy, eta=a.eta, every=a.eta_every,
+                                          backward_fn=lambda loss, **kw: backward(loss, **kw, **self._backward_kwargs))
         return optimizer
 
     def _needs_components(self) -> bool:
         """Whether the next backward runs per component (exact steps) or combined (and in evaluation)."""
-        return self.steer is not None and self.model.training and self.steer._wants_split()
+        return self.steer is not None and self.model.training and self.steer.needs_components
 
     # ------------------------------------------------------------------ rollouts
 
@@ -171,11 +150,14 @@ class VGSDistillationTrainer(DistillationTrainer):
         out = super()._generate_and_score_completions(inputs)
         if out.get("pixel_values") is None:
             raise ValueError("a generation batch has no image: VGS needs an image in every prompt")
-        no_response = torch.zeros_like(out["prompt_ids"], dtype=torch.bool)
-        text, _ = strip_images({"input_ids": out["prompt_ids"], "attention_mask": out["prompt_mask"]},
-                               no_response, self.vision, pad_token_id=self._tokenizer.pad_token_id,
-                               padding_side="left")
-        out["text_prompt_ids"], out["text_prompt_mask"] = text["input_ids"], text["attention_mask"]
+        if "tool_mask" in out:
+            raise NotImplementedError("VGSDistillationTrainer does not support tools (multi-turn rollouts) yet")
+        # [text prompt | the same completion block]: the last C positions align with the image batch's
+        text, _ = text_only_batch(self.processing_class, [x["prompt"] for x in inputs], out["completion_ids"],
+                                  out["completion_mask"], padding_side="split", chat_template=self.chat_template,
+                                  **self.chat_template_kwargs)
+        for key, value in text.items():
+            out[f"text_{key}"] = value.to(out["completion_ids"].device)
         return out
 
     # ------------------------------------------------------------------ the loss
@@ -186,19 +168,20 @@ class VGSDistillationTrainer(DistillationTrainer):
         keep = completion_ids.size(1)
         full = (torch.cat([inputs["prompt_ids"], completion_ids], 1),
                 torch.cat([inputs["prompt_mask"], completion_mask], 1), keep)
-        text = (torch.cat([inputs["text_prompt_ids"], completion_ids], 1),
-                torch.cat([inputs["text_prompt_mask"], completion_mask], 1), keep)
+        text = (inputs["text_input_ids"], inputs["text_attention_mask"], keep)
         vision = {k: inputs[k] for k in ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes",
                                          "image_sizes", "token_type_ids", "mm_token_type_ids",
                                          "image_position_ids") if k in inputs}
+        text_side = {k: inputs[f"text_{k}"] for k in ("token_type_ids", "mm_token_type_ids") if f"text_{k}" in inputs}
         h_s = self._get_last_hidden_state(unwrapped_student, *full, **vision)
-        h_u = self._get_last_hidden_state(unwrapped_student, *text)
+        h_u = self._get_last_hidden_state(unwrapped_student, *text, **text_side)
         self.teacher_model.eval()
         teacher = self.accelerator.unwrap_model(self.teacher_model)
         with torch.no_grad():
             h_a = self._forward_redirection(self.teacher_model, teacher, self._get_last_hidden_state, teacher,
                                             *full, **vision)
-            h_b = self._forward_redirection(self.teacher_model, teacher, self._get_last_hidden_state, teacher, *text)
+            h_b = self._forward_redirection(self.teacher_model, teacher, self._get_last_hidden_state, teacher, *text,
+                                            **text_side)
         head_s, head_t = unwrapped_student.get_output_embeddings(), teacher.get_output_embeddings()
         dev = head_s.weight.device
         cfg_s, cfg_t = unwrapped_student.config.get_text_config(), teacher.config.get_text_config()
@@ -240,10 +223,11 @@ class VGSDistillationTrainer(DistillationTrainer):
             if out is None or loss is not out.total:
                 raise RuntimeError("VGSDistillationTrainer: the loss reaching backward is not the VGS loss of "
                                    "this micro-batch (was compute_loss overridden, or the loss rescaled?)")
-            if self.loss_fn.components:
-                self.steer.backward({"std": out.std, "vis": out.vis, "lp": out.lp})
-            else:  # one combined backward: eta * (std + gamma vis + lam lp), weights applied by the hook
-                self.steer.backward({"std": out.total, "vis": out.vis, "lp": out.lp})
+            self._backward_kwargs = kwargs
+            try:
+                self.steer.backward(out)
+            finally:
+                self._backward_kwargs = {}
 
         acc.backward = backward
         try:
@@ -264,13 +248,13 @@ class VGSDistillationTrainer(DistillationTrainer):
         stats, m = self.steer.stats, self._metrics["train"]
         if not stats:
             return
-        names = list(stats["names"])
+        names, exact = list(stats["names"]), stats["mode"] == "exact"
         m["vgs/eta"].append(float(stats["eta"]))
         m["vgs/fallback"].append(float(stats["fallback"]))
-        m["vgs/exact"].append(float(stats["mode"] == "exact"))
-        if stats.get("eta_ema") is not None:
+        m["vgs/exact"].append(float(exact))
+        if self.args.steering_policy == "auto":
             m["vgs/eta_ema"].append(float(stats["eta_ema"]))
-        if "norms" in stats:
+        if exact:  # norms and cosines are measured on exact steps only (NaN otherwise)
             norms, cos = stats["norms"].tolist(), stats["cos"].tolist()
             for i, a in enumerate(names):
                 m[f"vgs/norm_{a}"].append(norms[i])
@@ -293,6 +277,37 @@ class VGSDistillationTrainer(DistillationTrainer):
             super()._save_checkpoint(model, trial)
         finally:
             del unwrapped.save_pretrained
+
+
+def _check_models(student, teacher, processor) -> None:
+    """Clear errors, naming the trainer's argument, for models and processor VGS cannot train with."""
+    if processor is None or not hasattr(processor, "image_processor"):
+        raise ValueError(f"processing_class must be the VLM's processor (with an image processor), got "
+                         f"{type(processor).__name__}")
+    try:
+        ids = VisionTokens.from_model(student, processor).ids().tolist()
+    except ValueError as err:
+        raise ValueError(f"model: {err}") from None
+    try:
+        check_processor(processor, student)
+    except ValueError as err:
+        raise ValueError(f"processing_class does not fit model: {err}") from None
+    if teacher is None:
+        raise ValueError("teacher_model is required: VGS scores every rollout with the teacher")
+    try:
+        t_ids = VisionTokens.from_model(teacher, processor).ids().tolist()
+    except ValueError as err:
+        raise ValueError(f"teacher_model: {err}") from None
+    if _vocab_size(teacher) != _vocab_size(student):
+        raise ValueError(f"teacher_model has a vocabulary of {_vocab_size(teacher)} but model has "
+                         f"{_vocab_size(student)}: VGS needs one tokenizer and vocabulary")
+    if t_ids != ids:
+        raise ValueError(f"teacher_model and model disagree on the vision token ids ({t_ids} vs {ids})")
+    for name, m in (("model", student), ("teacher_model", teacher)):
+        cfg = m.config.get_text_config()
+        for attr in ("output_multiplier", "lm_head_multiplier", "logits_scaling"):
+            if getattr(cfg, attr, None) is not None:
+                raise ValueError(f"{name}: config.{attr} is not supported by VGSDistillationTrainer")
 
 
 def _attr(cfg: Any, name: str, default: Any = None) -> Any:
