@@ -23,7 +23,8 @@ Anything that changes ``.grad`` before that on a per-component step raises (comp
 AMP: pass ``scaler=`` and unscaled losses; the hook scales each loss itself and steers *before* the
 scaler unscales and checks ``.grad``, so an overflow in any component reaches ``.grad`` and the
 scaler skips the step. The policies are invariant to the common loss scale; ``stats`` report the
-unscaled Gram. A scaler used but not passed raises at the step (its unscale_ changes .grad).
+unscaled Gram. A scaler not given to the hook works too when the losses are scaled by it: every
+GradScaler steers a hooked optimizer before unscaling it.
 
 Checkpoints: the hook's state (step count, auto's EMA) travels inside ``optimizer.state_dict()``
 (in its first param group, which ``Optimizer.load_state_dict`` keeps), so it is restored whether
@@ -35,6 +36,7 @@ component first; the kernels read and write local tensors (a DTensor's local sha
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Dict, Mapping, Optional, Union
 
@@ -73,7 +75,9 @@ class GradientSteering:
         eta: the constant of policy "fixed". every, ema: policy "auto" measures the exact eta
             every ``every`` steps (and again right after a step that fell back) and uses
             eta_ema <- ema * eta_ema + (1 - ema) * eta in between.
-        scaler: the torch.amp.GradScaler of an AMP loop (then pass unscaled losses).
+        scaler: the torch.amp.GradScaler of an AMP loop: the hook scales each loss (pass unscaled
+            ones). Without it, scale the losses yourself (scaler.scale(loss)) as in any AMP loop:
+            every GradScaler steers a hooked optimizer before unscaling it.
         process_group: group over which the Gram is all-reduced; None: the world group when
             torch.distributed is initialised (DDP's group if ``model`` holds DDP), else none.
         model: optional, the (DDP/FSDP2-wrapped) model: lets the hook manage DDP's sync, check
@@ -126,9 +130,8 @@ class GradientSteering:
                          optimizer.register_state_dict_post_hook(self._save),
                          optimizer.register_load_state_dict_post_hook(self._load)]
         self._patched = [(optimizer, "zero_grad", _before(optimizer.zero_grad, lambda *a, **k: self.reset()))]
-        if scaler is not None:  # steer before the scaler unscales and checks .grad for inf/NaN
-            self._patched.append((scaler, "unscale_", _before(
-                scaler.unscale_, lambda opt: self.apply() if _unwrap(opt) is self.optimizer else None)))
+        _guard_grad_scalers()
+        self._unscaling: Optional[Any] = None  # a GradScaler unscaling this optimizer right now
         for obj, name, fn in self._patched:
             setattr(obj, name, fn)
         optimizer._vgs_steering = self
@@ -145,7 +148,8 @@ class GradientSteering:
         """
         comps, total = (losses.losses(), self._adopt(losses)) if isinstance(losses, VGSLossOutput) \
             else (losses, None)
-        names = self._check(comps, losses.weights if total is not None else None)
+        names = self._check(comps, losses.weights if total is not None else None,
+                            differentiable=total is None or losses.components)
         if self._open and not self._grads.intact():  # the loop dropped every .grad: a new step
             self._open = False
         if not self._open:
@@ -190,7 +194,8 @@ class GradientSteering:
                                      "give gamma / lam to the loss only (the hook takes them from its output)")
         return out.total
 
-    def _check(self, losses: Mapping[str, Tensor], weights: Optional[Mapping[str, float]] = None) -> tuple:
+    def _check(self, losses: Mapping[str, Tensor], weights: Optional[Mapping[str, float]] = None,
+               differentiable: bool = True) -> tuple:
         if not isinstance(losses, Mapping) or not losses:
             raise TypeError("losses must be a VGSLossOutput or a non-empty dict {name: scalar loss tensor}")
         names = tuple(losses)
@@ -198,7 +203,7 @@ class GradientSteering:
             if not isinstance(loss, Tensor) or loss.numel() != 1:
                 raise ValueError(f"losses[{n!r}] must be a scalar tensor, got "
                                  f"{tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__}")
-            if not loss.requires_grad:
+            if differentiable and not loss.requires_grad:
                 raise ValueError(f"losses[{n!r}] does not require grad, so it would add nothing to the step: "
                                  "it was detached, computed under torch.no_grad(), or only its gradient "
                                  "was kept elsewhere (FusedLinearVGSLoss(components=False): pass the whole "
@@ -283,7 +288,8 @@ class GradientSteering:
         device = out[0].device if out else device
         G = gram(lists, backend=self.backend) if lists[0] else torch.zeros(k, k, device=device)
         G = self._sync.reduce_gram(G.to(device))
-        scale = getattr(self.scaler, "_scale", None) if self.scaler is not None else None
+        scaler = self.scaler if self.scaler is not None else self._unscaling
+        scale = getattr(scaler, "_scale", None) if scaler is not None else None
         if scale is not None:  # the Gram of the unscaled gradients (the policies do not care)
             G = G / scale.to(G).square()
         w = self._weights(device)
@@ -390,6 +396,38 @@ def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     return optimizer
+
+
+def _guard_grad_scalers() -> None:
+    """Makes every GradScaler (FSDP's ShardedGradScaler too) steer a hooked optimizer right before
+    it unscales it, whether or not it was given to the hook: unscale_ rescales .grad in place
+    without a version bump (so components.py cannot see it), and an unscaled component 0 mixed
+    with still-scaled others would be a silently wrong step. Installed once, on the classes."""
+    classes = [torch.amp.GradScaler]
+    try:
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+        classes.append(ShardedGradScaler)
+    except ImportError:  # pragma: no cover - torch without distributed
+        pass
+    for cls in classes:
+        original = cls.__dict__.get("unscale_")
+        if original is None or getattr(original, "_vgs_guard", False):
+            continue
+
+        @functools.wraps(original)
+        def unscale_(scaler, optimizer, _original=original):
+            hook = getattr(optimizer, "_vgs_steering", None) or getattr(
+                getattr(optimizer, "optimizer", None), "_vgs_steering", None)
+            if hook is not None and getattr(scaler, "_enabled", True):
+                hook._unscaling = scaler
+                try:
+                    hook.apply()
+                finally:
+                    hook._unscaling = None
+            return _original(scaler, optimizer)
+
+        unscale_._vgs_guard = True
+        cls.unscale_ = unscale_
 
 
 def _before(method: Callable, before: Callable) -> Callable:
