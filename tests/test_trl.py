@@ -151,7 +151,7 @@ def test_update_matches_independent_computation(setup, tmp_path, policy):
     if policy not in steering.POLICIES:
         pytest.skip(f"GradientSteering has no policy {policy!r} in this version")
     proc, student, teacher, ds = setup
-    max_norm = 0.2
+    max_norm = 0.1
     kw = dict(steering_policy=policy, gamma=GAMMA, lam=LAM, max_grad_norm=max_norm)
     if policy == "fixed":
         kw["eta"] = 0.41
