@@ -39,7 +39,6 @@ from typing import Any, Optional
 import torch
 from trl import DistillationConfig, DistillationTrainer
 
-from vgs_kernels import steering as _steering
 from vgs_kernels.fused_linear import FusedLinearVGSLoss
 from vgs_kernels.steering import GradientSteering
 from vgs_kernels.vlm import VisionTokens, check_processor, text_only_batch
@@ -101,15 +100,12 @@ class VGSDistillationTrainer(DistillationTrainer):
                  train_dataset=None, *rest, **kwargs):
         if not isinstance(args, VGSDistillationConfig):
             raise TypeError(f"args must be a VGSDistillationConfig, got {type(args).__name__}")
-        if args.steering_policy not in _steering.POLICIES:
-            raise ValueError(f"steering_policy={args.steering_policy!r} is not available in this version of "
-                             f"vgs_kernels.GradientSteering (it has {_steering.POLICIES})")
         columns = getattr(train_dataset, "column_names", None)
         if train_dataset is not None and columns is not None and not {"image", "images"} & set(columns):
             raise ValueError(f"train_dataset has columns {columns} but no 'image' or 'images' column: VGS "
                              "splits the visual from the language part of the loss and needs an image per prompt")
         processor = kwargs.get("processing_class", rest[1] if len(rest) > 1 else None)
-        if isinstance(model, torch.nn.Module) and isinstance(teacher_model, torch.nn.Module):
+        if processor is not None and all(isinstance(m, torch.nn.Module) for m in (model, teacher_model)):
             _check_models(model, teacher_model, processor)  # before TRL's own, less specific, checks
         super().__init__(model, teacher_model, args, train_dataset, *rest, **kwargs)
         student = self.accelerator.unwrap_model(self.model)
