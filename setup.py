@@ -21,7 +21,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     # benchmarks/ ships inside the package as vgs_kernels.benchmarks (python -m vgs_kernels.benchmarks).
-    packages=["vgs_kernels", "vgs_kernels.benchmarks"],
+    packages=["vgs_kernels", "vgs_kernels.integrations", "vgs_kernels.benchmarks"],
     package_dir={"vgs_kernels": "vgs_kernels", "vgs_kernels.benchmarks": "benchmarks"},
     ext_modules=[
         CppExtension(
@@ -36,6 +36,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         "vlm": ["transformers>=4.57", "tokenizers", "pillow"],
+        "trl": ["trl>=1.16", "transformers>=5.0", "accelerate", "datasets", "tokenizers", "pillow"],
         "test": ["pytest", "pytest-benchmark"],
     },
     entry_points={"console_scripts": ["vgs-bench=vgs_kernels.benchmarks.__main__:main"]},

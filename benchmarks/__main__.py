@@ -4,6 +4,7 @@
     vgs-bench --device cuda                     # GPU default: bf16, N up to 8192, V up to 151,936
     vgs-bench --suite steering --goal           # + the issue-3 case (~120 M params, 25 tensors)
     vgs-bench --suite fused-linear --goal       # the issue-7 case (N=2048, H=1024, V=151,936)
+    vgs-bench --suite trl                       # VGSDistillationTrainer vs trl.DistillationTrainer (needs trl)
     vgs-bench --suite loss -N 512,2048 -V 32000,151936 --modes fwd,bwd,fwdbwd --repeats 10
 
 Prints one markdown table per suite, writes results.csv, results.md and PNG plots to --out.
@@ -23,7 +24,8 @@ import torch
 
 from . import harness, report
 
-SUITES = ("loss", "steering", "step", "fused-linear")
+SUITES = ("loss", "steering", "step", "fused-linear", "trl")
+MICRO = SUITES[:4]  # "all": the microbenchmarks; "trl" (trainers, needs trl) is asked for by name
 DEFAULT_SUITES = ("loss", "steering", "step")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -76,7 +78,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="vgs-bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", default=",".join(DEFAULT_SUITES),
-                   help=f"comma-separated suites from {SUITES} or 'all' (default: %(default)s)")
+                   help=f"comma-separated suites from {SUITES} or 'all' = {MICRO} (default: %(default)s)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="logit dtype of the loss suites (default: float32 on CPU, bfloat16 on CUDA)")
@@ -101,7 +103,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", default="bench_out", help="output directory (default: %(default)s)")
     args = p.parse_args(argv)
-    args.suites = list(SUITES) if args.suite == "all" else [s for s in args.suite.split(",") if s]
+    args.suites = list(MICRO) if args.suite == "all" else [s for s in args.suite.split(",") if s]
     bad = [s for s in args.suites if s not in SUITES]
     if bad:
         p.error(f"unknown suite(s) {bad}; choose from {SUITES} or 'all'")
@@ -157,6 +159,10 @@ def jobs(args: argparse.Namespace) -> List[Job]:
         for size in sizes:
             out.append(Job(f"fused-linear N={size[0]} H={size[1]} V={size[2]}", suite_fused_linear.N_IMPLS,
                            lambda size=size: suite_fused_linear.cases(*size, args.dtype, dev)))
+    if "trl" in args.suites:
+        from . import suite_trl
+
+        out.append(Job("trl trainers", suite_trl.N_IMPLS, lambda: list(suite_trl.cases(args.preset.step_size, dev))))
     return out
 
 

@@ -1,0 +1,279 @@
+"""VGSDistillationTrainer against an independent computation and against trl.DistillationTrainer.
+
+Tiny Qwen2-VL student / teacher built from configs, greedy generation (rollouts depend only on the
+parameters, so runs are comparable step by step), fp32 on CPU.
+"""
+import copy
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from transformers import TrainerCallback
+
+trl = pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
+import synthetic_task as task  # noqa: E402
+
+from vgs_kernels.integrations.trl import VGSDistillationConfig, VGSDistillationTrainer  # noqa: E402
+from vgs_kernels.testing import tiny_processor, tiny_vlm  # noqa: E402
+from vgs_kernels.vlm import VisionTokens  # noqa: E402
+
+GAMMA, LAM = 2.0, 0.01
+
+
+@pytest.fixture(scope="module")
+def setup():
+    proc = tiny_processor("qwen2_vl", task.WORDS)
+    student = tiny_vlm("qwen2_vl", proc, seed=0)
+    teacher = tiny_vlm("qwen2_vl", proc, hidden=96, seed=1)
+    ex = task.sample(16, np.random.default_rng(0))
+    ds = datasets.Dataset.from_dict({"prompt": [[{"role": "user", "content": e.question}] for e in ex],
+                                     "image": [e.image for e in ex]})
+    return proc, student, teacher, ds
+
+
+def config(tmp_path, cls=VGSDistillationConfig, **kw):
+    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                max_steps=3, max_completion_length=5, bf16=False, gradient_checkpointing=False,
+                report_to="none", logging_steps=1, generation_kwargs={"do_sample": False},
+                learning_rate=0.05, optim="sgd", save_strategy="no", seed=0, dataloader_num_workers=0)
+    base.update(kw)
+    return cls(**base)
+
+
+def recording(cls):
+    """cls that records each micro-batch, the student before each step and .grad right before it."""
+
+    class Rec(cls):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.micro, self.before, self.grads, self.stats = [], [], [], []
+            rec = self
+
+            class CB(TrainerCallback):
+                def on_step_begin(self, args, state, control, **kw):
+                    rec.before.append(copy.deepcopy(rec.model))
+                    rec.micro.append([])
+
+                def on_pre_optimizer_step(self, args, state, control, **kw):
+                    rec.grads.append(flat([p.grad for p in rec.model.parameters() if p.requires_grad]))
+                    rec.stats.append(dict(getattr(rec, "steer", None).stats) if getattr(rec, "steer", None) else {})
+
+            self.add_callback(CB())
+
+        def compute_loss(self, model, inputs, *a, **k):
+            self.micro[-1].append({k2: v for k2, v in inputs.items()})
+            return super().compute_loss(model, inputs, *a, **k)
+
+    return Rec
+
+
+def flat(grads):
+    return torch.cat([g.reshape(-1) for g in grads])
+
+
+def kl(x, y):
+    """KL(softmax(x) ‖ softmax(y)) per row, plain torch."""
+    lx, ly = x.log_softmax(-1), y.log_softmax(-1)
+    return (lx.exp() * (lx - ly)).sum(-1)
+
+
+def text_only(prompt_ids, prompt_mask, drop, pad):
+    """The prompt without its vision tokens, left-padded (written here independently of the library)."""
+    rows = [[t for t, m in zip(r.tolist(), mr.tolist()) if m and t not in drop] for r, mr in zip(prompt_ids, prompt_mask)]
+    n = max(map(len, rows))
+    ids = torch.tensor([[pad] * (n - len(r)) + r for r in rows])
+    return ids, (torch.arange(n)[None] >= torch.tensor([n - len(r) for r in rows])[:, None]).long()
+
+
+def component_grads(student, teacher, inputs, drop, pad):
+    """Per-component gradients (std, vis, lp) of one micro-batch from the four full logit sets."""
+    params = [p for p in student.parameters() if p.requires_grad]
+    K = inputs["completion_ids"].size(1)
+    mask = inputs["completion_mask"].bool()
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    attn = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    vis_in = {k: inputs[k] for k in ("pixel_values", "image_grid_thw", "mm_token_type_ids")}
+    tp, tm = text_only(inputs["prompt_ids"], inputs["prompt_mask"], drop, pad)
+    tids, tattn = torch.cat([tp, inputs["completion_ids"]], 1), torch.cat([tm, inputs["completion_mask"]], 1)
+    student.train()
+    s = student(input_ids=ids, attention_mask=attn, **vis_in).logits[:, -K - 1:-1]
+    u = student(input_ids=tids, attention_mask=tattn).logits[:, -K - 1:-1]
+    with torch.no_grad():
+        a = teacher(input_ids=ids, attention_mask=attn, **vis_in).logits[:, -K - 1:-1]
+        b = teacher(input_ids=tids, attention_mask=tattn).logits[:, -K - 1:-1]
+    vds = kl(a, b)
+    gate = vds > torch.quantile(vds[mask], 0.7)
+    n = inputs["num_items_in_batch"]
+    losses = [kl(s, a)[mask].sum() / n, kl(s, u.detach() + a - b)[mask].sum() / n,
+              kl(u, b)[mask & gate].sum() / n]
+    out = []
+    for loss in losses:
+        g = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
+        out.append(flat([torch.zeros_like(p) if x is None else x for x, p in zip(g, params)]))
+    return out
+
+
+def expected_update(rec, teacher, proc, policy, eta=None, max_norm=None):
+    """The steered (and clipped) gradient of each step, from torch.autograd.grad + the policy formula."""
+    drop = set(VisionTokens.from_model(teacher, proc).ids().tolist())
+    pad = proc.tokenizer.pad_token_id
+    out, eta_ema = [], None
+    for step, (model, micro) in enumerate(zip(rec.before, rec.micro)):
+        g_std, g_vis, g_lp = (sum(x) for x in zip(*[component_grads(model, teacher, m, drop, pad) for m in micro]))
+        exact = (g_std.norm() / (g_std + GAMMA * g_vis).norm())
+        if policy == "vgs":
+            e = exact
+        elif policy == "sum":
+            e = 1.0
+        elif policy == "fixed":
+            e = eta
+        else:  # auto, measured at step 0, EMA used in between (every=16)
+            eta_ema = exact if eta_ema is None else eta_ema
+            e = exact if step == 0 else eta_ema
+        g = e * (g_std + GAMMA * g_vis + LAM * g_lp)
+        norm = g.norm()
+        if max_norm is not None:
+            g = g * min(1.0, max_norm / (float(norm) + 1e-6))
+        out.append((g, float(norm)))
+    return out
+
+
+@pytest.mark.parametrize("policy", ["vgs", "auto", "fixed", "sum", "pcgrad"])
+def test_update_matches_independent_computation(setup, tmp_path, policy):
+    """3 optimizer steps, gradient accumulation 2: the .grad the optimizer steps on (after Trainer's
+    clipping) and the logged grad_norm equal the policy applied to torch.autograd.grad gradients."""
+    proc, student, teacher, ds = setup
+    max_norm = 0.1
+    kw = dict(steering_policy=policy, gamma=GAMMA, lam=LAM, max_grad_norm=max_norm)
+    if policy == "fixed":
+        kw["eta"] = 0.41
+    trainer = recording(VGSDistillationTrainer)(model=copy.deepcopy(student), teacher_model=teacher,
+                                                args=config(tmp_path, **kw), train_dataset=ds, processing_class=proc)
+    trainer.train()
+    assert len(trainer.grads) == 3 and all(len(m) == 2 for m in trainer.micro)
+    norms = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
+    if policy == "pcgrad":  # random projection order: check the Gram and the combination the hook used
+        drop, pad = set(VisionTokens.from_model(teacher, proc).ids().tolist()), proc.tokenizer.pad_token_id
+        for model, micro, got, stats, logged in zip(trainer.before, trainer.micro, trainer.grads, trainer.stats, norms):
+            comps = torch.stack([sum(x) for x in zip(*[component_grads(model, teacher, m, drop, pad) for m in micro])])
+            torch.testing.assert_close(stats["gram"], comps @ comps.T, rtol=1e-4, atol=1e-9)
+            want = stats["coeffs"] @ comps
+            assert logged == pytest.approx(float(want.norm()), rel=1e-4)
+            want = want * min(1.0, max_norm / (float(want.norm()) + 1e-6))
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.norm()) / want.numel() ** 0.5)
+        return
+    for (want, want_norm), got, logged in zip(expected_update(trainer, teacher, proc, policy, kw.get("eta"), max_norm),
+                                              trainer.grads, norms):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.norm()) / want.numel() ** 0.5)
+        assert logged == pytest.approx(want_norm, rel=1e-4)
+    assert any(n > max_norm for n in norms), "clipping never engaged: the test would not see a wrong order"
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    exact = {"vgs", "sum"}  # policies that measure the Gram on every step
+    for step, h in enumerate(logs):  # TRL's metrics and ours, through Trainer's logging
+        keys = ["vgs/eta", "vgs/std", "vgs/vis", "vgs/lang", "vgs/vds", "vgs/fallback", "grad_norm", "num_tokens",
+                "completions/mean_length"]
+        if policy in exact or (policy == "auto" and step == 0):
+            keys += ["vgs/cos_std_vis", "vgs/cos_std_lp", "vgs/norm_std", "vgs/norm_vis", "vgs/norm_lp"]
+        for key in keys:
+            assert key in h and h[key] is not None and np.isfinite(h[key]), key
+        assert h["vgs/fallback"] == 0 and h["vgs/eta"] == pytest.approx(
+            {"fixed": 0.41, "sum": 1.0}.get(policy, h["vgs/eta"]), rel=1e-6)
+
+
+def test_sum_without_vgs_terms_equals_trl(setup, tmp_path):
+    """policy 'sum' with gamma = lam = 0 is trl.DistillationTrainer's reverse KL (beta=1), step for step."""
+    proc, student, teacher, ds = setup
+    suppress = VisionTokens.from_model(student, proc).ids().tolist()  # the same rollouts on both sides
+    gen = {"do_sample": False, "suppress_tokens": suppress}
+    runs = []
+    for cls, cfg_cls, kw in [(VGSDistillationTrainer, VGSDistillationConfig,
+                              dict(steering_policy="sum", gamma=0.0, lam=0.0)),
+                             (trl.DistillationTrainer, trl.DistillationConfig, dict(beta=1.0))]:
+        args = config(tmp_path / cls.__name__, cfg_cls, generation_kwargs=gen, **kw)
+        tr = cls(model=copy.deepcopy(student), teacher_model=teacher, args=args, train_dataset=ds,
+                 processing_class=proc)
+        tr.train()
+        runs.append((tr.model, [(h["loss"], h["grad_norm"]) for h in tr.state.log_history if "loss" in h]))
+    (vgs_model, vgs_log), (trl_model, trl_log) = runs
+    for (l1, n1), (l2, n2) in zip(vgs_log, trl_log):
+        assert l1 == pytest.approx(l2, rel=1e-5) and n1 == pytest.approx(n2, rel=1e-5)
+    for (name, p), q in zip(vgs_model.named_parameters(), trl_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    assert not all(torch.equal(p, q) for p, q in zip(vgs_model.parameters(), student.parameters()))
+
+
+def test_resume_continues_bit_identically(setup, tmp_path):
+    """auto (every=3) with AdamW: hook state (step count, eta EMA), optimizer and model restored mid-epoch;
+    the resumed step is a combined one, made with the restored EMA."""
+    proc, student, teacher, ds = setup
+    kw = dict(steering_policy="auto", eta_every=3, optim="adamw_torch", learning_rate=1e-3, max_steps=3,
+              save_strategy="steps", save_steps=2)
+    full = VGSDistillationTrainer(model=copy.deepcopy(student), teacher_model=teacher,
+                                  args=config(tmp_path / "full", **kw), train_dataset=ds, processing_class=proc)
+    full.train()
+    resumed = VGSDistillationTrainer(model=copy.deepcopy(student), teacher_model=teacher,
+                                     args=config(tmp_path / "resumed", **kw), train_dataset=ds, processing_class=proc)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
+    assert resumed.steer.step_count == full.steer.step_count == 3
+    assert torch.equal(resumed.steer.eta_ema, full.steer.eta_ema)
+    for (name, p), q in zip(full.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q), name
+    full_last, resumed_last = ({k: v for k, v in t.state.log_history[-2].items() if k != "step_time"}
+                               for t in (full, resumed))
+    assert full_last == resumed_last and full_last["vgs/exact"] == 0  # loss, grad_norm, eta, terms
+
+
+def test_student_that_samples_vision_tokens(setup, tmp_path):
+    """A student whose greedy choice is a vision placeholder: suppressed in generation, the run goes on."""
+    proc, student, teacher, ds = setup
+    biased = copy.deepcopy(student)
+    tokens = VisionTokens.from_model(biased, proc)
+    with torch.no_grad():
+        head = biased.get_output_embeddings().weight
+        for i, t in enumerate(tokens.ids().tolist()):
+            head[t] = 50.0 * biased.model.language_model.norm.weight / (i + 1)
+    trainer = recording(VGSDistillationTrainer)(model=biased, teacher_model=teacher,
+                                                args=config(tmp_path, max_steps=1), train_dataset=ds,
+                                                processing_class=proc)
+    trainer.train()
+    completions = torch.cat([m["completion_ids"][m["completion_mask"].bool()] for m in trainer.micro[0]])
+    assert not torch.isin(completions, tokens.ids()).any()
+    assert np.isfinite(trainer.state.log_history[0]["loss"])
+
+
+def test_bad_input_raises_at_construction(setup, tmp_path):
+    proc, student, teacher, ds = setup
+    with pytest.raises(ValueError, match="eta"):
+        config(tmp_path, steering_policy="fixed")
+    with pytest.raises(ValueError, match="steering_policy"):
+        config(tmp_path, steering_policy="nope")
+    args = config(tmp_path)
+    with pytest.raises(ValueError, match="train_dataset.*image"):
+        VGSDistillationTrainer(model=copy.deepcopy(student), teacher_model=teacher, args=args,
+                               train_dataset=ds.remove_columns("image"), processing_class=proc)
+    bigger = tiny_processor("qwen2_vl", task.WORDS + ["extra", "words", "here"])
+    with pytest.raises(ValueError, match="teacher_model"):
+        VGSDistillationTrainer(model=copy.deepcopy(student), teacher_model=tiny_vlm("qwen2_vl", bigger), args=args,
+                               train_dataset=ds, processing_class=proc)
+    with pytest.raises(ValueError, match="processing_class"):
+        VGSDistillationTrainer(model=copy.deepcopy(student), teacher_model=teacher, args=args, train_dataset=ds,
+                               processing_class=bigger)
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    text_model = Qwen2ForCausalLM(Qwen2Config(vocab_size=student.config.text_config.vocab_size, hidden_size=32,
+                                              intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                              num_key_value_heads=1))
+    with pytest.raises(ValueError, match="model"):
+        VGSDistillationTrainer(model=text_model, teacher_model=teacher, args=args, train_dataset=ds,
+                               processing_class=proc)
+
+
+def test_importing_the_package_does_not_import_trl():
+    import subprocess
+    code = "import sys, vgs_kernels, vgs_kernels.integrations; assert 'trl' not in sys.modules, 'trl imported'"
+    root = os.path.join(os.path.dirname(__file__), "..")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root)

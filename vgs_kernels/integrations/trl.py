@@ -1,0 +1,311 @@
+"""TRL integration: VGS on-policy distillation with ``trl.DistillationTrainer``'s datasets and arguments.
+
+    from vgs_kernels.integrations.trl import VGSDistillationConfig, VGSDistillationTrainer
+    args = VGSDistillationConfig(output_dir="out", gamma=2.0, lam=0.01, steering_policy="auto")
+    VGSDistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=ds,
+                           processing_class=processor).train()
+
+What changes against the parent (everything else — generation, VLM inputs, gradient accumulation,
+Accelerate, checkpoints, TRL's metrics — is the parent's):
+
+* rollouts: the text-only batch of each rollout (the same chat prompt rendered without its image,
+  identical response tokens) is built with the rollout (:func:`vgs_kernels.vlm.text_only_batch`), and
+  every vision-only id (placeholder and markers, not only the image token) is suppressed in generation;
+* loss: four hidden-state passes (student / teacher, with / without the image) inside TRL's
+  ``_forward_redirection``, then :class:`vgs_kernels.FusedLinearVGSLoss` (no [N, V] logits) reduced
+  per token over Trainer's ``num_items_in_batch`` (gradient accumulation exact, like TRL's loss);
+* backward: Trainer's ``accelerator.backward(loss)`` is routed to the steering hook (one backward
+  per component on exact steps, one combined backward on ``fixed`` and between ``auto``
+  measurements), whose every backward is Accelerate's (``backward_fn``); the hook steers before
+  Trainer clips and logs ``grad_norm``, so both see the steered gradient;
+* logs: ``vgs/std``, ``vgs/vis``, ``vgs/lang``, ``vgs/vds`` (per-token means), ``vgs/eta``,
+  ``vgs/fallback``, ``vgs/cos_std_vis`` ... (the hook's stats) next to TRL's metrics. The student
+  entropy TRL logs is not computed by the fused loss and is left out.
+* checkpoints: the hook's state rides in the optimizer's state_dict; the model is saved in the
+  format ``resume_from_checkpoint`` reloads (``save_original_format=False``).
+
+A plain ``transformers.Trainer`` user has no on-policy rollouts, no teacher and no text-only batch
+to build: serving one means writing those three parts, so there is no mixin here (the raw-loop
+way in the README is the route).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from trl import DistillationConfig, DistillationTrainer
+
+from vgs_kernels.fused_linear import FusedLinearVGSLoss
+from vgs_kernels.steering import GradientSteering
+from vgs_kernels.vlm import VisionTokens, check_processor, text_only_batch
+from vgs_kernels.vlm.plumbing import _vocab_size
+
+POLICIES = ("vgs", "fixed", "auto", "pcgrad", "sum")
+
+
+@dataclass
+class VGSDistillationConfig(DistillationConfig):
+    """A ``trl.DistillationConfig`` with the VGS fields (DESIGN.md §1).
+
+    gamma, lam: γ and λ of L = η(Std + γ·Vis + λ·LP). lp_quantile: LP counts Lang on tokens whose
+    VDS is above this quantile. adaptive: per-token γ_t (App. E). steering_policy: "vgs" (exact η
+    every step), "fixed" (constant ``eta``, one backward), "auto" (exact η every ``eta_every``
+    steps, EMA in between), "pcgrad", "sum" (no steering). detach_prior: no Vis gradient into the
+    text-only student pass. ``beta`` (TRL's divergence) must stay 1.0: VGS splits the reverse KL.
+    """
+
+    gamma: float = field(default=2.0, metadata={"help": "Weight of the visual term Vis."})
+    lam: float = field(default=0.01, metadata={"help": "Weight of the language-prior term LP."})
+    lp_quantile: float = field(default=0.7, metadata={"help": "LP counts Lang above this VDS quantile."})
+    adaptive: bool = field(default=False, metadata={"help": "Per-token gamma from VDS quantiles (App. E)."})
+    steering_policy: str = field(default="vgs", metadata={"help": f"One of {POLICIES}."})
+    eta: Optional[float] = field(default=None, metadata={"help": "The constant eta of steering_policy='fixed'."})
+    eta_every: int = field(default=16, metadata={"help": "Steps between exact eta measurements ('auto')."})
+    detach_prior: bool = field(default=True, metadata={"help": "No gradient from Vis into the text-only pass."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.steering_policy not in POLICIES:
+            raise ValueError(f"steering_policy must be one of {POLICIES}, got {self.steering_policy!r}")
+        if self.steering_policy == "fixed" and self.eta is None:
+            raise ValueError("steering_policy='fixed' needs eta= (e.g. 0.41, the paper's value at gamma=2)")
+        if self.eta is not None and self.steering_policy != "fixed":
+            raise ValueError(f"eta= is the constant of steering_policy='fixed'; with {self.steering_policy!r} "
+                             "it would be ignored: drop it or use steering_policy='fixed'")
+        if self.beta != 1.0:
+            raise ValueError(f"beta={self.beta}: VGS decomposes the reverse KL (beta=1.0); set beta=1.0")
+        if not (isinstance(self.eta_every, int) and self.eta_every >= 1):
+            raise ValueError(f"eta_every must be an int >= 1, got {self.eta_every!r}")
+        if self.fp16:
+            raise ValueError("fp16=True (a GradScaler) is not supported by VGSDistillationTrainer; use bf16=True")
+
+
+class VGSDistillationTrainer(DistillationTrainer):
+    """A ``trl.DistillationTrainer`` that trains with Visual Gradient Steering (module docstring).
+
+    Same arguments and datasets as the parent; ``args`` is a :class:`VGSDistillationConfig`, the
+    model and teacher are VLMs of one family (same vocabulary and vision placeholder ids),
+    ``processing_class`` is their processor and every training example has an image
+    (``image`` / ``images`` column). Attributes: ``steer`` (the :class:`GradientSteering` hook,
+    created with the optimizer), ``loss_fn`` (the :class:`FusedLinearVGSLoss`).
+    """
+
+    _tag_names = ["trl", "distillation", "vgs"]
+
+    def __init__(self, model, teacher_model=None, args: Optional[VGSDistillationConfig] = None,
+                 train_dataset=None, *rest, **kwargs):
+        if not isinstance(args, VGSDistillationConfig):
+            raise TypeError(f"args must be a VGSDistillationConfig, got {type(args).__name__}")
+        columns = getattr(train_dataset, "column_names", None)
+        if train_dataset is not None and columns is not None and not {"image", "images"} & set(columns):
+            raise ValueError(f"train_dataset has columns {columns} but no 'image' or 'images' column: VGS "
+                             "splits the visual from the language part of the loss and needs an image per prompt")
+        processor = kwargs.get("processing_class", rest[1] if len(rest) > 1 else None)
+        if processor is not None and all(isinstance(m, torch.nn.Module) for m in (model, teacher_model)):
+            _check_models(model, teacher_model, processor)  # before TRL's own, less specific, checks
+        super().__init__(model, teacher_model, args, train_dataset, *rest, **kwargs)
+        student = self.accelerator.unwrap_model(self.model)
+        teacher = self.accelerator.unwrap_model(self.teacher_model) if self.teacher_model is not None else None
+        _check_models(student, teacher, self.processing_class)  # models loaded from names by TRL
+        self.vision = VisionTokens.from_model(student, self.processing_class)
+        # A sampled vision id (not only the image token TRL suppresses) would corrupt the rollout.
+        suppress = sorted(set(self.generation_kwargs.get("suppress_tokens") or []) | set(self.vision.ids().tolist()))
+        self.generation_kwargs["suppress_tokens"] = suppress
+        self.generation_config.suppress_tokens = suppress
+        self.loss_fn = FusedLinearVGSLoss(args.gamma, args.lam, args.lp_quantile, args.adaptive,
+                                          reduction="token", temperature=args.temperature,
+                                          detach_prior=args.detach_prior)
+        self.steer: Optional[GradientSteering] = None
+        self._pending = None  # the VGSLossOutput of the micro-batch whose backward comes next
+        self._backward_kwargs: dict = {}  # Trainer's kwargs of that backward (DeepSpeed, LOMO)
+
+    # ------------------------------------------------------------------ the optimizer and its hook
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        inner = getattr(optimizer, "optimizer", optimizer)
+        if self.steer is None or self.steer.optimizer is not inner:
+            a, acc = self.args, self.accelerator
+            # gamma / lam come with the loss output; every backward the hook runs is Accelerate's
+            backward = functools.partial(type(acc).backward, acc)
+            self.steer = GradientSteering(inner, policy=a.steering_policy, eta=a.eta, every=a.eta_every,
+                                          backward_fn=lambda loss, **kw: backward(loss, **kw, **self._backward_kwargs))
+        return optimizer
+
+    def _needs_components(self) -> bool:
+        """Whether the next backward runs per component (exact steps) or combined (and in evaluation)."""
+        return self.steer is not None and self.model.training and self.steer.needs_components
+
+    # ------------------------------------------------------------------ rollouts
+
+    def _generate_and_score_completions(self, inputs):
+        out = super()._generate_and_score_completions(inputs)
+        if out.get("pixel_values") is None:
+            raise ValueError("a generation batch has no image: VGS needs an image in every prompt")
+        if "tool_mask" in out:
+            raise NotImplementedError("VGSDistillationTrainer does not support tools (multi-turn rollouts) yet")
+        # [text prompt | the same completion block]: the last C positions align with the image batch's
+        text, _ = text_only_batch(self.processing_class, [x["prompt"] for x in inputs], out["completion_ids"],
+                                  out["completion_mask"], padding_side="split", chat_template=self.chat_template,
+                                  **self.chat_template_kwargs)
+        for key, value in text.items():
+            out[f"text_{key}"] = value.to(out["completion_ids"].device)
+        return out
+
+    # ------------------------------------------------------------------ the loss
+
+    def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        loss_mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        keep = completion_ids.size(1)
+        full = (torch.cat([inputs["prompt_ids"], completion_ids], 1),
+                torch.cat([inputs["prompt_mask"], completion_mask], 1), keep)
+        text = (inputs["text_input_ids"], inputs["text_attention_mask"], keep)
+        vision = {k: inputs[k] for k in ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes",
+                                         "image_sizes", "token_type_ids", "mm_token_type_ids",
+                                         "image_position_ids") if k in inputs}
+        text_side = {k: inputs[f"text_{k}"] for k in ("token_type_ids", "mm_token_type_ids") if f"text_{k}" in inputs}
+        h_s = self._get_last_hidden_state(unwrapped_student, *full, **vision)
+        h_u = self._get_last_hidden_state(unwrapped_student, *text, **text_side)
+        self.teacher_model.eval()
+        teacher = self.accelerator.unwrap_model(self.teacher_model)
+        with torch.no_grad():
+            h_a = self._forward_redirection(self.teacher_model, teacher, self._get_last_hidden_state, teacher,
+                                            *full, **vision)
+            h_b = self._forward_redirection(self.teacher_model, teacher, self._get_last_hidden_state, teacher, *text,
+                                            **text_side)
+        head_s, head_t = unwrapped_student.get_output_embeddings(), teacher.get_output_embeddings()
+        dev = head_s.weight.device
+        cfg_s, cfg_t = unwrapped_student.config.get_text_config(), teacher.config.get_text_config()
+        self.loss_fn.components = self._needs_components()
+        self.loss_fn.logit_scale = (_attr(cfg_s, "logit_scale", 1.0), _attr(cfg_t, "logit_scale", 1.0))
+        caps = (_attr(cfg_s, "final_logit_softcapping"), _attr(cfg_t, "final_logit_softcapping"))
+        self.loss_fn.softcap = None if caps == (None, None) else caps
+        out = self.loss_fn(h_s.to(dev), h_u.to(dev), head_s.weight, h_a.to(dev), h_b.to(dev), head_t.weight,
+                           loss_mask.to(dev).bool(), bias_student=head_s.bias, bias_teacher=head_t.bias,
+                           num_items_in_batch=num_items_in_batch)
+        self._pending = out
+        self._log_terms(out, loss_mask, num_items_in_batch)
+        n_valid = loss_mask.sum()
+        return out.total, torch.full((), math.nan, device=dev), n_valid
+
+    def _log_terms(self, out, loss_mask, num_items_in_batch) -> None:
+        """Per-token means of this micro-batch's terms (out.* are sums / num_items_in_batch)."""
+        valid = loss_mask.bool()
+        n = valid.sum().clamp(min=1)
+        scale = (num_items_in_batch if num_items_in_batch is not None else n) / n
+        m = self._metrics["train" if self.model.training else "eval"]
+        for name, value in (("std", out.std), ("vis", out.vis), ("lang", out.lp)):
+            m[f"vgs/{name}"].append(float(value.detach() * scale))
+        m["vgs/vds"].append(float(out.vds.reshape(valid.shape)[valid].mean()) if bool(valid.any()) else math.nan)
+
+    # ------------------------------------------------------------------ backward, clipping, logging
+
+    def training_step(self, model, inputs, num_items_in_batch):
+        with self._steered_backward():
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    @contextlib.contextmanager
+    def _steered_backward(self):
+        """Routes Trainer's ``accelerator.backward(loss)`` of this micro-batch to the steering hook."""
+        acc = self.accelerator
+
+        def backward(loss, **kwargs):
+            out, self._pending = self._pending, None
+            if out is None or loss is not out.total:
+                raise RuntimeError("VGSDistillationTrainer: the loss reaching backward is not the VGS loss of "
+                                   "this micro-batch (was compute_loss overridden, or the loss rescaled?)")
+            self._backward_kwargs = kwargs
+            try:
+                self.steer.backward(out)
+            finally:
+                self._backward_kwargs = {}
+
+        acc.backward = backward
+        try:
+            yield
+        finally:
+            del acc.backward
+
+    def _clip_grad_norm(self, model):
+        self.steer.apply()  # clipping must see the steered gradient
+        return super()._clip_grad_norm(model)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        self.steer.apply()
+        self._log_steering()
+        return super()._get_grad_norm(model, grad_norm)
+
+    def _log_steering(self) -> None:
+        stats, m = self.steer.stats, self._metrics["train"]
+        if not stats:
+            return
+        names, exact = list(stats["names"]), stats["mode"] == "exact"
+        m["vgs/eta"].append(float(stats["eta"]))
+        m["vgs/fallback"].append(float(stats["fallback"]))
+        m["vgs/exact"].append(float(exact))
+        if self.args.steering_policy == "auto":
+            m["vgs/eta_ema"].append(float(stats["eta_ema"]))
+        if exact:  # norms and cosines are measured on exact steps only (NaN otherwise)
+            norms, cos = stats["norms"].tolist(), stats["cos"].tolist()
+            for i, a in enumerate(names):
+                m[f"vgs/norm_{a}"].append(norms[i])
+                for j in range(i + 1, len(names)):
+                    m[f"vgs/cos_{a}_{names[j]}"].append(cos[i][j])
+
+    def log(self, logs: dict, start_time: Optional[float] = None) -> None:
+        self._metrics["train" if self.model.training else "eval"].pop("entropy", None)  # not computed here
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _save_checkpoint(self, model, trial):
+        # transformers' resume reloads with a plain load_state_dict: the checkpoint must hold the
+        # model's own key names, not the "original format" save_pretrained writes by default.
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        save = type(unwrapped).save_pretrained
+        unwrapped.save_pretrained = lambda *a, **k: save(unwrapped, *a, **{"save_original_format": False, **k})
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            del unwrapped.save_pretrained
+
+
+def _check_models(student, teacher, processor) -> None:
+    """Clear errors, naming the trainer's argument, for models and processor VGS cannot train with."""
+    if processor is None or not hasattr(processor, "image_processor"):
+        raise ValueError(f"processing_class must be the VLM's processor (with an image processor), got "
+                         f"{type(processor).__name__}")
+    try:
+        ids = VisionTokens.from_model(student, processor).ids().tolist()
+    except ValueError as err:
+        raise ValueError(f"model: {err}") from None
+    try:
+        check_processor(processor, student)
+    except ValueError as err:
+        raise ValueError(f"processing_class does not fit model: {err}") from None
+    if teacher is None:
+        raise ValueError("teacher_model is required: VGS scores every rollout with the teacher")
+    try:
+        t_ids = VisionTokens.from_model(teacher, processor).ids().tolist()
+    except ValueError as err:
+        raise ValueError(f"teacher_model: {err}") from None
+    if _vocab_size(teacher) != _vocab_size(student):
+        raise ValueError(f"teacher_model has a vocabulary of {_vocab_size(teacher)} but model has "
+                         f"{_vocab_size(student)}: VGS needs one tokenizer and vocabulary")
+    if t_ids != ids:
+        raise ValueError(f"teacher_model and model disagree on the vision token ids ({t_ids} vs {ids})")
+    for name, m in (("model", student), ("teacher_model", teacher)):
+        cfg = m.config.get_text_config()
+        for attr in ("output_multiplier", "lm_head_multiplier", "logits_scaling"):
+            if getattr(cfg, attr, None) is not None:
+                raise ValueError(f"{name}: config.{attr} is not supported by VGSDistillationTrainer")
+
+
+def _attr(cfg: Any, name: str, default: Any = None) -> Any:
+    value = getattr(cfg, name, None)
+    return default if value is None else value
