@@ -48,6 +48,21 @@ def namespace():
 
 
 @contextlib.contextmanager
+def fresh_accelerate():
+    """Accelerate's state is a process-wide singleton (a Trainer run earlier fixes its precision)."""
+    try:
+        from accelerate.state import AcceleratorState
+    except ImportError:
+        yield
+        return
+    AcceleratorState._reset_state(True)
+    try:
+        yield
+    finally:
+        AcceleratorState._reset_state(True)
+
+
+@contextlib.contextmanager
 def process_group(needed: bool):
     """A one-process gloo group for the distributed blocks."""
     if not needed:
@@ -62,16 +77,45 @@ def process_group(needed: bool):
         torch.distributed.destroy_process_group()
 
 
+def _dataset(seed=0, n=4):
+    """A TRL conversational dataset: prompt messages and an image per row."""
+    datasets = pytest.importorskip("datasets")
+    rng = np.random.default_rng(seed)
+    return datasets.Dataset.from_dict({
+        "prompt": [[{"role": "user", "content": "what colour is the square ?"}]] * n,
+        "image": [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(n)]})
+
+
+def _small_trl_runs(monkeypatch, tmp_path):
+    """The TRL block as written, with the run made CPU-test sized (2 steps, no bf16, no logging)."""
+    trl_mod = pytest.importorskip("vgs_kernels.integrations.trl")
+    full = trl_mod.VGSDistillationConfig
+
+    class Small(full):
+        def __init__(self, **kw):
+            kw.update(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2,
+                      max_completion_length=4, bf16=False, report_to="none", save_strategy="no", logging_steps=1)
+            super().__init__(**kw)
+
+    monkeypatch.setattr(trl_mod, "VGSDistillationConfig", Small)
+
+
 @pytest.mark.parametrize("index", range(len(BLOCKS)), ids=[f"block{i}" for i in range(len(BLOCKS))])
-def test_readme_block_runs(index):
+def test_readme_block_runs(index, monkeypatch, tmp_path):
     code = BLOCKS[index]
     ns = namespace()
+    if "VGSDistillationTrainer" in code:
+        _small_trl_runs(monkeypatch, tmp_path)
+        ns["ds"] = _dataset()
     params = [p.detach().clone() for p in ns["student"].parameters()]
-    with process_group("DDP(" in code):
+    with process_group("DDP(" in code), fresh_accelerate():
         exec(compile(code, f"README.md python block {index}", "exec"), ns)
-    if "steer" in ns:  # a training block: it stepped, and its stats are finite
+    if "steer" in ns or "trainer" in ns:  # a training block: it stepped
         assert any(not torch.equal(p, q) for p, q in zip(ns["student"].parameters(), params))
+    if "steer" in ns:
         assert torch.isfinite(ns["steer"].stats["eta"])
+    if "trainer" in ns:  # TRL's logs carry eta
+        assert any("vgs/eta" in row for row in ns["trainer"].state.log_history)
     for kw in ns["logged"]:  # plain numbers every step (cos is NaN on steps that measured nothing)
         assert all(isinstance(v, float) for v in kw.values()) and np.isfinite(kw.get("eta", 0.0))
 
