@@ -18,12 +18,13 @@ host synchronisation, no values read); before the next backward and before steer
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List, Mapping, Optional
+from typing import Callable, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from vgs_kernels import policies
+from vgs_kernels.distributed import is_dtensor
 from vgs_kernels.loss import VGSLossOutput
 
 MODIFIED = (
@@ -58,16 +59,18 @@ class ComponentGrads:
         self.optimizer = optimizer
         self.params: List[Tensor] = []
         self.k = 1
-        self._buffers: Dict[Tensor, List[Optional[Tensor]]] = {}
+        self.sharded = False
+        self._buffers: List[List[Optional[Tensor]]] = []  # components 1..k-1, aligned with params
         self._marks: Optional[List[Optional[tuple]]] = None  # (.grad, its version) after the last backward
 
     def start(self, k: int) -> None:
         """A new step with k components: lists the parameters (once per step), no buffers yet."""
         self.params, self.k = trainable(self.optimizer), k
+        self.sharded = any(is_dtensor(p) for p in self.params)  # FSDP2: local shards, even on one rank
         self.clear()
 
     def clear(self) -> None:
-        self._buffers.clear()
+        self._buffers = []
         self._marks = None
 
     def run(self, i: int, backward: Callable[[], None]) -> None:
@@ -75,16 +78,17 @@ class ComponentGrads:
         if i == 0:
             backward()
             return
-        params, k = self.params, self.k
+        params = self.params
+        if not self._buffers:
+            self._buffers = [[None] * len(params) for _ in range(self.k - 1)]
         stash = [p.grad for p in params]
-        for p in params:
-            p.grad = self._buffers.get(p, (None,) * (k - 1))[i - 1]
+        for p, g in zip(params, self._buffers[i - 1]):
+            p.grad = g
         try:
             backward()
         finally:
+            self._buffers[i - 1] = [p.grad for p in params]
             for p, g in zip(params, stash):
-                if p.grad is not None or p in self._buffers:
-                    self._buffers.setdefault(p, [None] * (k - 1))[i - 1] = p.grad
                 p.grad = g
 
     def mark(self) -> None:
@@ -124,8 +128,31 @@ class ComponentGrads:
 
     def columns(self) -> List[List[Optional[Tensor]]]:
         """cols[j] = [params[j].grad, component 1's gradient, ...] (None where absent)."""
-        empty = (None,) * (self.k - 1)
-        return [[p.grad, *self._buffers.get(p, empty)] for p in self.params]
+        grads = [p.grad for p in self.params]
+        if not self._buffers:
+            return [[g] + [None] * (self.k - 1) for g in grads]
+        return [list(col) for col in zip(grads, *self._buffers)]
+
+    def lists(self) -> Tuple[List[Tensor], List[List[Optional[Tensor]]]]:
+        """(out, lists) for one process and plain tensors, without per-parameter work beyond list
+        building: lists[i][j] = component i's gradient of the j-th parameter that has any, out[j]
+        its .grad (set to a component's buffer where component 0 had none: combine reads every
+        element before writing it)."""
+        grads = [p.grad for p in self.params]
+        lists = [grads, *(self._buffers or [[None] * len(grads) for _ in range(self.k - 1)])]
+        out = list(grads)
+        drop = []
+        for j in [j for j, g in enumerate(grads) if g is None]:
+            first = next((col[j] for col in lists[1:] if col[j] is not None), None)
+            if first is None:
+                drop.append(j)
+            else:
+                self.params[j].grad = out[j] = first
+        if drop:
+            dropped = set(drop)
+            keep = [j for j in range(len(grads)) if j not in dropped]
+            out, lists = [out[j] for j in keep], [[col[j] for j in keep] for col in lists]
+        return out, lists
 
 
 class ComponentSpec:

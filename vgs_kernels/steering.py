@@ -265,7 +265,12 @@ class GradientSteering:
 
     def _steer(self, device: torch.device) -> None:
         k, spec = len(self.names), self._spec
-        out, cols, lists = self._sync.prepare(self._grads.params, self._grads.columns(), self.names)
+        if self._sync.group() is None and not self._grads.sharded:  # one process: no per-parameter work
+            out, lists = self._grads.lists()
+            comps = lists
+        else:
+            out, cols, lists = self._sync.prepare(self._grads.params, self._grads.columns(), self.names)
+            comps = [[col[i] for col in cols] for i in range(k)]
         device = out[0].device if out else device
         G = gram(lists, backend=self.backend) if lists[0] else torch.zeros(k, k, device=device)
         G = self._sync.reduce_gram(G.to(device))
@@ -277,7 +282,7 @@ class GradientSteering:
         policy = "vgs" if self.policy == "auto" else self.policy
         raw = self._call_policy(G) if callable(policy) else policies.BUILTIN[policy](G, w, spec.std, spec.vis)
         coeffs, fell_back = policies.guard(G, raw, w)
-        combine(out, [[col[i] for col in cols] for i in range(k)], coeffs, backend=self.backend)
+        combine(out, comps, coeffs, backend=self.backend)
         self._record("exact", device, coeffs, G, fell_back)
 
     def _call_policy(self, G: Tensor) -> Tensor:
