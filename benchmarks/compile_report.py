@@ -289,7 +289,7 @@ def _hot_loop(spans: List[Tuple[int, int]], n_loads: Callable[[int, int], int]) 
     return max(inner, key=lambda s: (n_loads(*s), s[1] - s[0])) if inner else None
 
 
-_PTX_LOAD = re.compile(r"\bld\.global(?:\.\w+)*?(\.v[248])?\.[bfsu](\d+)\b")
+_PTX_LOAD = re.compile(r"\bld\.global(\S*)")
 
 
 def ptx_loop_loads(ptx: str) -> Tuple[int, int]:
@@ -304,7 +304,8 @@ def ptx_loop_loads(ptx: str) -> Tuple[int, int]:
     if hot is None:
         return 0, 0
     inside = [m for i, m in loads if hot[0] <= i <= hot[1]]
-    vec = sum(1 for m in inside if m.group(1) or int(m.group(2)) >= 64)
+    vec = sum(1 for m in inside if re.search(r"\.v[248]\b", m.group(1))
+              or int((re.findall(r"\.[bfsu](\d+)", m.group(1)) or ["0"])[-1]) >= 64)
     return vec, len(inside)
 
 
