@@ -157,3 +157,20 @@ def test_cpu_fp8_logits_are_not_rejected_by_the_gpu_rule():
     a = torch.randn(3, 40).to(torch.float8_e4m3fn)  # the CPU backends read it
     terms = vgs.decomposed_kl(s, None, a, None, backend="reference")
     assert torch.isfinite(terms.std).all()
+
+
+def test_check_dtype_names_the_argument_and_the_fix(monkeypatch):
+    """The device check decomposed_kl runs on CUDA inputs, with the device's target faked."""
+    from vgs_kernels import triton_targets as tt
+
+    class Fp8OnCuda:  # the attributes check_dtype reads from a CUDA tensor
+        is_cuda, dtype, device = True, torch.float8_e4m3fn, torch.device("cuda", 0)
+
+        def element_size(self):
+            return 1
+
+    monkeypatch.setattr(tt, "device_target", lambda device: cr.target("sm_80"))
+    with pytest.raises(TypeError, match=r"^b has dtype torch.float8_e4m3fn.*sm_80.*b\.to\(torch\.bfloat16\)"):
+        tt.check_dtype("b", Fp8OnCuda())
+    monkeypatch.setattr(tt, "device_target", lambda device: cr.target("sm_90"))
+    tt.check_dtype("b", Fp8OnCuda())  # sm_90 compiles fp8e4nv: accepted
