@@ -86,6 +86,19 @@ class Launch:
     case: str           # label of the wrapper call that made it
 
 
+class _NotCompiled:
+    """What the recorder returns for a kernel: a wrapper that keeps the compiled kernel (warmup, or
+    a cached launch plan) and launches it later launches nothing."""
+
+    def __getitem__(self, grid):
+        return self
+
+    def __call__(self, *args, **kwargs):
+        return None
+
+    run = __call__
+
+
 @contextlib.contextmanager
 def recording(into: List[Launch], case: Callable[[], str]) -> Iterator[None]:
     """Replace JITFunction.run (what `kernel[grid](...)` calls) with a recorder; the wrappers'
@@ -96,6 +109,7 @@ def recording(into: List[Launch], case: Callable[[], str]) -> Iterator[None]:
 
     def run(self, *args, grid, warmup, **kwargs):
         into.append(Launch(self, args, dict(kwargs), case()))
+        return _NotCompiled()
 
     saved_run, saved_interp = JITFunction.run, _backend.TRITON_INTERPRET
     JITFunction.run, _backend.TRITON_INTERPRET = run, True

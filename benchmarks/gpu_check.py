@@ -59,7 +59,7 @@ def steps(out: str, py: str = sys.executable, bench: str = "benchmarks") -> List
         Step("tests", [py, "-m", "pytest", "-q", "-m", "gpu", "tests", "-p", "no:cacheprovider",
                        f"--junitxml={os.path.join(out, 'gpu_tests.xml')}"], 240),
         Step("loss", b + ["--suite", "loss", "-N", KL_SHAPE["N"], "-V", KL_SHAPE["V"], "--dtype", "bfloat16",
-                          "--repeats", "10", "--out", os.path.join(out, "bench_loss")], 180),
+                          "--modes", "fwd,bwd,fwdbwd", "--repeats", "10", "--out", os.path.join(out, "bench_loss")], 180),
         Step("steering", b + ["--suite", "steering,fused-linear,step", "--goal", "--steering-scale", "1",
                               "--repeats", "10", "--out", os.path.join(out, "bench_steering")], 180),
     ]

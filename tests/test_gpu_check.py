@@ -97,3 +97,18 @@ def test_missing_results_are_reported_as_not_measured(tmp_path):
     s = gc.summary(str(tmp_path), [], {"date": "d", "python": "3"}, "cmd")
     assert s["tests"] is None and all(g["fraction"] is None and g["reached"] is None for g in s["goals"])
     assert "not measured" in gc.markdown(s, str(tmp_path))
+
+
+def test_benchmark_steps_are_valid_vgs_bench_command_lines(tmp_path):
+    """The argv of the benchmark steps parse with the benchmark CLI itself (on CPU here)."""
+    bench = importlib.import_module(gc.__package__ + ".__main__")
+    todo = {s.name: s for s in gc.steps(str(tmp_path), bench=gc.__package__)}
+    for name in ("loss", "steering"):
+        argv = todo[name].argv[3:]  # after `python -m <package>`
+        argv[argv.index("cuda")] = "cpu"
+        args = bench.parse_args(argv)
+        assert args.no_plots and args.repeats == 10
+        if name == "loss":
+            assert args.loss_shapes == [(8192, 151936, ("fwd", "bwd", "fwdbwd"))]
+        else:
+            assert args.goal and args.steering_scale == 1 and set(args.suites) == {"steering", "fused-linear", "step"}
