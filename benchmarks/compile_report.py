@@ -459,32 +459,44 @@ def _qwen_params() -> Tuple[int, int]:
 
 
 def estimates(results: Sequence[Result], n_params: int, n_elems: int) -> List[dict]:
-    """Issue-bound time (hot-loop instructions per element x elements / issue rate) next to the
-    memory-traffic floor (minimal bytes / datasheet bandwidth) for the issue's two workloads."""
+    """Per pass and in total, for the issue's two workloads: the issue-bound time (hot-loop
+    instructions per element x elements / issue rate) next to the memory-traffic floor (minimal
+    bytes / datasheet bandwidth); max_bw_fraction = floor / max(issue, floor) is the largest
+    fraction of peak bandwidth the instruction count allows."""
     from vgs_kernels.decomposed_kl import min_bytes
 
-    bf16 = torch.bfloat16
+    bf16, kl_elems = torch.bfloat16, N_EST * V_EST
     kl_case = f"decomposed_kl s=bfloat16 t=bfloat16 V={V_EST}"
     st_case = f"gram+combine k=2 float32 {n_params} tensors"
-    work = [  # (workload, [(kernel, case)], elements, bytes)
-        (f"decomposed_kl fwd+bwd N={N_EST} V={V_EST} bf16", [("_kl_forward_kernel", kl_case), ("_kl_backward_kernel", kl_case)],
-         N_EST * V_EST, min_bytes(N_EST, V_EST, bf16, bf16, "forward") + min_bytes(N_EST, V_EST, bf16, bf16, "backward")),
-        (f"gram+combine k=2 fp32, Qwen3-VL-2B ({n_params} tensors, {n_elems / 1e9:.2f} B params)",
-         [("_gram_kernel", st_case), ("_combine_kernel", st_case)], n_elems, 5 * 4 * n_elems),
+    work = [  # (workload, [(pass, kernel, case, elements, minimal bytes)])
+        (f"decomposed_kl N={N_EST} V={V_EST} bf16", [
+            ("forward", "_kl_forward_kernel", kl_case, kl_elems, min_bytes(N_EST, V_EST, bf16, bf16, "forward")),
+            ("backward", "_kl_backward_kernel", kl_case, kl_elems, min_bytes(N_EST, V_EST, bf16, bf16, "backward"))]),
+        (f"gram+combine k=2 fp32 Qwen3-VL-2B ({n_params} tensors, {n_elems / 1e9:.2f} B params)", [
+            ("gram", "_gram_kernel", st_case, n_elems, 2 * 4 * n_elems),
+            ("combine", "_combine_kernel", st_case, n_elems, 3 * 4 * n_elems)]),
     ]
     rows = []
-    for name, parts, elems, nbytes in work:
+    for name, parts in work:
         for tname, dev in DEVICES.items():
             picked = [next((r for r in results if r.target == tname and r.kernel == kern and case in r.cases), None)
-                      for kern, case in parts]
+                      for _, kern, case, _, _ in parts]
             if any(r is None or r.instr_per_elem is None for r in picked):
                 continue
-            ipe = sum(r.instr_per_elem for r in picked)
-            issue = elems * ipe / (dev.lanes_per_clk * dev.units * dev.clock_hz)
-            floor = nbytes / dev.mem_bw
-            rows.append({"workload": name, "target": tname, "device": dev.name, "instr_per_elem": round(ipe, 2),
-                         "issue_ms": issue * 1e3, "memory_floor_ms": floor * 1e3,
-                         "bound": "issue" if issue > floor else "memory"})
+            total = {"issue_ms": 0.0, "memory_floor_ms": 0.0, "bound_ms": 0.0, "instr_per_elem": 0.0}
+            for (pass_, _, _, elems, nbytes), r in zip(parts, picked):
+                issue = elems * r.instr_per_elem / (dev.lanes_per_clk * dev.units * dev.clock_hz) * 1e3
+                floor = nbytes / dev.mem_bw * 1e3
+                row = {"instr_per_elem": r.instr_per_elem, "issue_ms": issue, "memory_floor_ms": floor,
+                       "bound_ms": max(issue, floor)}
+                for k in total:
+                    total[k] += row[k]
+                rows.append({"workload": f"{name}: {pass_}", "target": tname, "device": dev.name, **row})
+            rows.append({"workload": f"{name}: total", "target": tname, "device": dev.name, **total})
+    for r in rows:
+        r["instr_per_elem"] = round(r["instr_per_elem"], 2)
+        r["max_bw_fraction"] = round(r["memory_floor_ms"] / r["bound_ms"], 3)
+        r["bound"] = "issue" if r["issue_ms"] > r["memory_floor_ms"] else "memory"
     return rows
 
 
@@ -523,7 +535,7 @@ def markdown(results: Sequence[Result], est: Sequence[dict], header: str) -> str
     if est:
         parts += ["\n### issue-bound time vs memory-traffic floor (datasheet clocks and bandwidths)\n",
                   _table(est, ["workload", "target", "device", "instr_per_elem", "issue_ms", "memory_floor_ms",
-                               "bound"])]
+                               "max_bw_fraction", "bound"])]
     parts += ["\n### every specialisation\n",
               _table([{**asdict(r), "instr_per_elem": r.instr_per_elem, "vectorised": r.vectorised,
                        "loads": f"{r.loads_vector}/{r.loads_total}" if r.loads_total is not None else "–",

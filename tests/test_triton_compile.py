@@ -48,8 +48,10 @@ def test_every_launched_specialisation_compiles_for_sm80_sm90_gfx942_without_spi
     assert {r["target"] for r in fp8 if r["status"] == "rejected"} == {"sm_80"}
     assert {r["target"] for r in fp8 if r["status"] == "ok"} == {"sm_90", "gfx942"}
     # The issue's estimates are in the report for every target.
-    assert {(e["workload"].split()[0], e["target"]) for e in report["estimates"]} == {
-        (w, t) for w in ("decomposed_kl", "gram+combine") for t in cr.TARGET_SPECS}
+    assert {(e["workload"].split()[0], e["workload"].split(": ")[-1], e["target"]) for e in report["estimates"]} == {
+        (w, p, t) for w, passes in (("decomposed_kl", ("forward", "backward", "total")),
+                                    ("gram+combine", ("gram", "combine", "total")))
+        for p in passes for t in cr.TARGET_SPECS}
     assert "issue-bound time vs memory-traffic floor" in (out / "compile_report.md").read_text()
 
 
@@ -119,13 +121,18 @@ def test_estimates_put_issue_time_next_to_the_memory_floor():
     res = [cr.Result(k, "sm_90", "", [case], "ok", loop_instructions=n, elems_per_iteration=8.0)
            for k, case, n in (("_kl_forward_kernel", kl, 800), ("_kl_backward_kernel", kl, 400),
                               ("_gram_kernel", st, 80), ("_combine_kernel", st, 80))]
-    rows = {r["workload"].split()[0]: r for r in cr.estimates(res, 625, 10 ** 9)}
+    rows = {r["workload"].split()[0] + " " + r["workload"].split(": ")[-1]: r for r in cr.estimates(res, 625, 10 ** 9)}
     h100 = cr.DEVICES["sm_90"]
-    assert rows["decomposed_kl"]["instr_per_elem"] == 150.0
-    expect = cr.N_EST * cr.V_EST * 150 / (h100.lanes_per_clk * h100.units * h100.clock_hz)
-    assert rows["decomposed_kl"]["issue_ms"] == pytest.approx(expect * 1e3)
-    assert rows["gram+combine"]["memory_floor_ms"] == pytest.approx(5 * 4 * 1e9 / h100.mem_bw * 1e3)
-    assert rows["gram+combine"]["bound"] == "memory"
+    issue_rate = h100.lanes_per_clk * h100.units * h100.clock_hz
+    fwd, total = rows["decomposed_kl forward"], rows["decomposed_kl total"]
+    assert fwd["instr_per_elem"] == 100.0 and total["instr_per_elem"] == 150.0
+    assert fwd["issue_ms"] == pytest.approx(cr.N_EST * cr.V_EST * 100 / issue_rate * 1e3)
+    assert total["issue_ms"] == pytest.approx(cr.N_EST * cr.V_EST * 150 / issue_rate * 1e3)
+    assert fwd["bound"] == "issue" and fwd["max_bw_fraction"] < 1  # 100 instructions per element: too many
+    gram, both = rows["gram+combine gram"], rows["gram+combine total"]
+    assert gram["memory_floor_ms"] == pytest.approx(2 * 4 * 1e9 / h100.mem_bw * 1e3)
+    assert both["memory_floor_ms"] == pytest.approx(5 * 4 * 1e9 / h100.mem_bw * 1e3)
+    assert both["bound"] == "memory" and both["max_bw_fraction"] == 1.0
 
 
 def test_parse_args_rejects_unknown_targets_and_reads_the_full_flag(monkeypatch):
