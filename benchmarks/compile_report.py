@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import io
 import json
@@ -187,13 +188,19 @@ def calls(full: bool, n_params: int) -> Iterator[Tuple[str, Callable[[], None]]]
                lambda a=(k, d, sizes[n], al): _steering_call(*a))
 
 
-def record(full: bool, n_params: int) -> List[Launch]:
+def record(full: bool, n_params: int, target_names: Sequence[str]) -> Tuple[int, List["Spec"]]:
+    """(launches recorded, their specialisations per target). Each call's launches are bound right
+    away, so no call's tensors outlive it (the full matrix would otherwise hold tens of GB)."""
     launches: List[Launch] = []
-    label = [""]
+    specs: Dict[tuple, Spec] = {}
+    label, n = [""], 0
     with recording(launches, lambda: label[0]):
         for label[0], call in calls(full, n_params):
             call()
-    return launches
+            n += len(launches)
+            bind(launches, target_names, specs)
+            launches.clear()
+    return n, list(specs.values())
 
 
 # ----------------------------------------------------------------------------- 2. binding
@@ -224,24 +231,31 @@ class Spec:
         return f"{flags} ptrs={'/'.join(ptrs)} div16-args={div16}/{n_args} warps={self.options.num_warps}"
 
 
-def bind(launches: Sequence[Launch], target_names: Sequence[str]) -> List[Spec]:
-    """Triton's binder and argument packing for each launch and target (what JITFunction.run does
-    before it compiles), deduplicated by the same key its kernel cache uses."""
-    from triton import knobs
+@functools.lru_cache(maxsize=None)
+def _binder(fn, tname: str):
+    """(backend, binder) of a kernel for a target: what JITFunction.create_binder makes for the
+    current device, made for the named target instead."""
     from triton.compiler import make_backend
-    from triton.runtime.jit import compute_cache_key, create_function_from_signature
+    from triton.runtime.jit import create_function_from_signature
 
-    specs: Dict[tuple, Spec] = {}
+    backend = make_backend(target(tname))
+    return backend, create_function_from_signature(fn.signature, fn.params, backend)
+
+
+def bind(launches: Sequence[Launch], target_names: Sequence[str], specs: Dict[tuple, Spec]) -> None:
+    """Triton's binder and argument packing for each launch and target (what JITFunction.run does
+    before it compiles), added to `specs` under the key its kernel cache uses (duplicates merge)."""
+    from triton import knobs
+    from triton.runtime.jit import compute_cache_key
+
     for tname in target_names:
-        backend = make_backend(target(tname))
-        binders: Dict[int, Callable] = {}
         for ln in launches:
             fn = ln.kernel
             kwargs = dict(ln.kwargs)
             kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
             kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
             kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
-            binder = binders.setdefault(id(fn), create_function_from_signature(fn.signature, fn.params, backend))
+            backend, binder = _binder(fn, tname)
             bound, specialization, options = binder(*ln.args, **kwargs)
             key = (tname, fn.__name__, compute_cache_key({}, specialization, options))
             if key not in specs:
@@ -249,7 +263,6 @@ def bind(launches: Sequence[Launch], target_names: Sequence[str]) -> List[Spec]:
                 specs[key] = Spec(fn.__name__, tname, signature, constexprs, attrs, options, fn)
             if ln.case not in specs[key].cases:
                 specs[key].cases.append(ln.case)
-    return list(specs.values())
 
 
 # ----------------------------------------------------------------------------- 3. compile + read
@@ -575,8 +588,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     t0 = time.perf_counter()
     n_params_tensors, n_elems = _qwen_params()
-    launches = record(args.full, n_params_tensors)
-    specs = bind(launches, args.targets)
+    n_launches, specs = record(args.full, n_params_tensors, args.targets)
     with tempfile.TemporaryDirectory() as cache:  # a fresh cache: ptxas runs (and logs) for every spec
         with knobs.cache.scope():
             knobs.cache.dir = cache
@@ -584,7 +596,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     est = estimates(results, n_params_tensors, n_elems)
     header = (f"# Triton compile report — triton {triton.__version__}, torch {torch.__version__}, "
               f"{'full matrix' if args.full else 'representative subset'}\n\n"
-              f"{len(launches)} launches recorded from the wrappers -> {len(specs)} specialisations "
+              f"{n_launches} launches recorded from the wrappers -> {len(specs)} specialisations "
               f"compiled for {', '.join(args.targets)} in {time.perf_counter() - t0:.0f} s. "
               f"Estimates use datasheet figures: "
               + "; ".join(f"{t}: {d.name} {d.units} units x {d.lanes_per_clk} lanes/clk at {d.clock_hz / 1e9:.2f} GHz, "
