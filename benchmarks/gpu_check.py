@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -35,7 +36,7 @@ import sys
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 GOALS = {"decomposed_kl fwd+bwd": 0.75, "gram+combine": 0.80}
 KL_SHAPE = {"N": "8192", "V": "151936"}
@@ -46,6 +47,7 @@ class Step:
     name: str
     argv: List[str]
     limit_s: int                       # its own time limit (the overall budget may cut it shorter)
+    needs: Tuple[str, ...] = ()        # modules it imports beyond torch / triton (no network to install them)
     status: str = "not run"            # ok | failed (rc) | timeout | skipped: why
     seconds: float = 0.0
     log: str = ""
@@ -57,11 +59,13 @@ def steps(out: str, py: str = sys.executable, bench: str = "benchmarks") -> List
     return [
         Step("build", [py, "setup.py", "-q", "build_ext", "--inplace"], 240),
         Step("tests", [py, "-m", "pytest", "-q", "-m", "gpu", "tests", "-p", "no:cacheprovider",
-                       f"--junitxml={os.path.join(out, 'gpu_tests.xml')}"], 240),
+                       f"--junitxml={os.path.join(out, 'gpu_tests.xml')}"], 240, ("pytest",)),
         Step("loss", b + ["--suite", "loss", "-N", KL_SHAPE["N"], "-V", KL_SHAPE["V"], "--dtype", "bfloat16",
-                          "--modes", "fwd,bwd,fwdbwd", "--repeats", "10", "--out", os.path.join(out, "bench_loss")], 180),
+                          "--modes", "fwd,bwd,fwdbwd", "--repeats", "10", "--out", os.path.join(out, "bench_loss")], 180,
+             ("tqdm",)),
         Step("steering", b + ["--suite", "steering,fused-linear,step", "--goal", "--steering-scale", "1",
-                              "--repeats", "10", "--out", os.path.join(out, "bench_steering")], 180),
+                              "--repeats", "10", "--out", os.path.join(out, "bench_steering")], 180,
+             ("tqdm", "transformers")),
     ]
 
 
@@ -72,6 +76,10 @@ def run_steps(todo: Sequence[Step], out: str, budget_s: float, cwd: str) -> None
     for step in todo:
         step.log = os.path.join(out, "logs", f"{step.name}.log")
         left = deadline - time.monotonic()
+        missing = [m for m in step.needs if importlib.util.find_spec(m) is None]
+        if missing:
+            step.status = f"skipped: needs {', '.join(missing)} (not installed)"
+            continue
         if left < 10:
             step.status = "skipped: overall time budget spent"
             continue

@@ -42,6 +42,9 @@ def test_run_steps_records_failures_timeouts_and_the_budget(tmp_path):
     gc.run_steps(todo, str(tmp_path), budget_s=120, cwd=str(tmp_path))
     assert [s.status for s in todo] == ["ok", "failed (exit 3)", "timeout after 1 s"]
     assert open(todo[0].log).read().strip() == "hi"
+    absent = [gc.Step("absent", [py, "-c", "pass"], 60, needs=("no_such_module_13",))]
+    gc.run_steps(absent, str(tmp_path), budget_s=120, cwd=str(tmp_path))
+    assert absent[0].status == "skipped: needs no_such_module_13 (not installed)"
     late = [gc.Step("late", [py, "-c", "pass"], 60)]
     gc.run_steps(late, str(tmp_path), budget_s=5, cwd=str(tmp_path))
     assert late[0].status.startswith("skipped: overall time budget")
