@@ -27,6 +27,7 @@ KERNELS = {"_kl_forward_kernel", "_kl_backward_kernel", "_gram_kernel", "_combin
 triton = pytest.importorskip("triton")
 
 
+@pytest.mark.slow
 def test_every_launched_specialisation_compiles_for_sm80_sm90_gfx942_without_spills():
     out = Path(os.environ.get("VGS_COMPILE_OUT", ROOT / "bench_out" / "compile"))
     env = {**os.environ, "TRITON_INTERPRET": "0"}
