@@ -309,14 +309,24 @@ def _innermost_loops(spans: List[Tuple[int, int]]) -> List[Tuple[int, int]]:
     return [(a, b) for a, b in spans if not any((a, b) != (c, d) and a <= c and d <= b for c, d in spans)]
 
 
-def _hot_loop(spans: List[Tuple[int, int]], n_loads: Callable[[int, int], int]) -> Optional[Tuple[int, int]]:
-    """Among the loops with global loads, the innermost one with the most loads (ties: the longest).
-    A loop without loads nested inside (e.g. an AMD waterfall loop) counts as part of it."""
-    inner = _innermost_loops([s for s in spans if n_loads(*s) > 0])
-    return max(inner, key=lambda s: (n_loads(*s), s[1] - s[0])) if inner else None
+def _hot_loop(spans: List[Tuple[int, int]], loads: List[Tuple[int, int]],
+              n_instr: Callable[[int, int], int]) -> Optional[Tuple[int, int]]:
+    """The steady-state loop: among the loops with global loads (`loads`: (position, bytes)), the
+    innermost ones (a loop without loads nested inside, e.g. an AMD waterfall loop, counts as part
+    of its parent); of those, the one loading the most bytes per iteration, and of equals (a body
+    and its masked tail handle the same BLOCK) the one with the fewest instructions."""
+    nbytes = lambda a, b: sum(n for pos, n in loads if a <= pos <= b)  # noqa: E731
+    inner = _innermost_loops([s for s in spans if nbytes(*s) > 0])
+    return max(inner, key=lambda s: (nbytes(*s), -n_instr(*s))) if inner else None
 
 
 _PTX_LOAD = re.compile(r"\bld\.global(\S*)")
+
+
+def _ptx_bytes(suffix: str) -> int:
+    lanes = re.search(r"\.v([248])\b", suffix)
+    bits = re.findall(r"\.[bfsu](\d+)", suffix)
+    return (int(lanes.group(1)) if lanes else 1) * (int(bits[-1]) if bits else 32) // 8
 
 
 def ptx_loop_loads(ptx: str) -> Tuple[int, int]:
@@ -326,17 +336,17 @@ def ptx_loop_loads(ptx: str) -> Tuple[int, int]:
     labels = {m.group(1): i for i, ln in enumerate(lines) if (m := re.match(r"^(\$L__\w+):", ln))}
     spans = [(labels[m.group(1)], i) for i, ln in enumerate(lines)
              if (m := re.search(r"\bbra(?:\.uni)?\s+(\$L__\w+);", ln)) and labels.get(m.group(1), i + 1) <= i]
-    loads = [(i, m) for i, ln in enumerate(lines) if (m := _PTX_LOAD.search(ln))]
-    hot = _hot_loop(spans, lambda a, b: sum(1 for i, _ in loads if a <= i <= b))
+    loads = [(i, _ptx_bytes(m.group(1))) for i, ln in enumerate(lines) if (m := _PTX_LOAD.search(ln))]
+    is_instr = [bool(ln.strip()) and not ln.lstrip().startswith(("$", "//", ".", "{", "}")) for ln in lines]
+    hot = _hot_loop(spans, loads, lambda a, b: sum(is_instr[a:b + 1]))
     if hot is None:
         return 0, 0
-    inside = [m for i, m in loads if hot[0] <= i <= hot[1]]
-    vec = sum(1 for m in inside if re.search(r"\.v[248]\b", m.group(1))
-              or int((re.findall(r"\.[bfsu](\d+)", m.group(1)) or ["0"])[-1]) >= 64)
-    return vec, len(inside)
+    inside = [n for i, n in loads if hot[0] <= i <= hot[1]]
+    return sum(n >= 8 for n in inside), len(inside)
 
 
 _SASS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
+_SASS_BYTES = {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}
 
 
 def sass_loop_instructions(sass: str) -> Optional[int]:
@@ -347,12 +357,18 @@ def sass_loop_instructions(sass: str) -> Optional[int]:
         t = re.match(r"\s*`?\(?(?:\.L_x_\d+|0x([0-9a-f]+))", operands) if op.startswith("BRA") else None
         if t and t.group(1) and int(t.group(1), 16) <= addr:
             spans.append((int(t.group(1), 16), addr))
-    hot = _hot_loop(spans, lambda a, b: sum(1 for x, op, _ in ins if a <= x <= b and op.startswith("LDG")))
-    return None if hot is None else sum(1 for x, _, _ in ins if hot[0] <= x <= hot[1])
+    loads = [(x, next((n for k, n in _SASS_BYTES.items() if k in op.split(".")), 4))
+             for x, op, _ in ins if op.startswith("LDG")]
+    count = lambda a, b: sum(1 for x, _, _ in ins if a <= x <= b)  # noqa: E731
+    hot = _hot_loop(spans, loads, count)
+    return None if hot is None else count(*hot)
 
 
 _AMD_LOAD = re.compile(r"^\s*(?:global|buffer)_load_(\w+)")
 _AMD_INSTR = re.compile(r"^\s+[a-z][a-z0-9_]+(?:\s|$)")
+_AMD_BYTES = {"dwordx4": 16, "b128": 16, "dwordx3": 12, "b96": 12, "dwordx2": 8, "b64": 8, "dword": 4, "b32": 4,
+              "ushort": 2, "sshort": 2, "short_d16": 2, "short_d16_hi": 2, "u16": 2, "i16": 2, "ubyte": 1, "sbyte": 1,
+              "u8": 1, "i8": 1}
 
 
 def amdgcn_loop(asm: str) -> Tuple[int, int, Optional[int]]:
@@ -361,14 +377,14 @@ def amdgcn_loop(asm: str) -> Tuple[int, int, Optional[int]]:
     labels = {m.group(1): i for i, ln in enumerate(lines) if (m := re.match(r"^(\.LBB\w+):", ln))}
     spans = [(labels[m.group(1)], i) for i, ln in enumerate(lines)
              if (m := re.search(r"\bs_(?:cbranch_\w+|branch)\s+(\.LBB\w+)", ln)) and labels.get(m.group(1), i + 1) <= i]
-    loads = [(i, m.group(1)) for i, ln in enumerate(lines) if (m := _AMD_LOAD.match(ln))]
-    hot = _hot_loop(spans, lambda a, b: sum(1 for i, _ in loads if a <= i <= b))
+    loads = [(i, _AMD_BYTES.get(m.group(1), 4)) for i, ln in enumerate(lines) if (m := _AMD_LOAD.match(ln))]
+    is_instr = [bool(_AMD_INSTR.match(ln)) and not ln.strip().startswith(".") for ln in lines]
+    count = lambda a, b: sum(is_instr[a:b + 1])  # noqa: E731
+    hot = _hot_loop(spans, loads, count)
     if hot is None:
         return 0, 0, None
-    inside = [w for i, w in loads if hot[0] <= i <= hot[1]]
-    vec = sum(1 for w in inside if re.match(r"dwordx[234]|b(64|96|128)", w))
-    n_instr = sum(1 for ln in lines[hot[0]:hot[1] + 1] if _AMD_INSTR.match(ln) and not ln.strip().startswith("."))
-    return vec, len(inside), n_instr
+    inside = [n for i, n in loads if hot[0] <= i <= hot[1]]
+    return sum(n >= 8 for n in inside), len(inside), count(*hot)
 
 
 def _elems_per_iteration(spec: Spec) -> Optional[float]:

@@ -85,14 +85,22 @@ SASS = """
         /*0030*/              @!P0 LDG.E.128 R4, desc[UR4][R6.64] ;
         /*0040*/                   FMUL R5, R4, R4 ;
         /*0050*/              @!P0 BRA 0x30 ;
-        /*0060*/              @!P1 BRA 0x10 ;
-        /*0070*/                   EXIT ;
-        /*0080*/                   BRA 0x80;
+        /*0060*/              @P2 LDG.E R8, desc[UR4][R6.64] ;
+        /*0070*/              @P2 LDG.E R9, desc[UR4][R6.64+0x4] ;
+        /*0080*/              @P3 LDG.E R10, desc[UR4][R6.64+0x8] ;
+        /*0090*/              @P3 LDG.E R11, desc[UR4][R6.64+0xc] ;
+        /*00a0*/                   FMUL R5, R8, R9 ;
+        /*00b0*/              @!P0 BRA 0x60 ;
+        /*00c0*/              @!P1 BRA 0x10 ;
+        /*00d0*/                   EXIT ;
+        /*00e0*/                   BRA 0xe0;
 """
 
 
-def test_sass_hot_loop_is_the_innermost_backward_branch_with_loads():
-    assert cr.sass_loop_instructions(SASS) == 3  # 0x30..0x50; the self-loop at 0x80 has no load
+def test_sass_hot_loop_is_the_cheapest_innermost_loop_loading_the_most_bytes():
+    # 0x30..0x50 (one 16-byte load, 3 instructions) beats its masked tail 0x60..0xb0 (four 4-byte
+    # loads, 6 instructions); the outer loop 0x10..0xc0 is not innermost; 0xe0 loads nothing.
+    assert cr.sass_loop_instructions(SASS) == 3
 
 
 AMDGCN = """
