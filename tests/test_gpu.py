@@ -16,6 +16,8 @@ from vgs_kernels.decomposed_kl import decomposed_kl_reference
 from vgs_kernels.gram import gram_reference
 
 CUDA = torch.cuda.is_available()
+DEVICE = "cuda"  # one name, so the same checks can be dry-run under TRITON_INTERPRET=1 on "cpu"
+N_TENSORS = 3000  # a table of thousands of parameters
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs CUDA")]
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 # Gradient tolerance by student dtype (relative to the largest reference entry): one rounding of
@@ -25,8 +27,8 @@ GRAD_TOL = {F32: 2e-5, F16: 2e-3, BF16: 1.6e-2}
 
 def _rows(n, v, dtype, seed, misaligned=False):
     """[n, v] logits; misaligned: row views starting one element into a wider buffer."""
-    g = torch.Generator("cuda").manual_seed(seed)
-    x = 3 * torch.randn(n, v + 1, generator=g, device="cuda", dtype=torch.float64)
+    g = torch.Generator(DEVICE).manual_seed(seed)
+    x = 3 * torch.randn(n, v + 1, generator=g, device=DEVICE, dtype=torch.float64)
     x = x[:, 1:] if misaligned else x[:, :v]
     return x.to(dtype)
 
@@ -59,8 +61,8 @@ def test_decomposed_kl_triton_vs_float64(ds, dt, v, mono, masked, detach, misali
     a, b = _rows(n, v, dt, 3, misaligned), _rows(n, v, dt, 4, misaligned)
     if mono:
         u = b = None
-    mask = (torch.arange(n, device="cuda") % 5 != 0) if masked else None
-    cot = torch.randn(4, n, device="cuda", dtype=torch.float64)  # grad_output != 1, per term and row
+    mask = (torch.arange(n, device=DEVICE) % 5 != 0) if masked else None
+    cot = torch.randn(4, n, device=DEVICE, dtype=torch.float64)  # grad_output != 1, per term and row
     kw = dict(temperature=1.3, detach_prior=detach)
     out, gs, gu = _terms_and_grads(lambda *x, **k: vgs.decomposed_kl(*x, backend="triton", **k),
                                    s, u, a, b, cot.float(), mask=mask, **kw)
@@ -93,30 +95,31 @@ def test_fp8_logits_follow_the_device_rule():
 
 
 def _grad_lists(k, n_tensors, seed):
-    """k lists over n_tensors parameters of odd sizes and mixed dtypes, some None, a few views
-    that start one element into a buffer (not 16-byte aligned)."""
-    g = torch.Generator("cuda").manual_seed(seed)
+    """k lists over n_tensors parameters of odd sizes and mixed dtypes, some None (for k = 1 some
+    parameters have no gradient at all: combine writes zeros), a quarter of them views that start
+    one element into a buffer (not 16-byte aligned); and an empty tensor like each parameter."""
+    g = torch.Generator(DEVICE).manual_seed(seed)
     dtypes = (F32, BF16, F16)
     sizes = [1 + (j * 7919) % 3001 for j in range(n_tensors)]
     lists = [[None] * n_tensors for _ in range(k)]
+    like = [torch.empty(numel, dtype=dtypes[j % 3], device=DEVICE) for j, numel in enumerate(sizes)]
     for j, numel in enumerate(sizes):
         dt = dtypes[j % 3]
         for i in range(k):
             if (i + j) % 11 == 5:
                 continue  # this component has no gradient for this parameter
-            x = torch.randn(numel + (j % 4 == 1), generator=g, device="cuda").to(dt)
+            x = torch.randn(numel + (j % 4 == 1), generator=g, device=DEVICE).to(dt)
             lists[i][j] = x[1:] if j % 4 == 1 else x
-    return lists
+    return lists, like
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
 def test_gram_combine_thousands_of_tensors(k):
-    lists = _grad_lists(k, 3000, seed=k)
+    lists, like = _grad_lists(k, N_TENSORS, seed=k)
     G = vgs.gram(lists, backend="triton")
     ref = gram_reference(lists)
     torch.testing.assert_close(G.double(), ref.double(), rtol=2e-4, atol=1e-3 * float(ref.abs().max()))
-    coeffs = torch.tensor([0.41, 0.82, -0.3, 0.004][:k], device="cuda")
-    like = [next(lst[j] for lst in lists if lst[j] is not None) for j in range(3000)]
+    coeffs = torch.tensor([0.41, 0.82, -0.3, 0.004][:k], device=DEVICE)
     out, expected = [torch.empty_like(t) for t in like], [torch.empty_like(t) for t in like]
     vgs.combine(out, lists, coeffs, backend="triton")
     combine_reference(expected, lists, coeffs)
@@ -128,10 +131,11 @@ def test_gram_combine_thousands_of_tensors(k):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_kernels_launch_on_their_tensors_device():
     """With cuda:0 current, tensors on cuda:1 must be computed on cuda:1 (the device guard)."""
-    lists = [[t.to("cuda:1") if t is not None else None for t in lst] for lst in _grad_lists(2, 50, seed=9)]
+    lists, like = _grad_lists(2, 50, seed=9)
+    lists = [[t.to("cuda:1") if t is not None else None for t in lst] for lst in lists]
     with torch.cuda.device(0):
         G = vgs.gram(lists, backend="triton")
-        out = [torch.empty_like(next(x for x in col if x is not None)) for col in zip(*lists)]
+        out = [torch.empty_like(t, device="cuda:1") for t in like]
         vgs.combine(out, lists, torch.tensor([1.0, 2.0]), backend="triton")
         s, a = _rows(4, 1001, F32, 1).to("cuda:1"), _rows(4, 1001, F32, 2).to("cuda:1")
         std = vgs.decomposed_kl(s, None, a, None, backend="triton").std
