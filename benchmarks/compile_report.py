@@ -532,7 +532,9 @@ def estimates(results: Sequence[Result], n_params: int, n_elems: int) -> List[di
 def summarise(results: Sequence[Result]) -> List[dict]:
     """Per kernel and target: the worst specialisation of each figure."""
     out = []
-    for key in dict.fromkeys((r.kernel, r.target) for r in results):
+    kernels, targets = list(dict.fromkeys(r.kernel for r in results)), list(TARGET_SPECS)
+    for key in sorted(dict.fromkeys((r.kernel, r.target) for r in results),
+                      key=lambda kt: (targets.index(kt[1]), kernels.index(kt[0]))):
         rs = [r for r in results if (r.kernel, r.target) == key]
         ok = [r for r in rs if r.registers is not None]
         ipe = [r.instr_per_elem for r in ok if r.instr_per_elem is not None]
