@@ -584,6 +584,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--targets", default=",".join(TARGET_SPECS),
                    help="comma-separated from %s (default: all)" % ",".join(TARGET_SPECS))
     p.add_argument("--out", default=os.path.join("bench_out", "compile"), help="output directory (default: %(default)s)")
+    p.add_argument("--kernels", default="", help="compile only kernels whose name contains one of these "
+                   "comma-separated words (e.g. gram,combine); default: all")
     p.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1),
                    help="compiler processes (default: %(default)s)")
     args = p.parse_args(argv)
@@ -607,6 +609,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t0 = time.perf_counter()
     n_params_tensors, n_elems = _qwen_params()
     n_launches, specs = record(args.full, n_params_tensors, args.targets)
+    words = [w for w in args.kernels.split(",") if w]
+    specs = [sp for sp in specs if not words or any(w in sp.kernel for w in words)]
     with tempfile.TemporaryDirectory() as cache:  # a fresh cache: ptxas runs (and logs) for every spec
         with knobs.cache.scope():
             knobs.cache.dir = cache
