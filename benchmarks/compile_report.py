@@ -4,7 +4,7 @@ on a machine without one.
     python -m vgs_kernels.benchmarks.compile_report            # installed package
     python -m benchmarks.compile_report                        # from a source checkout
     ... --full                                                 # the whole matrix (VGS_COMPILE_FULL=1)
-    ... --targets sm_90 --out bench_out/compile
+    ... --targets sm_90 --kernels gram,combine --jobs 4 --out bench_out/compile
 
 1. Record: the public wrappers (`decomposed_kl` forward + backward, `gram`, `combine`) are called on
    small CPU tensors with `JITFunction.run` replaced by a recorder, so every launch they would make
