@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 BENCH_ARGS ?=
 
-.PHONY: install bench test ext demo clean
+.PHONY: install bench test ext demo clean compile-report gpu-check
 
 $(VENV)/.deps: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,18 @@ ext: $(VENV)/.deps
 
 demo: install
 	$(PY) python/distill_demo.py
+
+# Every Triton kernel specialisation the wrappers launch, compiled for sm_80 / sm_90 / gfx942 without
+# a GPU; report in bench_out/compile/ (COMPILE_ARGS=--full for the whole matrix).
+compile-report: install
+	TRITON_INTERPRET=0 $(PY) -m benchmarks.compile_report $(COMPILE_ARGS)
+
+# On a CUDA machine whose python already has torch + Triton (no venv, no network): build the
+# extension, run the gpu tests and the CUDA benchmarks; results, device, driver and versions in
+# bench_out/gpu_check/gpu_check.md (paste into BENCHMARKS.md). < 10 min on one H100.
+GPU_PY ?= python3
+gpu-check:
+	VGS_GPU_CHECK_COMMAND="make gpu-check" $(GPU_PY) -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build *.egg-info vgs_kernels/*.so

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from vgs_kernels._backend import HAS_CPP, resolve
+from vgs_kernels.triton_targets import check_dtype
 
 try:
     import triton
@@ -60,6 +61,7 @@ def _check_inputs(s, u, a, b, mask, temperature: float = 1.0) -> None:
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor of logits, got dtype {t.dtype}")
+        check_dtype(name, t)  # e.g. float8_e4m3fn on sm < 89: Triton cannot compile its loads
     if s.dim() < 1 or s.shape[-1] < 1:
         raise ValueError(f"s must have shape [..., V] with V >= 1, got {tuple(s.shape)}")
     for name, t in named[1:]:
