@@ -171,3 +171,70 @@ def test_triton_gpu_realistic(k, dtype):
     combine(lists[0], lists, coeffs, backend="triton")  # in place into g_0
     for o, e in zip(lists[0], expected):
         torch.testing.assert_close(o, e, rtol=ULP[dtype], atol=1e-9)
+
+
+# ----------------------------------------------------------------------------- per-call overhead path
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="C++ extension not built")
+def test_checked_ops_route_odd_layouts_to_reference():
+    """The C++ *_checked ops take the caller's lists as they are and hand back what they cannot
+    read as one flat range (float64, strided, strides differing between components)."""
+    x = lambda *s: torch.randn(*s)  # noqa: E731
+    lists = [[x(3, 5), x(4, 6).t(), x(9, 8)[:, ::2], x(6, 10), x(5, 5).double(), None, x(7)],
+             [x(3, 5), x(4, 6).t(), x(9, 8)[:, ::2], x(10, 6).t(), x(5, 5).double(), x(2), x(7)]]
+    flat = lists[0] + lists[1]
+    G, rest = torch.ops.vgs_kernels.gram_checked(flat, 2)
+    assert rest.tolist() == [2, 3, 4]  # strided, mixed strides, float64
+    assert_gram_close(gram(lists), gram_reference(lists))
+    out = [torch.empty_like(t) for t in lists[1]]  # (keeps the transposed layout)
+    rest = torch.ops.vgs_kernels.combine_checked_(out, flat, torch.tensor([0.5, 2.0]))
+    assert rest.tolist() == [2, 3, 4]
+    combine(out, lists, torch.tensor([0.5, 2.0]))
+    want = [torch.empty_like(o) for o in out]
+    combine_reference(want, lists, torch.tensor([0.5, 2.0]))
+    for o, w in zip(out, want):
+        torch.testing.assert_close(o, w)
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="C++ extension not built")
+def test_nothing_is_cached_across_replaced_or_reallocated_grads():
+    """Nothing about the tensors outlives a call: a .grad replaced by a new tensor, reallocated
+    in place (set_ / resize_), or re-laid-out between calls is read as it is now."""
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in ((4, 6), (9,), (3, 3))]
+    comps = [[torch.randn(p.shape) for p in params] for _ in range(2)]
+    coeffs = torch.tensor([0.25, 1.5])
+
+    def check():
+        lists = [[p.grad for p in params], comps[1]]
+        assert_gram_close(gram(lists), gram_reference(lists))
+        want = [0.25 * g + 1.5 * v for g, v in zip(lists[0], lists[1])]
+        combine([p.grad for p in params], lists, coeffs)
+        for p, w in zip(params, want):
+            torch.testing.assert_close(p.grad, w)
+
+    for p, g in zip(params, comps[0]):
+        p.grad = g.clone()
+    check()
+    params[0].grad = torch.randn(4, 6)                     # replaced
+    check()
+    params[1].grad.set_(torch.randn(9))                    # same object, new storage
+    check()
+    params[2].grad.resize_(9).normal_()                    # same object and storage, new shape
+    comps[1][2] = torch.randn(9)
+    check()
+    params[0].grad = torch.randn(6, 4).t()                 # now transposed: not the same layout as comps
+    check()
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="C++ extension not built")
+def test_fast_path_errors_name_the_argument():
+    a = [torch.randn(3), torch.randn(2, 2)]
+    with pytest.raises(ValueError, match=r"grad_lists\[1\]\[1\] has shape \(4,\)"):
+        gram([a, [torch.randn(3), torch.randn(4)]])
+    with pytest.raises(ValueError, match=r"out_tensors\[1\] has shape \(4,\)"):
+        combine([torch.empty(3), torch.empty(4)], [a, a], torch.tensor([1.0, 2.0]))
+    with pytest.raises(TypeError, match=r"grad_lists\[0\]\[1\] must be a Tensor or None"):
+        gram([[torch.randn(3), "x"], a])
+    with pytest.raises(TypeError, match="floating-point"):
+        gram([[torch.ones(3, dtype=torch.int64)], [torch.ones(3, dtype=torch.int64)]])
