@@ -52,7 +52,7 @@ SIZES = {  # vocab, student hidden, teacher hidden, layers, batch, prompt, respo
                   grid=8),
 }
 # Teachers for `measure`: about the student's size, and about 4x it (the paper's 8B -> 2B ratio).
-TEACHERS = {"same": dict(teacher_hidden=128, teacher_layers=2), "4x": dict(teacher_hidden=256, teacher_layers=5)}
+TEACHERS = {"same": dict(teacher_hidden=128, teacher_layers=2), "4x": dict(teacher_hidden=256, teacher_layers=10)}
 
 
 def tiny_qwen3_vl(vocab: int, hidden: int, layers: int, seed: int) -> torch.nn.Module:
@@ -323,7 +323,11 @@ def main(argv=None) -> None:
     p.add_argument("--teacher", default="same,4x", help="comma-separated from " + ",".join(TEACHERS))
     p.add_argument("--periods", type=int, default=4, help="timed 16-step periods per method (>= 2)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's; 1 is steadier on a loaded machine)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"uptime: {os.popen('uptime').read().strip()}; torch threads {torch.get_num_threads()}")
     for t in args.teacher.split(","):
         print(table(measure(args.size, t, args.periods, args.device), f"teacher {t}"), "\n", flush=True)

@@ -33,6 +33,10 @@ GradList = Sequence[Optional[Tensor]]
 FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_K = 4
 CHUNK = 1 << 16  # elements per Triton work item (the C++ kernel uses the same)
+# Warps of the Gram kernel: with 4, ptxas spills 8 bytes at 80 registers in some aligned
+# specialisations (sm_80 fp32 and sm_90 bf16 at KP = 2, sm_90 fp32 at KP = 4, STEPS >= 10);
+# 8 warps halve the accumulator per thread (~60 registers, no spills; issue 14).
+NUM_WARPS = 8
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -304,7 +308,7 @@ def _gram_triton(columns: List[List[Optional[Tensor]]], k: int, device: torch.de
         with on_device(device):
             _gram_kernel[(progs,)](table, len(rows), chunks, partial, ref, KP=kp, ROW=kp + 2,
                                    STEPS=search_steps(len(rows)), ALIGNED=is_aligned,
-                                   BLOCK=4096 // (kp * kp), num_warps=4)
+                                   BLOCK=4096 // (kp * kp), num_warps=NUM_WARPS)
         G += partial.sum(0)[:k, :k]
     return G
 
