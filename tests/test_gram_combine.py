@@ -1,5 +1,7 @@
 """gram / combine kernels (C++, Triton under the interpreter, GPU at realistic sizes) against the
 plain-torch references: many tensors of odd sizes, mixed dtypes, empty, non-contiguous, None."""
+import re
+
 import pytest
 import torch
 
@@ -238,3 +240,53 @@ def test_fast_path_errors_name_the_argument():
         gram([[torch.randn(3), "x"], a])
     with pytest.raises(TypeError, match="floating-point"):
         gram([[torch.ones(3, dtype=torch.int64)], [torch.ones(3, dtype=torch.int64)]])
+
+
+SPILL_CHECK = """
+import importlib, os, re, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+gram_mod = importlib.import_module("vgs_kernels.gram")  # (vgs_kernels.gram is also the function)
+for spec in sys.argv[1:]:
+    arch, dtype, kp, steps = spec.split(",")
+    arch, kp, steps = int(arch), int(kp), int(steps)
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                         "ptxas-blackwell" if arch >= 90 else "ptxas")
+    if not os.access(ptxas, os.X_OK):
+        print("SKIP", ptxas)
+        continue
+    consts = dict(KP=kp, ROW=kp + 2, STEPS=steps, ALIGNED=True, BLOCK=4096 // (kp * kp))
+    sig = {"table": "*i64", "n_rows": "i32", "n_chunks": "i32", "partial": "*fp32", "dtype_ref": dtype,
+           **{name: "constexpr" for name in consts}}
+    kernel = triton.compile(ASTSource(gram_mod._gram_kernel, sig, consts), target=GPUTarget("cuda", arch, 32),
+                            options={"num_warps": gram_mod.NUM_WARPS})
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(kernel.asm["ptx"])
+    gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+    report = subprocess.run([ptxas, "-v", f"--gpu-name={gpu}", f.name, "-o", os.devnull],
+                            capture_output=True, text=True, check=True).stderr
+    os.remove(f.name)
+    print("SPILLS", spec, max(int(x) for x in re.findall(r"(\\d+) bytes spill stores", report)))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_gram_kernel_does_not_spill():
+    """The aligned Gram specialisations that spilled 8 bytes with 4 warps (sm_80 fp32 and sm_90
+    bf16 at KP = 2, sm_90 fp32 at KP = 4), compiled for the GPU without one (Triton's ASTSource +
+    ptxas -v from the wheel; sm_90 PTX needs ptxas-blackwell), in a subprocess: this one runs
+    Triton under the interpreter, which cannot compile."""
+    import os
+    import subprocess
+    import sys
+
+    specs = ["80,*fp32,2,10", "90,*bf16,2,10", "90,*fp32,4,20"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", SPILL_CHECK, *specs], env=env, capture_output=True, text=True,
+                         check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout
+    found = dict(re.findall(r"SPILLS (\S+) (\d+)", out))
+    if not found:
+        pytest.skip(out)
+    assert all(v == "0" for v in found.values()), out
