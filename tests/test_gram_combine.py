@@ -188,6 +188,8 @@ def test_checked_ops_route_odd_layouts_to_reference():
     flat = lists[0] + lists[1]
     G, rest = torch.ops.vgs_kernels.gram_checked(flat, 2)
     assert rest.tolist() == [2, 3, 4]  # strided, mixed strides, float64
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(torch.ops.vgs_kernels.gram_checked.default, (flat, 2), test_utils=checks)
     assert_gram_close(gram(lists), gram_reference(lists))
     out = [torch.empty_like(t) for t in lists[1]]  # (keeps the transposed layout)
     rest = torch.ops.vgs_kernels.combine_checked_(out, flat, torch.tensor([0.5, 2.0]))

@@ -103,6 +103,10 @@ if HAS_CPP:
     def _(out, tensors, coeffs):
         return None
 
+    @torch.library.register_fake("vgs_kernels::combine_checked_")
+    def _(out, tensors, coeffs):
+        return torch.empty(torch.library.get_ctx().new_dynamic_size(), dtype=torch.int64)
+
 
 def combine(out_tensors: Sequence[Tensor], grad_lists: Sequence[GradList],
             coeffs: Union[Tensor, Sequence[float]], *, backend: Optional[str] = None) -> None:
@@ -121,7 +125,7 @@ def combine(out_tensors: Sequence[Tensor], grad_lists: Sequence[GradList],
         out = out_tensors if type(out_tensors) is list else list(out_tensors)
         c = coeffs if isinstance(coeffs, Tensor) else torch.as_tensor(coeffs)
         if c.shape == (k,) and c.is_floating_point() and len(out) * k == len(flat):
-            c = c.to(dtype=torch.float32)  # (a CUDA c here: the op raises, _check names it)
+            c = c.to(device="cpu", dtype=torch.float32)
             try:  # every check in C++: no Python work per tensor (issue 14)
                 rest = torch.ops.vgs_kernels.combine_checked_(out, flat, c)
             except (RuntimeError, TypeError, ValueError):

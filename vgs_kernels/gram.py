@@ -323,6 +323,11 @@ if HAS_CPP:
         device = present[0].device if present else torch.device("cpu")
         return torch.empty(k, k, dtype=torch.float32, device=device)
 
+    @torch.library.register_fake("vgs_kernels::gram_checked")
+    def _(tensors, k):
+        rest = torch.empty(torch.library.get_ctx().new_dynamic_size(), dtype=torch.int64)
+        return torch.empty(k, k, dtype=torch.float32), rest
+
 
 def gram(grad_lists: Sequence[GradList], *, backend: Optional[str] = None) -> Tensor:
     """All pairwise inner products of k gradient lists.
