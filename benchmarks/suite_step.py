@@ -301,8 +301,8 @@ def table(results: Dict[str, dict], title: str) -> str:
     lines = [f"{title}: student {info['student_params'] / 1e6:.2f} M params ({info['tensors']} tensors), "
              f"teacher {info['teacher_params'] / 1e6:.2f} M ({info['teacher_params'] / info['student_params']:.1f}x), "
              f"N = {info['N']}, {info['steps']} timed steps per method",
-             "", "| method | ms / step (median of 16-step means) | min–max | ÷ fixed-η loss | ÷ monolithic | peak MiB |",
-             "|---|---|---|---|---|---|"]
+             "", "| method | ms / step (median of 16-step means) | min–max | ÷ fixed-η loss | ÷ monolithic "
+                 "| peak MiB |", "|---|---|---|---|---|---|"]
     for n, r in results.items():
         if n == "_info":
             continue
