@@ -100,3 +100,88 @@ def cases(sets: Sequence[Tuple[str, Sequence[Tuple[int, ...]]]], dtype: torch.dt
           device: torch.device) -> Iterator[Case]:
     for name, shapes in sets:
         yield case(name, shapes, dtype, device)
+
+
+# ----------------------------------------------------------------------------- per-tensor overhead
+
+
+def overhead(n_tensors: int = 700, numel: int = 4096, k: int = K, repeats: int = 200,
+             threads: int = 1) -> dict:
+    """Per-tensor cost of a gram / combine call (issue 14): n_tensors tensors of `numel` fp32
+    elements against one tensor of n_tensors * numel, calls interleaved; (many - one) / n_tensors,
+    from the medians and from the minima of `repeats` calls each. "before" is the previous call
+    path (Python checks and flat views per tensor, then the op), kept here for the comparison."""
+    import time
+
+    import vgs_kernels as vgs
+    from vgs_kernels.combine import _check
+    from vgs_kernels.gram import check_lists, split_fast
+
+    def before_gram(lists):
+        lists, _ = check_lists(lists)
+        _, fast, _ = split_fast(list(zip(*lists)))
+        return torch.ops.vgs_kernels.gram([col[i] for i in range(k) for col in fast], k)
+
+    def before_combine(out, lists, c):
+        out, lists, c, _ = _check(out, lists, c)
+        _, fast, _ = split_fast([[lst[j] for lst in lists] + [out[j]] for j in range(len(out))])
+        torch.ops.vgs_kernels.combine_([col[-1] for col in fast], [col[i] for i in range(k) for col in fast], c)
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    many = [[torch.randn(numel, generator=g) for _ in range(n_tensors)] for _ in range(k)]
+    one = [[torch.randn(numel * n_tensors, generator=g)] for _ in range(k)]
+    out_many, out_one = list(many[0]), list(one[0])  # in place into component 0, as the hook does
+    c = torch.tensor([1.0] + [0.0] * (k - 1))        # leaves the data unchanged call after call
+    calls = {
+        "gram": (lambda: vgs.gram(many), lambda: vgs.gram(one)),
+        "combine": (lambda: vgs.combine(out_many, many, c), lambda: vgs.combine(out_one, one, c)),
+        "gram (before)": (lambda: before_gram(many), lambda: before_gram(one)),
+        "combine (before)": (lambda: before_combine(out_many, many, c), lambda: before_combine(out_one, one, c)),
+    }
+    times = {(name, which): [] for name in calls for which in (0, 1)}
+    try:
+        for r in range(repeats + 2):
+            for name, fns in calls.items():
+                for which in (0, 1):
+                    t0 = time.perf_counter()
+                    fns[which]()
+                    if r >= 2:
+                        times[(name, which)].append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(previous)
+    out = {}
+    for name in calls:
+        many_t, one_t = sorted(times[(name, 0)]), sorted(times[(name, 1)])
+        med = lambda xs: xs[len(xs) // 2]  # noqa: E731
+        out[name] = dict(many_ms=med(many_t) * 1e3, one_ms=med(one_t) * 1e3,
+                         us_per_tensor_median=(med(many_t) - med(one_t)) / n_tensors * 1e6,
+                         us_per_tensor_min=(many_t[0] - one_t[0]) / n_tensors * 1e6)
+    return out
+
+
+def main(argv=None) -> None:
+    import argparse
+    import os
+
+    p = argparse.ArgumentParser(description="gram/combine per-tensor overhead (issue 14)")
+    p.add_argument("--tensors", type=int, default=700)
+    p.add_argument("--numel", type=int, default=4096)
+    p.add_argument("--repeats", type=int, default=200)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    print(f"uptime: {os.popen('uptime').read().strip()}")
+    res = overhead(args.tensors, args.numel, K, args.repeats, args.threads)
+    print(f"{args.tensors} tensors x {args.numel} fp32 vs 1 x {args.tensors * args.numel}, k = {K}, "
+          f"{args.threads} thread(s), {args.repeats} interleaved calls each\n")
+    print("| call | median ms (many) | median ms (one) | µs / tensor (medians) | µs / tensor (minima) |")
+    print("|---|---|---|---|---|")
+    for name, r in res.items():
+        print(f"| {name} | {r['many_ms']:.3f} | {r['one_ms']:.3f} | {r['us_per_tensor_median']:.2f} | "
+              f"{r['us_per_tensor_min']:.2f} |")
+    print(f"\nuptime: {os.popen('uptime').read().strip()}")
+
+
+if __name__ == "__main__":
+    main()

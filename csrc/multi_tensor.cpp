@@ -6,6 +6,13 @@
 //   combine_(Tensor(a!)[] out, Tensor?[] tensors, Tensor coeffs) -> ()
 //       out[j] = sum_i coeffs[i] * g_i[j]
 //
+//   gram_checked(Tensor?[] tensors, int k) -> (Tensor G, Tensor rest)
+//   combine_checked_(Tensor(a!)[] out, Tensor?[] tensors, Tensor coeffs) -> Tensor rest
+//       the same, called by vgs.gram / vgs.combine with the caller's lists as they are: the
+//       validation is here (O(1) Python work per call), and a parameter the kernels cannot read
+//       as one flat range (float64, a non-dense layout, strides differing between its tensors)
+//       is skipped and listed in `rest` (int64 indices) for the plain-torch reference.
+//
 // `tensors` is component-major: tensors[i * T + j] is component i of parameter j (T parameters).
 // None means "this parameter got no gradient from component i" and reads as zeros. All components
 // of a parameter share its numel and dtype (float32, bfloat16 or float16; parameters may differ).
@@ -175,6 +182,7 @@ struct Table {
   std::vector<int64_t> numel;        // per parameter
   std::vector<at::ScalarType> dtype; // per parameter
   std::vector<int64_t> first_chunk;  // prefix sums of chunk counts, size T + 1
+  bool flat = false;                 // inputs read in place as flat ranges (out too, if dense)
 
   // Runs f(j, begin, n) over every chunk in parallel. Chunk c belongs to the parameter found by
   // binary search in first_chunk, so the bookkeeping is O(parameters), not O(elements).
@@ -202,13 +210,35 @@ struct Table {
   }
 };
 
-// `out` (optional) fixes each parameter's numel and dtype for combine_.
-Table make_table(const c10::List<std::optional<at::Tensor>>& tensors, int64_t k, at::TensorList out) {
+// Whether t covers exactly numel consecutive elements in some dimension order (a permuted
+// contiguous tensor): then it is read as the flat range starting at data_ptr().
+bool dense(const at::Tensor& t) {
+  if (t.is_contiguous()) return true;
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size) of the non-trivial dimensions
+  for (int64_t d = 0; d < t.dim(); ++d)
+    if (t.size(d) != 1) dims.emplace_back(t.stride(d), t.size(d));
+  std::sort(dims.begin(), dims.end());
+  int64_t expected = 1;
+  for (auto [stride, size] : dims) {
+    if (stride != expected) return false;
+    expected *= size;
+  }
+  return true;
+}
+
+bool fast_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
+
+// `out` (optional) fixes each parameter's numel and dtype for combine_. With `rest` (the *_checked
+// ops), a parameter that is not a fast flat range is left out (numel 0) and its index appended to
+// *rest; without it, such tensors are copied contiguous (and float64 raises).
+Table make_table(const c10::List<std::optional<at::Tensor>>& tensors, int64_t k, at::TensorList out,
+                 std::vector<int64_t>* rest = nullptr) {
   TORCH_CHECK(k >= 1 && k <= kMaxK, "vgs_kernels: k must be 1..4, got ", k);
   TORCH_CHECK(tensors.size() % k == 0, "vgs_kernels: tensors holds ", tensors.size(),
               " entries, not a multiple of k = ", k);
   Table t;
   t.k = k;
+  t.flat = rest != nullptr;
   t.n_params = int64_t(tensors.size()) / k;
   TORCH_CHECK(out.empty() || int64_t(out.size()) == t.n_params, "vgs_kernels.combine_: out has ", out.size(),
               " tensors but tensors has ", t.n_params, " per component");
@@ -216,11 +246,14 @@ Table make_table(const c10::List<std::optional<at::Tensor>>& tensors, int64_t k,
   t.numel.assign(t.n_params, -1);
   t.dtype.assign(t.n_params, at::kFloat);
   for (int64_t j = 0; j < t.n_params; ++j) {
+    at::Tensor ref;  // the first tensor of the parameter (out, else a component): shape and strides to share
+    bool flat = true;
     if (!out.empty()) {
       TORCH_CHECK(out[j].device().is_cpu(), "vgs_kernels.combine_: out[", j, "] is on ", out[j].device(),
                   "; the C++ kernels take CPU tensors");
       t.numel[j] = out[j].numel();
       t.dtype[j] = out[j].scalar_type();
+      ref = out[j];
     }
     for (int64_t i = 0; i < k; ++i) {
       std::optional<at::Tensor> o = tensors.get(i * t.n_params + j);
@@ -236,7 +269,25 @@ Table make_table(const c10::List<std::optional<at::Tensor>>& tensors, int64_t k,
                   " of parameter ", j, " has numel ", g.numel(), " and dtype ", g.scalar_type(),
                   ", expected numel ", t.numel[j], " and dtype ", t.dtype[j],
                   " like the other tensors of that parameter");
-      t.in[i * t.n_params + j] = g.contiguous();  // a no-op on the fast path
+      if (rest) {
+        TORCH_CHECK(at::isFloatingType(g.scalar_type()), "vgs_kernels: component ", i, " of parameter ", j,
+                    " is not floating point");
+        if (!ref.defined()) {
+          ref = g;
+        } else {
+          TORCH_CHECK(g.sizes() == ref.sizes(), "vgs_kernels: component ", i, " of parameter ", j,
+                      " has shape ", g.sizes(), ", expected ", ref.sizes());
+          flat = flat && g.strides() == ref.strides();
+        }
+        t.in[i * t.n_params + j] = g;
+      } else {
+        t.in[i * t.n_params + j] = g.contiguous();  // a no-op on the fast path
+      }
+    }
+    if (rest && t.numel[j] > 0 && !(flat && fast_dtype(t.dtype[j]) && ref.defined() && dense(ref))) {
+      rest->push_back(j);
+      t.numel[j] = 0;
+      for (int64_t i = 0; i < k; ++i) t.in[i * t.n_params + j] = at::Tensor();
     }
   }
   t.first_chunk.assign(t.n_params + 1, 0);
@@ -245,8 +296,23 @@ Table make_table(const c10::List<std::optional<at::Tensor>>& tensors, int64_t k,
   return t;
 }
 
+at::Tensor gram_table(const Table& t, int64_t k);
+
 at::Tensor gram_cpu(const c10::List<std::optional<at::Tensor>>& tensors, int64_t k) {
-  Table t = make_table(tensors, k, {});
+  return gram_table(make_table(tensors, k, {}), k);
+}
+
+at::Tensor rest_tensor(const std::vector<int64_t>& rest) {
+  return at::tensor(c10::ArrayRef<int64_t>(rest), at::kLong);
+}
+
+std::tuple<at::Tensor, at::Tensor> gram_checked(const c10::List<std::optional<at::Tensor>>& tensors, int64_t k) {
+  std::vector<int64_t> rest;
+  Table t = make_table(tensors, k, {}, &rest);
+  return {gram_table(t, k), rest_tensor(rest)};
+}
+
+at::Tensor gram_table(const Table& t, int64_t k) {
   using Acc = std::array<double, kMaxK * kMaxK>;
   // One partial per task (thread), summed in a fixed order: deterministic for a thread count.
   Acc total = at::parallel_reduce(
@@ -278,18 +344,36 @@ at::Tensor gram_cpu(const c10::List<std::optional<at::Tensor>>& tensors, int64_t
   return G;
 }
 
-void combine_cpu(at::TensorList out, const c10::List<std::optional<at::Tensor>>& tensors,
-                 const at::Tensor& coeffs) {
+void combine_run(at::TensorList out, const Table& t, const at::Tensor& coeffs);
+
+int64_t coeff_count(const at::Tensor& coeffs) {
   TORCH_CHECK(coeffs.dim() == 1 && coeffs.size(0) >= 1 && coeffs.size(0) <= kMaxK,
               "vgs_kernels.combine_: coeffs must have shape [k] with k in 1..4, got ", coeffs.sizes());
   TORCH_CHECK(coeffs.device().is_cpu(), "vgs_kernels.combine_: coeffs is on ", coeffs.device());
-  const int64_t k = coeffs.size(0);
-  Table t = make_table(tensors, k, out);
+  return coeffs.size(0);
+}
+
+void combine_cpu(at::TensorList out, const c10::List<std::optional<at::Tensor>>& tensors,
+                 const at::Tensor& coeffs) {
+  combine_run(out, make_table(tensors, coeff_count(coeffs), out), coeffs);
+}
+
+at::Tensor combine_checked(at::TensorList out, const c10::List<std::optional<at::Tensor>>& tensors,
+                           const at::Tensor& coeffs) {
+  std::vector<int64_t> rest;
+  Table t = make_table(tensors, coeff_count(coeffs), out, &rest);
+  combine_run(out, t, coeffs);
+  return rest_tensor(rest);
+}
+
+void combine_run(at::TensorList out, const Table& t, const at::Tensor& coeffs) {
   at::Tensor c32 = coeffs.to(at::kFloat).contiguous();
   const float* c = c32.const_data_ptr<float>();
-  // A non-contiguous out is written through a contiguous buffer (correct, not the fast path).
+  // A non-contiguous out is written through a contiguous buffer (correct, not the fast path),
+  // except a dense one that shares its gradients' strides (checked ops: then it is a flat range).
   std::vector<at::Tensor> dst(out.size());
-  for (size_t j = 0; j < out.size(); ++j) dst[j] = out[j].contiguous();
+  for (size_t j = 0; j < out.size(); ++j)
+    dst[j] = t.numel[j] <= 0 || (t.flat && dense(out[j])) ? out[j] : out[j].contiguous();
   at::parallel_for(0, t.first_chunk.back(), 1, [&](int64_t c0, int64_t c1) {
     t.for_chunks(c0, c1, [&](int64_t j, int64_t begin, int64_t n) {
       dispatch_type(t.dtype[j], [&]<typename T>() {
@@ -304,7 +388,7 @@ void combine_cpu(at::TensorList out, const c10::List<std::optional<at::Tensor>>&
     });
   });
   for (size_t j = 0; j < out.size(); ++j)
-    if (!dst[j].is_same(out[j])) out[j].copy_(dst[j]);
+    if (t.numel[j] > 0 && !dst[j].is_same(out[j])) out[j].copy_(dst[j]);
 }
 
 }  // namespace
@@ -312,9 +396,13 @@ void combine_cpu(at::TensorList out, const c10::List<std::optional<at::Tensor>>&
 TORCH_LIBRARY_FRAGMENT(vgs_kernels, m) {
   m.def("gram(Tensor?[] tensors, int k) -> Tensor");
   m.def("combine_(Tensor(a!)[] out, Tensor?[] tensors, Tensor coeffs) -> ()");
+  m.def("gram_checked(Tensor?[] tensors, int k) -> (Tensor, Tensor)");
+  m.def("combine_checked_(Tensor(a!)[] out, Tensor?[] tensors, Tensor coeffs) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(vgs_kernels, CPU, m) {
   m.impl("gram", &gram_cpu);
   m.impl("combine_", &combine_cpu);
+  m.impl("gram_checked", &gram_checked);
+  m.impl("combine_checked_", &combine_checked);
 }

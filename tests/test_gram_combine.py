@@ -1,5 +1,7 @@
 """gram / combine kernels (C++, Triton under the interpreter, GPU at realistic sizes) against the
 plain-torch references: many tensors of odd sizes, mixed dtypes, empty, non-contiguous, None."""
+import re
+
 import pytest
 import torch
 
@@ -171,3 +173,122 @@ def test_triton_gpu_realistic(k, dtype):
     combine(lists[0], lists, coeffs, backend="triton")  # in place into g_0
     for o, e in zip(lists[0], expected):
         torch.testing.assert_close(o, e, rtol=ULP[dtype], atol=1e-9)
+
+
+# ----------------------------------------------------------------------------- per-call overhead path
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="C++ extension not built")
+def test_checked_ops_route_odd_layouts_to_reference():
+    """The C++ *_checked ops take the caller's lists as they are and hand back what they cannot
+    read as one flat range (float64, strided, strides differing between components)."""
+    x = lambda *s: torch.randn(*s)  # noqa: E731
+    lists = [[x(3, 5), x(4, 6).t(), x(9, 8)[:, ::2], x(6, 10), x(5, 5).double(), None, x(7)],
+             [x(3, 5), x(4, 6).t(), x(9, 8)[:, ::2], x(10, 6).t(), x(5, 5).double(), x(2), x(7)]]
+    flat = lists[0] + lists[1]
+    G, rest = torch.ops.vgs_kernels.gram_checked(flat, 2)
+    assert rest.tolist() == [2, 3, 4]  # strided, mixed strides, float64
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(torch.ops.vgs_kernels.gram_checked.default, (flat, 2), test_utils=checks)
+    assert_gram_close(gram(lists), gram_reference(lists))
+    out = [torch.empty_like(t) for t in lists[1]]  # (keeps the transposed layout)
+    rest = torch.ops.vgs_kernels.combine_checked_(out, flat, torch.tensor([0.5, 2.0]))
+    assert rest.tolist() == [2, 3, 4]
+    combine(out, lists, torch.tensor([0.5, 2.0]))
+    want = [torch.empty_like(o) for o in out]
+    combine_reference(want, lists, torch.tensor([0.5, 2.0]))
+    for o, w in zip(out, want):
+        torch.testing.assert_close(o, w)
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="C++ extension not built")
+def test_nothing_is_cached_across_replaced_or_reallocated_grads():
+    """Nothing about the tensors outlives a call: a .grad replaced by a new tensor, reallocated
+    in place (set_ / resize_), or re-laid-out between calls is read as it is now."""
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in ((4, 6), (9,), (3, 3))]
+    comps = [[torch.randn(p.shape) for p in params] for _ in range(2)]
+    coeffs = torch.tensor([0.25, 1.5])
+
+    def check():
+        lists = [[p.grad for p in params], comps[1]]
+        assert_gram_close(gram(lists), gram_reference(lists))
+        want = [0.25 * g + 1.5 * v for g, v in zip(lists[0], lists[1])]
+        combine([p.grad for p in params], lists, coeffs)
+        for p, w in zip(params, want):
+            torch.testing.assert_close(p.grad, w)
+
+    for p, g in zip(params, comps[0]):
+        p.grad = g.clone()
+    check()
+    params[0].grad = torch.randn(4, 6)                     # replaced
+    check()
+    params[1].grad.set_(torch.randn(9))                    # same object, new storage
+    check()
+    params[2].grad.resize_(9).normal_()                    # same object and storage, new shape
+    comps[1][2] = torch.randn(9)
+    check()
+    params[0].grad = torch.randn(6, 4).t()                 # now transposed: not the same layout as comps
+    check()
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="C++ extension not built")
+def test_fast_path_errors_name_the_argument():
+    a = [torch.randn(3), torch.randn(2, 2)]
+    with pytest.raises(ValueError, match=r"grad_lists\[1\]\[1\] has shape \(4,\)"):
+        gram([a, [torch.randn(3), torch.randn(4)]])
+    with pytest.raises(ValueError, match=r"out_tensors\[1\] has shape \(4,\)"):
+        combine([torch.empty(3), torch.empty(4)], [a, a], torch.tensor([1.0, 2.0]))
+    with pytest.raises(TypeError, match=r"grad_lists\[0\]\[1\] must be a Tensor or None"):
+        gram([[torch.randn(3), "x"], a])
+    with pytest.raises(TypeError, match="floating-point"):
+        gram([[torch.ones(3, dtype=torch.int64)], [torch.ones(3, dtype=torch.int64)]])
+
+
+SPILL_CHECK = """
+import importlib, os, re, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+gram_mod = importlib.import_module("vgs_kernels.gram")  # (vgs_kernels.gram is also the function)
+for spec in sys.argv[1:]:
+    arch, dtype, kp, steps = spec.split(",")
+    arch, kp, steps = int(arch), int(kp), int(steps)
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                         "ptxas-blackwell" if arch >= 90 else "ptxas")
+    if not os.access(ptxas, os.X_OK):
+        print("SKIP", ptxas)
+        continue
+    consts = dict(KP=kp, ROW=kp + 2, STEPS=steps, ALIGNED=True, BLOCK=4096 // (kp * kp))
+    sig = {"table": "*i64", "n_rows": "i32", "n_chunks": "i32", "partial": "*fp32", "dtype_ref": dtype,
+           **{name: "constexpr" for name in consts}}
+    kernel = triton.compile(ASTSource(gram_mod._gram_kernel, sig, consts), target=GPUTarget("cuda", arch, 32),
+                            options={"num_warps": gram_mod.NUM_WARPS})
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(kernel.asm["ptx"])
+    gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+    report = subprocess.run([ptxas, "-v", f"--gpu-name={gpu}", f.name, "-o", os.devnull],
+                            capture_output=True, text=True, check=True).stderr
+    os.remove(f.name)
+    print("SPILLS", spec, max(int(x) for x in re.findall(r"(\\d+) bytes spill stores", report)))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_gram_kernel_does_not_spill():
+    """The aligned Gram specialisations that spilled 8 bytes with 4 warps (sm_80 fp32 and sm_90
+    bf16 at KP = 2, sm_90 fp32 at KP = 4), compiled for the GPU without one (Triton's ASTSource +
+    ptxas -v from the wheel; sm_90 PTX needs ptxas-blackwell), in a subprocess: this one runs
+    Triton under the interpreter, which cannot compile."""
+    import os
+    import subprocess
+    import sys
+
+    specs = ["80,*fp32,2,10", "90,*bf16,2,10", "90,*fp32,4,20"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", SPILL_CHECK, *specs], env=env, capture_output=True, text=True,
+                         check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout
+    found = dict(re.findall(r"SPILLS (\S+) (\d+)", out))
+    if not found:
+        pytest.skip(out)
+    assert all(v == "0" for v in found.values()), out

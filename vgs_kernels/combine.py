@@ -19,7 +19,7 @@ from torch import Tensor
 
 from vgs_kernels._backend import HAS_CPP, HAS_TRITON, resolve
 from vgs_kernels.gram import (GradList, check_lists, device_table, launch_groups, n_programs, pointer_rows,
-                              search_steps, split_fast, _pow2)
+                              on_device, quick_lists, search_steps, split_fast, _pow2)
 
 
 def _check(out_tensors: Sequence[Tensor], grad_lists: Sequence[GradList],
@@ -91,15 +91,21 @@ def _combine_triton(columns: List[List[Optional[Tensor]]], k: int, c: Tensor, de
         # rows: [KP input pointers, out pointer, numel, first chunk]
         rows = pointer_rows([list(col[:-1]) + [None] * (kp - k) + [col[-1]] for col in cols], kp + 1)
         chunks, progs = n_programs([r[-2] for r in rows], device)
-        _combine_kernel[(progs,)](device_table(rows, device), len(rows), chunks, c, cols[0][-1], K=k, KP=kp,
-                                  ROW=kp + 3, STEPS=search_steps(len(rows)), ALIGNED=is_aligned,
-                                  BLOCK=2048 // kp, num_warps=4)
+        table = device_table(rows, device)
+        with on_device(device):
+            _combine_kernel[(progs,)](table, len(rows), chunks, c, cols[0][-1], K=k, KP=kp, ROW=kp + 3,
+                                      STEPS=search_steps(len(rows)), ALIGNED=is_aligned, BLOCK=2048 // kp,
+                                      num_warps=4)
 
 
 if HAS_CPP:
     @torch.library.register_fake("vgs_kernels::combine_")
     def _(out, tensors, coeffs):
         return None
+
+    @torch.library.register_fake("vgs_kernels::combine_checked_")
+    def _(out, tensors, coeffs):
+        return torch.empty(torch.library.get_ctx().new_dynamic_size(), dtype=torch.int64)
 
 
 def combine(out_tensors: Sequence[Tensor], grad_lists: Sequence[GradList],
@@ -114,6 +120,21 @@ def combine(out_tensors: Sequence[Tensor], grad_lists: Sequence[GradList],
             or k numbers.
         backend: None (global choice), "auto", "cpp", "triton" or "reference".
     """
+    flat, k = quick_lists(grad_lists)
+    if flat is not None and resolve(torch.device("cpu"), backend) == "cpp":
+        out = out_tensors if type(out_tensors) is list else list(out_tensors)
+        c = coeffs if isinstance(coeffs, Tensor) else torch.as_tensor(coeffs)
+        if c.shape == (k,) and c.is_floating_point() and len(out) * k == len(flat):
+            c = c.to(device="cpu", dtype=torch.float32)
+            try:  # every check in C++: no Python work per tensor (issue 14)
+                rest = torch.ops.vgs_kernels.combine_checked_(out, flat, c)
+            except (RuntimeError, TypeError, ValueError):
+                _check(out_tensors, grad_lists, coeffs)  # raises the error that names the argument
+                raise
+            if rest.numel():
+                n, rest = len(out), rest.tolist()
+                combine_reference([out[j] for j in rest], [[flat[i * n + j] for j in rest] for i in range(k)], c)
+            return
     out, lists, c, device = _check(out_tensors, grad_lists, coeffs)
     k = len(lists)
     name = resolve(device, backend)

@@ -441,22 +441,38 @@ def kl_backward(s: Tensor, u: Optional[Tensor], a: Tensor, b: Optional[Tensor], 
 
 
 class DecomposedKLFunction(torch.autograd.Function):
-    """Rows [N, V] -> terms [4, N]; backward writes ds, du in one pass (any backend)."""
+    """Rows [N, V] -> the four term rows std, vis, lang, vds ([N] each, views of one [4, N]
+    tensor); backward writes ds, du in one pass (any backend).
+
+    The terms are separate outputs and absent cotangents arrive as None (no materialised
+    zeros), so the backward knows, without looking at any value (no host sync), which side is
+    live: ds needs a Std or Vis cotangent, du a Lang cotangent (or Vis when the prior is not
+    detached). The other side is returned as None, and autograd does not push a zero tensor
+    through that side's graph: an exact step's std and vis backwards never traverse the
+    text-only graph, its lp backward never traverses the with-image one.
+    """
 
     @staticmethod
     def forward(ctx, s, u, a, b, mask, inv_t: float, detach_prior: bool, backend: Optional[str]):
         terms, stats = kl_forward(s, u, a, b, inv_t, mask, backend=backend)
         ctx.save_for_backward(s, u, a, b, mask, stats, terms)
         ctx.inv_t, ctx.detach_prior, ctx.backend = inv_t, detach_prior, backend
-        return terms
+        ctx.set_materialize_grads(False)
+        std, vis, lang, vds = terms.unbind(0)
+        ctx.mark_non_differentiable(vds)  # a statistic of the teacher: no gradient anywhere
+        return std, vis, lang, vds
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_terms):
+    def backward(ctx, g_std, g_vis, g_lang, _g_vds):
         s, u, a, b, mask, stats, terms = ctx.saved_tensors
-        need_s, need_u = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        live_s = g_std is not None or (u is not None and g_vis is not None)
+        live_u = u is not None and (g_lang is not None or (g_vis is not None and not ctx.detach_prior))
+        need_s, need_u = ctx.needs_input_grad[0] and live_s, ctx.needs_input_grad[1] and live_u
         if not (need_s or need_u):
             return (None,) * 8
+        zero = terms.new_zeros(terms.shape[1:])
+        grad_terms = torch.stack([zero if g is None else g for g in (g_std, g_vis, g_lang)] + [zero])
         ds, du = kl_backward(s, u, a, b, stats, terms, grad_terms, ctx.inv_t, ctx.detach_prior,
                              mask, backend=ctx.backend)
         return (ds if need_s else None), (du if need_u else None), None, None, None, None, None, None
@@ -487,8 +503,8 @@ def decomposed_kl(s: Tensor, u: Optional[Tensor], a: Tensor, b: Optional[Tensor]
     row_mask = _row_mask(mask)
     terms = DecomposedKLFunction.apply(*rows, row_mask, 1.0 / temperature, detach_prior, backend)
     if check_finite:
-        _raise_if_not_finite(terms, rows, row_mask)
-    return KLTerms(*terms.reshape(4, *lead).unbind(0))
+        _raise_if_not_finite(torch.stack(terms), rows, row_mask)
+    return KLTerms(*(t.reshape(lead) for t in terms))
 
 
 def _raise_if_not_finite(terms: Tensor, rows, mask: Optional[Tensor]) -> None:

@@ -180,7 +180,9 @@ def _acc_dtype(*hs: Optional[Tensor]) -> torch.dtype:
 
 
 class FusedLinearKLFunction(torch.autograd.Function):
-    """Hidden rows [N, H] -> terms [4, N]; backward recomputes the chunk logits."""
+    """Hidden rows [N, H] -> the term rows std, vis, lang, vds ([N] each); backward recomputes the
+    chunk logits. As DecomposedKLFunction: absent cotangents arrive as None, and the side (h_s
+    or h_u) that no live cotangent reaches gets no gradient and no work (no host sync)."""
 
     @staticmethod
     def forward(ctx, h_s, h_u, w_s, b_s, h_a, h_b, w_t, b_t, rows: Optional[Tensor], cfg: _Config):
@@ -192,25 +194,35 @@ class FusedLinearKLFunction(torch.autograd.Function):
             terms[:, r], stats[:, r] = kl_forward(*logits(r), cfg.inv_t, backend=cfg.backend)
         ctx.save_for_backward(h_s, h_u, w_s, b_s, h_a, h_b, w_t, b_t, rows, stats, terms)
         ctx.cfg = cfg
-        return terms
+        ctx.set_materialize_grads(False)
+        std, vis, lang, vds = terms.unbind(0)
+        ctx.mark_non_differentiable(vds)
+        return std, vis, lang, vds
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_terms):
+    def backward(ctx, g_std, g_vis, g_lang, _g_vds):
         h_s, h_u, w_s, b_s, h_a, h_b, w_t, b_t, rows, stats, terms = ctx.saved_tensors
-        cfg, want = ctx.cfg, ctx.needs_input_grad[:4]
+        cfg = ctx.cfg
+        # s gets a gradient from Std and Vis; u only from Lang, or from Vis when the prior is not detached.
+        live_s = g_std is not None or (h_u is not None and g_vis is not None)
+        live_u = h_u is not None and (g_lang is not None or (not cfg.detach_prior and g_vis is not None))
+        if not (live_s or live_u):
+            return (None,) * 10
+        want = list(ctx.needs_input_grad[:4])
+        want[0], want[1] = want[0] and live_s, want[1] and live_u
         heads, chunk, logits = cfg.setup(h_s, h_u, w_s, b_s, h_a, h_b, w_t, b_t)
         grads = cfg.grads(h_s, h_u, w_s, b_s, want)
-        # u gets a gradient only from Lang, or from Vis when the prior is not detached.
-        need_u = h_u is not None and (want[1] or want[2] or want[3]) and bool(
-            grad_terms[2].any() or (not cfg.detach_prior and grad_terms[1].any()))
+        zero = terms.new_zeros(terms.shape[1:])
+        grad_terms = torch.stack([zero if g is None else g for g in (g_std, g_vis, g_lang)] + [zero])
 
         def chunk_step(r: Rows) -> None:  # the chunk's logits die on return, before the next chunk's
             s, u, a, b = logits(r)
             ds, du = kl_backward(s, u, a, b, stats[:, r], terms[:, r], grad_terms[:, r], cfg.inv_t,
                                  cfg.detach_prior, backend=cfg.backend)
-            grads.add(0, r, heads.to_preactivation(ds, s), h_s[r], heads.w[0])
-            if need_u:
+            if live_s:
+                grads.add(0, r, heads.to_preactivation(ds, s), h_s[r], heads.w[0])
+            if live_u:
                 grads.add(1, r, heads.to_preactivation(du, u), h_u[r], heads.w[0])
 
         for r in _chunks(h_s.shape[0], rows, chunk):
@@ -299,7 +311,7 @@ def fused_linear_decomposed_kl(h_s: Tensor, h_u: Optional[Tensor], w_student: Te
                   fp32_weight_grad, backend)
     terms = FusedLinearKLFunction.apply(_flat(h_s), _flat(h_u), w_student, bias_student, _flat(h_a),
                                         _flat(h_b), w_teacher, bias_teacher, _valid_rows(mask), cfg)
-    return KLTerms(*terms.reshape(4, *h_s.shape[:-1]).unbind(0))
+    return KLTerms(*(t.reshape(h_s.shape[:-1]) for t in terms))
 
 
 def head_logits(h: Tensor, w: Tensor, bias: Optional[Tensor] = None, logit_scale: float = 1.0,
@@ -325,10 +337,12 @@ def fused_linear_decomposed_kl_reference(h_s, h_u, w_student, h_a, h_b, w_teache
 
 
 class _FusedLinearVGSFunction(torch.autograd.Function):
-    """(h_s, h_u, w_student, bias) -> (values [k], components [3], terms [4, N]).
+    """(h_s, h_u, w_student, bias) -> (k values (scalars), components [3], terms [4, N]).
 
     The gradients of the k values (rows of `coeffs` applied to the std, vis, lp components) are
-    computed in forward; backward scales them by the incoming cotangents.
+    computed in forward; backward scales them by the incoming cotangents. Each value is its own
+    output, so a value with no cotangent arrives as None and adds nothing (e.g. the std backward
+    of an exact step leaves h_u without a gradient: the text-only graph is not traversed).
     """
 
     @staticmethod
@@ -340,17 +354,18 @@ class _FusedLinearVGSFunction(torch.autograd.Function):
         comps, terms = _fused_vgs(h_s, h_u, w_s, b_s, h_a, h_b, w_t, b_t, rows, valid, weights, loss,
                                   cfg, coeffs, grads)
         ctx.grads = [g.outputs() for g in grads]
-        values = torch.stack([sum(c * x for c, x in zip(cs, comps)) for cs in coeffs])
+        values = [sum(c * x for c, x in zip(cs, comps)) for cs in coeffs]
         ctx.mark_non_differentiable(comps, terms)
-        return values, comps, terms
+        ctx.set_materialize_grads(False)
+        return (*values, comps, terms)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_values, _grad_comps, _grad_terms):
+    def backward(ctx, *grad_outputs):
         out = [None] * 4
         for i in range(4):  # h_s, h_u, w_s, b_s: Σ_k grad_k · G_k, one new tensor (G_k stay
-            for g, grads in zip(grad_values, ctx.grads):  # intact for another backward pass)
-                if grads[i] is not None:
+            for g, grads in zip(grad_outputs, ctx.grads):  # intact for another backward pass)
+                if g is not None and grads[i] is not None:
                     out[i] = grads[i] * g if out[i] is None else out[i].addcmul_(grads[i], g)
         return (*out,) + (None,) * 11
 
@@ -458,7 +473,7 @@ class FusedLinearVGSLoss(VGSLoss):
                   else [(1.0, self.gamma, self.lam)])
         cfg = _Config(self.temperature, self.logit_scale, self.softcap, self.detach_prior,
                       self.chunk_size, self.memory_budget, self.fp32_weight_grad, self.backend)
-        values, comps, terms = _FusedLinearVGSFunction.apply(
+        *values, comps, terms = _FusedLinearVGSFunction.apply(
             _flat(h_s), _flat(h_u), w_student, bias_student, _flat(h_a), _flat(h_b), w_teacher,
             bias_teacher, _valid_rows(mask), valid.reshape(-1), weights, self, cfg, coeffs,
             torch.is_grad_enabled())
@@ -466,7 +481,7 @@ class FusedLinearVGSLoss(VGSLoss):
             raise ValueError("fused_linear VGS loss: non-finite KL terms (NaN/Inf in the hidden "
                              "states or LM-head weights?)")
         if self.components:
-            std, vis, lp = values.unbind(0)
+            std, vis, lp = values
             total = self.combine(std, vis, lp)
         else:
             std, vis, lp = comps.unbind(0)

@@ -20,6 +20,7 @@ that vgs_kernels/combine.py shares. Minimal traffic: k reads per element.
 """
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -32,6 +33,10 @@ GradList = Sequence[Optional[Tensor]]
 FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_K = 4
 CHUNK = 1 << 16  # elements per Triton work item (the C++ kernel uses the same)
+# Warps of the Gram kernel: with 4, ptxas spills 8 bytes at 80 registers in some aligned
+# specialisations (sm_80 fp32 and sm_90 bf16 at KP = 2, sm_90 fp32 at KP = 4, STEPS >= 10);
+# 8 warps halve the accumulator per thread (~60 registers, no spills; issue 14).
+NUM_WARPS = 8
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -76,6 +81,22 @@ def check_lists(grad_lists: Sequence[GradList], name: str = "grad_lists") -> Tup
                 raise ValueError(f"{name}[{i}][{j}] is on {g.device} but other gradients are on {device}; "
                                  "all gradients must be on one device")
     return lists, device if device is not None else torch.device("cpu")
+
+
+def quick_lists(grad_lists: Sequence[GradList]) -> Tuple[Optional[List[Optional[Tensor]]], int]:
+    """(component-major flat list, k) when grad_lists may go straight to the C++ ops: k lists of
+    one length, whose first present tensor is on the CPU (the op checks every tensor). Otherwise
+    (None, k): the caller takes the checked Python path. O(k) Python work, not O(tensors)."""
+    if isinstance(grad_lists, Tensor) or not isinstance(grad_lists, Sequence) or not HAS_CPP:
+        return None, 0
+    lists = [g if type(g) is list else list(g) for g in grad_lists]
+    k = len(lists)
+    if not 1 <= k <= MAX_K or any(len(lst) != len(lists[0]) for lst in lists):
+        return None, k
+    first = next((t for t in lists[0] if t is not None), None)  # usually the very first
+    if not isinstance(first, Tensor) or first.device.type != "cpu":
+        return None, k
+    return [t for lst in lists for t in lst], k
 
 
 def _dense(t: Tensor) -> bool:
@@ -269,6 +290,12 @@ def _pow2(k: int) -> int:
     return 1 << (k - 1).bit_length()
 
 
+def on_device(device: torch.device):
+    """Makes `device` current for Triton launches (they go to the current CUDA device and its
+    stream, whatever device the pointers are on): gradients on cuda:1 while cuda:0 is current."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _gram_triton(columns: List[List[Optional[Tensor]]], k: int, device: torch.device) -> Tensor:
     G = torch.zeros(k, k, dtype=torch.float32, device=device)
     kp = _pow2(max(k, 2))
@@ -278,9 +305,10 @@ def _gram_triton(columns: List[List[Optional[Tensor]]], k: int, device: torch.de
         table = device_table(rows, device)
         partial = torch.empty(progs, kp, kp, dtype=torch.float32, device=device)
         ref = next(t for t in cols[0] if t is not None)
-        _gram_kernel[(progs,)](table, len(rows), chunks, partial, ref, KP=kp, ROW=kp + 2,
-                               STEPS=search_steps(len(rows)), ALIGNED=is_aligned,
-                               BLOCK=4096 // (kp * kp), num_warps=4)
+        with on_device(device):
+            _gram_kernel[(progs,)](table, len(rows), chunks, partial, ref, KP=kp, ROW=kp + 2,
+                                   STEPS=search_steps(len(rows)), ALIGNED=is_aligned,
+                                   BLOCK=4096 // (kp * kp), num_warps=NUM_WARPS)
         G += partial.sum(0)[:k, :k]
     return G
 
@@ -295,6 +323,11 @@ if HAS_CPP:
         device = present[0].device if present else torch.device("cpu")
         return torch.empty(k, k, dtype=torch.float32, device=device)
 
+    @torch.library.register_fake("vgs_kernels::gram_checked")
+    def _(tensors, k):
+        rest = torch.empty(torch.library.get_ctx().new_dynamic_size(), dtype=torch.int64)
+        return torch.empty(k, k, dtype=torch.float32), rest
+
 
 def gram(grad_lists: Sequence[GradList], *, backend: Optional[str] = None) -> Tensor:
     """All pairwise inner products of k gradient lists.
@@ -308,8 +341,18 @@ def gram(grad_lists: Sequence[GradList], *, backend: Optional[str] = None) -> Te
     Returns:
         G: [k, k] float32 on the gradients' device, G[a, b] = sum_j <g_a[j], g_b[j]>.
     """
+    flat, k = quick_lists(grad_lists)
+    if flat is not None and resolve(torch.device("cpu"), backend) == "cpp":
+        try:  # every check in C++: no Python work per tensor (issue 14)
+            G, rest = torch.ops.vgs_kernels.gram_checked(flat, k)
+        except (RuntimeError, TypeError, ValueError):
+            check_lists(grad_lists)  # raises the error that names the argument
+            raise
+        if rest.numel():
+            n, rest = len(flat) // k, rest.tolist()
+            G = G + gram_reference([[flat[i * n + j] for j in rest] for i in range(k)])
+        return G
     lists, device = check_lists(grad_lists)
-    k = len(lists)
     name = resolve(device, backend)
     if name == "reference":
         return gram_reference(lists)
