@@ -49,7 +49,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+# This checkout's vgs_kernels, not whichever copy is installed (an editable install may point elsewhere).
+sys.path[:0] = [HERE, ROOT]
 import synthetic_task as task  # noqa: E402
 from tiny_vlm import tiny_processor, tiny_vlm  # noqa: E402
 
@@ -69,8 +72,6 @@ METHODS = {
 }
 DEFAULT_METHODS = ("opd", "vgs-fixed", "vgs-auto", "vgs-exact")
 REGIMES = ("blind", "grounded")
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
