@@ -4,8 +4,9 @@ The tiny Qwen2-VL teacher and student of the demo (python/distill_demo.py: the t
 synthetic task, the student knowing the answer format but not how to look; cached after the first
 run), a `datasets.Dataset` of conversational prompts with images, and the trainer:
 
-    python python/trl_vgs.py                      # ~3-5 min on 2 CPU cores (first run pre-trains, then cached)
-    python python/trl_vgs.py --quick              # ~1 minute smoke run
+    python python/trl_vgs.py                      # 60 steps; the first run also pre-trains the demo's models
+                                                  # (as distill_demo.py does, cached in results/demo_cache)
+    python python/trl_vgs.py --quick              # smoke run: tiny pre-training, 6 steps
     python python/trl_vgs.py --policy fixed --eta 0.41
 
 Prints the student's greedy accuracy with the image and with a blank image before and after, and the

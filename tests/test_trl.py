@@ -61,7 +61,8 @@ def recording(cls):
 
                 def on_pre_optimizer_step(self, args, state, control, **kw):
                     rec.grads.append(flat([p.grad for p in rec.model.parameters() if p.requires_grad]))
-                    rec.stats.append(dict(getattr(rec, "steer", None).stats) if getattr(rec, "steer", None) else {})
+                    steer = getattr(rec, "steer", None)  # trl.DistillationTrainer has none
+                    rec.stats.append(dict(steer.stats) if steer is not None else {})
 
             self.add_callback(CB())
 
