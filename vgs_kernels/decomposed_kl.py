@@ -13,7 +13,16 @@ is kept between the passes.
 Backends (vgs_kernels._backend.resolve): C++ on CPU (csrc/decomposed_kl.cpp), Triton on CUDA (this
 file), and a plain-torch reference (this file). All accumulate in fp32 whatever the input dtypes;
 cpp and reference switch to fp64 when an input is fp64 (for float64 gradcheck), Triton stays fp32.
-Non-finite logits in a valid row give NaN terms for that row (they are not clamped away).
+
+Masked vocabulary: -inf is a token of probability 0, with the exact limits in every backend. It adds
+nothing to a KL whose first distribution gives it probability 0 (the same token at -inf in all four
+rows leaves every term finite); a token at -inf only in the second distribution makes that KL +inf.
+q* = 0 where pu or qa is 0; where only qb is 0 (and pu qa > 0) q* is unbounded: Vis = +inf and its
+LSE stat is +inf. u + a - b is formed as u + (a - b), so finfo.min in all four stays finite.
+The backward gives exact zeros where p (pu) is 0 and drops a term whose cotangent is 0, so
+gradients are finite wherever the differentiated loss is. NaN or +inf logits in a valid row still
+give NaN terms for that row (they are not clamped away); a row entirely at -inf has no
+distribution (NaN).
 """
 from __future__ import annotations
 
@@ -114,6 +123,22 @@ def _acc_dtype(*xs: Optional[Tensor]) -> torch.dtype:
     return torch.float64 if any(x is not None and x.dtype == torch.float64 for x in xs) else torch.float32
 
 
+def _kl_parts(x: Tensor, lx: Tensor, y: Tensor) -> Tensor:
+    """e^lx (x - y) per token with the masked-vocabulary limits: 0 where x = -inf, +inf where
+    only y = -inf (lx = log-probabilities of x; x, y: logits or log-probabilities)."""
+    dead = x == -math.inf
+    d = torch.where(dead, 0.0, x) - torch.where(dead, 0.0, y)  # no inf - inf, no NaN gradient
+    return torch.where(dead, 0.0, torch.where(d == math.inf, d, lx.exp() * d))
+
+
+def _q_logits(xu: Tensor, xa: Tensor, xb: Tensor) -> Tuple[Tensor, Tensor]:
+    """u + (a - b) with q* = 0 where pu qa = 0, and which rows have an unbounded q* (qb = 0 < pu qa)."""
+    dead = (xu == -math.inf) | (xa == -math.inf)
+    unbounded = ~dead & (xb == -math.inf)
+    q = torch.where(dead | unbounded, 0.0, xu) + torch.where(dead | unbounded, 0.0, xa - xb)
+    return torch.where(dead | unbounded, -math.inf, q), unbounded.any(-1)
+
+
 def _forward_reference(s, u, a, b, inv_t: float, mask):
     """Plain-torch row forward with the same outputs as the kernels (terms [4, N], stats [5, N])."""
     mono = u is None
@@ -125,8 +150,7 @@ def _forward_reference(s, u, a, b, inv_t: float, mask):
     zero = torch.zeros(n, dtype=acc, device=s.device)
 
     def kl(x, lse_x, y, lse_y):
-        lx = x - lse_x[:, None]
-        return (lx.exp() * (lx - y + lse_y[:, None])).sum(-1)
+        return _kl_parts(x, x - lse_x[:, None], y).sum(-1) - lse_x + lse_y
 
     lse_s, lse_a = xs.logsumexp(-1), xa.logsumexp(-1)
     std = kl(xs, lse_s, xa, lse_a)
@@ -134,17 +158,19 @@ def _forward_reference(s, u, a, b, inv_t: float, mask):
         terms = torch.stack([std, zero, zero, zero])
         stats = torch.stack([lse_s, zero, lse_a, zero, zero])
     else:
-        xq = xu + xa - xb
-        lse_u, lse_b, lse_q = xu.logsumexp(-1), xb.logsumexp(-1), xq.logsumexp(-1)
-        terms = torch.stack([std, kl(xs, lse_s, xq, lse_q), kl(xu, lse_u, xb, lse_b),
-                             kl(xa, lse_a, xb, lse_b)])
+        xq, unbounded = _q_logits(xu, xa, xb)
+        lse_u, lse_b = xu.logsumexp(-1), xb.logsumexp(-1)
+        lse_q = torch.where(unbounded, math.inf, xq.logsumexp(-1))
+        vis = torch.where(unbounded, math.inf, kl(xs, lse_s, xq, lse_q))
+        terms = torch.stack([std, vis, kl(xu, lse_u, xb, lse_b), kl(xa, lse_a, xb, lse_b)])
         stats = torch.stack([lse_s, lse_u, lse_a, lse_b, lse_q])
     return terms * valid, stats * valid
 
 
 def _backward_reference(s, u, a, b, stats, terms, grad_terms, inv_t: float, detach_prior: bool,
                         mask, out_dtype):
-    """Plain-torch row backward from the closed-form gradients (DESIGN.md §1)."""
+    """Plain-torch row backward from the closed-form gradients (DESIGN.md §1), with exact zeros
+    where p (pu) = 0 and terms of zero cotangent dropped, as the kernels do."""
     n, acc = s.shape[0], _acc_dtype(s, u, a, b)
     valid = torch.ones(n, dtype=torch.bool, device=s.device) if mask is None else mask
     xs, xu, xa, xb = (None if x is None else torch.where(valid[:, None], x.to(acc) * inv_t, 0.0)
@@ -154,17 +180,24 @@ def _backward_reference(s, u, a, b, stats, terms, grad_terms, inv_t: float, deta
     lse_s, lse_u, lse_a, lse_b, lse_q = rows(stats, 5)
     g_std, g_vis, g_lang = rows(grad_terms, 3)
     std, vis, lang = rows(terms, 3)
-    ls = xs - lse_s
-    p = ls.exp()
-    ds = g_std * p * (ls - xa + lse_a - std)
+
+    def weighted(g, x):  # a term of zero cotangent is dropped (no 0 * inf)
+        return torch.where(g != 0, g * x, 0.0)
+
+    p = (xs - lse_s).exp()
+    d_sa = xs - xa
+    ds = weighted(g_std, d_sa + lse_a - lse_s - std)
+    if u is not None:
+        d_ub = xu - xb
+        ds = ds + weighted(g_vis, d_sa - d_ub + lse_q - lse_s - vis)
+    ds = torch.where(xs == -math.inf, 0.0, p * ds)
     if u is None:
         return (ds * inv_t).to(out_dtype or s.dtype), None
-    lq = xu + xa - xb - lse_q
-    ds = ds + g_vis * p * (ls - lq - vis)
-    lu = xu - lse_u
-    du = g_lang * lu.exp() * (lu - xb + lse_b - lang)
+    du = (xu - lse_u).exp() * weighted(g_lang, d_ub + lse_b - lse_u - lang)
+    du = torch.where(xu == -math.inf, 0.0, du)
     if not detach_prior:
-        du = du + g_vis * (lq.exp() - p)
+        q = torch.where((xu == -math.inf) | (xa == -math.inf), 0.0, (d_ub + xa - lse_q).exp())
+        du = du + weighted(g_vis, q - p)
     return (ds * inv_t).to(out_dtype or s.dtype), (du * inv_t).to(out_dtype or u.dtype)
 
 
@@ -181,7 +214,7 @@ def decomposed_kl_reference(s: Tensor, u: Optional[Tensor], a: Tensor, b: Option
         return (x if keep is None else torch.where(keep, x, 0.0)).log_softmax(-1)
 
     def kl(lp, lq):
-        return (lp.exp() * (lp - lq)).sum(-1)
+        return _kl_parts(lp, lp, lq).sum(-1)
 
     ls, la = logp(s), logp(a.detach())
     std = kl(ls, la)
@@ -189,8 +222,9 @@ def decomposed_kl_reference(s: Tensor, u: Optional[Tensor], a: Tensor, b: Option
         vis = lang = vds = torch.zeros_like(std)
     else:
         lu, lb = logp(u), logp(b.detach())
-        lq = (lu.detach() if detach_prior else lu) + la - lb
-        vis, lang, vds = kl(ls, lq.log_softmax(-1)), kl(lu, lb), kl(la, lb)
+        lq, unbounded = _q_logits(lu.detach() if detach_prior else lu, la, lb)
+        vis = torch.where(unbounded, math.inf, kl(ls, lq.log_softmax(-1)))
+        lang, vds = kl(lu, lb), kl(la, lb)
     terms = (std, vis, lang, vds)
     if keep is not None:
         terms = tuple(t * keep[..., 0] for t in terms)
