@@ -233,91 +233,200 @@ def decomposed_kl_reference(s: Tensor, u: Optional[Tensor], a: Tensor, b: Option
 
 # ----------------------------------------------------------------------------- Triton
 
+LOG2E, LN2 = 1.4426950408889634, 0.6931471805599453
+
 if triton is not None:
+
+    @triton.jit
+    def _exp2(x, FTZ: tl.constexpr):
+        """2^x; FTZ: one ex2.approx.ftz (no denormal fix-up around MUFU.EX2: results below 2^-126
+        of a running max are dropped, far below fp32 accumulation error). CUDA only."""
+        if FTZ:
+            return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x],
+                                             dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            return tl.exp2(x)
+
+    @triton.jit
+    def _load_rows(s_ptr, u_ptr, a_ptr, b_ptr, stride_s, stride_u, stride_a, stride_b, row, cols,
+                   c, lm, MONO: tl.constexpr, MASKED: tl.constexpr):
+        """One block of the four rows as fp32 · c (c = log2(e)/T); -inf where not read."""
+        if MASKED:
+            xs = tl.load(s_ptr + row * stride_s + cols, mask=lm, other=-float("inf"))
+            xa = tl.load(a_ptr + row * stride_a + cols, mask=lm, other=-float("inf"))
+        else:
+            xs = tl.load(s_ptr + row * stride_s + cols)
+            xa = tl.load(a_ptr + row * stride_a + cols)
+        xs, xa = xs.to(tl.float32) * c, xa.to(tl.float32) * c
+        xu, xb = xs, xa  # monolithic: placeholders, never used
+        if not MONO:
+            if MASKED:
+                xu = tl.load(u_ptr + row * stride_u + cols, mask=lm, other=-float("inf"))
+                xb = tl.load(b_ptr + row * stride_b + cols, mask=lm, other=-float("inf"))
+            else:
+                xu = tl.load(u_ptr + row * stride_u + cols)
+                xb = tl.load(b_ptr + row * stride_b + cols)
+            xu, xb = xu.to(tl.float32) * c, xb.to(tl.float32) * c
+        return xs, xu, xa, xb
+
+    @triton.jit
+    def _lse_step(m, S, x, FTZ: tl.constexpr):
+        """Per-lane online log-sum-exp (base 2) with one exp per element: e = 2^-|x - m| is the new
+        term (x <= m) or the old sums' rescale (x > m). Returns m', S', the rescale of the old
+        sums and the new term's weight (0 where x = -inf: m starts finite, at -FLT_MAX)."""
+        diff = x - m
+        e = _exp2(-tl.abs(diff), FTZ)
+        up = diff > 0
+        old, new = tl.where(up, e, 1.0), tl.where(up, 1.0, e)
+        return tl.maximum(m, x), S * old + new, old, new
+
+    @triton.jit
+    def _kl_part(w, x, y):
+        """w (x - y) with the masked-vocabulary limits: 0 where x = -inf, +inf where only y is."""
+        d = x - y
+        return tl.where(x == -float("inf"), 0.0, tl.where(d == float("inf"), d, w * d))
+
+    @triton.jit
+    def _fwd_block(xs, xu, xa, xb, st, MONO: tl.constexpr, FTZ: tl.constexpr):
+        """Adds one block into the per-lane state st (see _kl_forward_kernel)."""
+        m_s, m_u, m_a, m_b, m_q, S_s, S_u, S_a, S_b, S_q, A_std, A_vis, A_lang, A_vds, n_unb = st
+        m_s, S_s, old_s, w_s = _lse_step(m_s, S_s, xs, FTZ)
+        m_a, S_a, old_a, w_a = _lse_step(m_a, S_a, xa, FTZ)
+        A_std = A_std * old_s + _kl_part(w_s, xs, xa)
+        if not MONO:
+            # q* = 0 where pu qa = 0; unbounded (counted, Vis = +inf) where only qb = 0.
+            dead = (xu == -float("inf")) | (xa == -float("inf"))
+            unb = (xb == -float("inf")) & ~dead
+            xq = tl.where(dead | unb, -float("inf"), xu + (xa - xb))  # a - b first: finfo.min stays finite
+            n_unb += unb.to(tl.int32)
+            m_u, S_u, old_u, w_u = _lse_step(m_u, S_u, xu, FTZ)
+            m_b, S_b, _, _ = _lse_step(m_b, S_b, xb, FTZ)
+            m_q, S_q, _, _ = _lse_step(m_q, S_q, xq, FTZ)
+            A_vis = A_vis * old_s + _kl_part(w_s, xs, xq)
+            A_lang = A_lang * old_u + _kl_part(w_u, xu, xb)
+            A_vds = A_vds * old_a + _kl_part(w_a, xa, xb)
+        return m_s, m_u, m_a, m_b, m_q, S_s, S_u, S_a, S_b, S_q, A_std, A_vis, A_lang, A_vds, n_unb
+
+    @triton.jit
+    def _lane_scale(m):
+        """Row maximum M of per-lane maxima m and each lane's rescale 2^(m - M) to it."""
+        M = tl.max(m, 0)
+        return M, tl.exp2(m - M)
 
     @triton.jit
     def _kl_forward_kernel(s_ptr, u_ptr, a_ptr, b_ptr, mask_ptr, terms_ptr, stats_ptr,
                            stride_s, stride_u, stride_a, stride_b, N, V, inv_t,
-                           HAS_MASK: tl.constexpr, MONO: tl.constexpr, BLOCK: tl.constexpr):
-        """One row per program: online max/sums over V in blocks. Scalar running maxima, vector
-        sums (rescaled per block), so each element costs one exp per log-sum-exp."""
+                           HAS_MASK: tl.constexpr, MONO: tl.constexpr, BLOCK: tl.constexpr,
+                           FTZ: tl.constexpr):
+        """One row per program, one pass over V in blocks: per-lane running maxima and sums (base 2),
+        one exp per element per log-sum-exp and no cross-lane reduction until the end. Full blocks
+        load unmasked (vectorised); the tail block is masked, its missing columns read as -inf."""
         row = tl.program_id(0).to(tl.int64)
         if HAS_MASK:
             valid = tl.load(mask_ptr + row) != 0
         else:
             valid = row >= 0
-        n_read = tl.where(valid, V, 0)  # masked rows are never read
+        c = inv_t * 1.4426950408889634  # log2(e) / T
         cols0 = tl.arange(0, BLOCK)
-        zero = tl.zeros([BLOCK], tl.float32)
-        ninf = -float("inf")
-        m_s, m_u, m_a, m_b, m_q = ninf, ninf, ninf, ninf, ninf
-        S_s, S_u, S_a, S_b, S_q = zero, zero, zero, zero, zero  # sums of e^(x - m)
-        A_std, A_vis, A_lang, A_vds = zero, zero, zero, zero  # sums of e^(x - m) (x - y)
-        for start in range(0, V, BLOCK):
-            cols = start + cols0
-            cm, lm = cols < V, cols < n_read
-            xs = tl.load(s_ptr + row * stride_s + cols, mask=lm, other=0.0).to(tl.float32) * inv_t
-            xa = tl.load(a_ptr + row * stride_a + cols, mask=lm, other=0.0).to(tl.float32) * inv_t
-            ms = tl.maximum(m_s, tl.max(tl.where(cm, xs, -float("inf")), 0))
-            ma = tl.maximum(m_a, tl.max(tl.where(cm, xa, -float("inf")), 0))
-            al_s, al_a = tl.exp(m_s - ms), tl.exp(m_a - ma)
-            es = tl.where(cm, tl.exp(xs - ms), 0.0)
-            ea = tl.where(cm, tl.exp(xa - ma), 0.0)
-            S_s, S_a = S_s * al_s + es, S_a * al_a + ea
-            A_std = A_std * al_s + es * (xs - xa)
-            if not MONO:
-                xu = tl.load(u_ptr + row * stride_u + cols, mask=lm, other=0.0).to(tl.float32) * inv_t
-                xb = tl.load(b_ptr + row * stride_b + cols, mask=lm, other=0.0).to(tl.float32) * inv_t
-                xq = xu + xa - xb
-                mu = tl.maximum(m_u, tl.max(tl.where(cm, xu, -float("inf")), 0))
-                mb = tl.maximum(m_b, tl.max(tl.where(cm, xb, -float("inf")), 0))
-                mq = tl.maximum(m_q, tl.max(tl.where(cm, xq, -float("inf")), 0))
-                al_u = tl.exp(m_u - mu)
-                eu = tl.where(cm, tl.exp(xu - mu), 0.0)
-                S_u = S_u * al_u + eu
-                S_b = S_b * tl.exp(m_b - mb) + tl.where(cm, tl.exp(xb - mb), 0.0)
-                S_q = S_q * tl.exp(m_q - mq) + tl.where(cm, tl.exp(xq - mq), 0.0)
-                A_vis = A_vis * al_s + es * (xs - xq)
-                A_lang = A_lang * al_u + eu * (xu - xb)
-                A_vds = A_vds * al_a + ea * (xa - xb)
-                m_u, m_b, m_q = mu, mb, mq
-            m_s, m_a = ms, ma
-        # KL(softmax(x) || softmax(y)) = E_x[x - y] - LSE(x) + LSE(y); zeros on masked rows.
-        ss, sa = tl.sum(S_s, 0), tl.sum(S_a, 0)
-        lse_s, lse_a = m_s + tl.log(ss), m_a + tl.log(sa)
-        tl.store(terms_ptr + row, tl.where(valid, tl.sum(A_std, 0) / ss - lse_s + lse_a, 0.0))
+        m0 = tl.full([BLOCK], -3.4028234663852886e38, tl.float32)
+        z = tl.zeros([BLOCK], tl.float32)
+        st = (m0, m0, m0, m0, m0, z, z, z, z, z, z, z, z, z, tl.zeros([BLOCK], tl.int32))
+        n_full = tl.where(valid, V // BLOCK * BLOCK, 0)  # masked rows: nothing is read
+        for start in range(0, n_full, BLOCK):
+            xs, xu, xa, xb = _load_rows(s_ptr, u_ptr, a_ptr, b_ptr, stride_s, stride_u, stride_a,
+                                        stride_b, row, start + cols0, c, None, MONO, False)
+            st = _fwd_block(xs, xu, xa, xb, st, MONO, FTZ)
+        cols = V // BLOCK * BLOCK + cols0
+        xs, xu, xa, xb = _load_rows(s_ptr, u_ptr, a_ptr, b_ptr, stride_s, stride_u, stride_a,
+                                    stride_b, row, cols, c, cols < tl.where(valid, V, 0), MONO, True)
+        st = _fwd_block(xs, xu, xa, xb, st, MONO, FTZ)
+        m_s, m_u, m_a, m_b, m_q, S_s, S_u, S_a, S_b, S_q, A_std, A_vis, A_lang, A_vds, n_unb = st
+        # KL(softmax(x) || softmax(y)) = E_x[x - y] - LSE(x) + LSE(y), here in nats from base 2.
+        M_s, r_s = _lane_scale(m_s)
+        M_a, r_a = _lane_scale(m_a)
+        ss, sa, a_std = tl.sum(S_s * r_s, 0), tl.sum(S_a * r_a, 0), tl.sum(A_std * r_s, 0)
+        lse_s, lse_a = (M_s + tl.log2(ss)) * LN2, (M_a + tl.log2(sa)) * LN2
+        tl.store(terms_ptr + row, tl.where(valid, a_std / ss * LN2 - lse_s + lse_a, 0.0))
         tl.store(stats_ptr + row, tl.where(valid, lse_s, 0.0))
         tl.store(stats_ptr + 2 * N + row, tl.where(valid, lse_a, 0.0))
         if not MONO:
-            su = tl.sum(S_u, 0)
-            lse_u = m_u + tl.log(su)
-            lse_b = m_b + tl.log(tl.sum(S_b, 0))
-            lse_q = m_q + tl.log(tl.sum(S_q, 0))
-            tl.store(terms_ptr + N + row, tl.where(valid, tl.sum(A_vis, 0) / ss - lse_s + lse_q, 0.0))
-            tl.store(terms_ptr + 2 * N + row, tl.where(valid, tl.sum(A_lang, 0) / su - lse_u + lse_b, 0.0))
-            tl.store(terms_ptr + 3 * N + row, tl.where(valid, tl.sum(A_vds, 0) / sa - lse_a + lse_b, 0.0))
+            M_u, r_u = _lane_scale(m_u)
+            M_b, r_b = _lane_scale(m_b)
+            M_q, r_q = _lane_scale(m_q)
+            su, sb, sq = tl.sum(S_u * r_u, 0), tl.sum(S_b * r_b, 0), tl.sum(S_q * r_q, 0)
+            a_vis, a_lang = tl.sum(A_vis * r_s, 0), tl.sum(A_lang * r_u, 0)
+            a_vds = tl.sum(A_vds * r_a, 0)
+            unbounded = tl.sum(n_unb, 0) > 0
+            lse_u, lse_b = (M_u + tl.log2(su)) * LN2, (M_b + tl.log2(sb)) * LN2
+            lse_q = tl.where(unbounded, float("inf"), (M_q + tl.log2(sq)) * LN2)
+            vis = tl.where(unbounded, float("inf"), a_vis / ss * LN2 - lse_s + lse_q)
+            tl.store(terms_ptr + N + row, tl.where(valid, vis, 0.0))
+            tl.store(terms_ptr + 2 * N + row, tl.where(valid, a_lang / su * LN2 - lse_u + lse_b, 0.0))
+            tl.store(terms_ptr + 3 * N + row, tl.where(valid, a_vds / sa * LN2 - lse_a + lse_b, 0.0))
             tl.store(stats_ptr + N + row, tl.where(valid, lse_u, 0.0))
             tl.store(stats_ptr + 3 * N + row, tl.where(valid, lse_b, 0.0))
             tl.store(stats_ptr + 4 * N + row, tl.where(valid, lse_q, 0.0))
 
     @triton.jit
+    def _weighted(g, x):
+        """g x, dropped when g = 0 (an infinite term nobody differentiates must not give NaN)."""
+        return tl.where(g != 0, g * x, 0.0)
+
+    @triton.jit
+    def _bwd_block(s_ptr, u_ptr, a_ptr, b_ptr, ds_ptr, du_ptr, stride_s, stride_u, stride_a,
+                   stride_b, stride_ds, stride_du, row, cols, lm, sm, c, inv_t, k, MONO: tl.constexpr,
+                   DETACH: tl.constexpr, MASKED: tl.constexpr, TAIL: tl.constexpr, FTZ: tl.constexpr):
+        """ds, du of one block; k = the row's constants (base-2 LSEs, cotangents, folded terms).
+        MASKED: loads under lm (-inf elsewhere); TAIL: stores under sm."""
+        l_s, l_u, l_a, l_q, g_std, g_vis, g_lang, c_s, c_u = k
+        xs, xu, xa, xb = _load_rows(s_ptr, u_ptr, a_ptr, b_ptr, stride_s, stride_u, stride_a,
+                                    stride_b, row, cols, c, lm, MONO, MASKED)
+        p = _exp2(xs - l_s, FTZ)
+        d_sa = (xs - xa) * LN2  # nats
+        if MONO:
+            ds = _weighted(g_std, d_sa) + c_s
+        else:
+            d_ub = (xu - xb) * LN2
+            # log p - log q* - (lse_q - lse_s) = s - (u + a - b)
+            ds = _weighted(g_std, d_sa) + _weighted(g_vis, d_sa - d_ub) + c_s
+            du = tl.where(xu == -float("inf"), 0.0,
+                          _exp2(xu - l_u, FTZ) * (_weighted(g_lang, d_ub) + c_u))
+            if not DETACH:
+                dead = (xu == -float("inf")) | (xa == -float("inf"))  # q* = 0 where pu qa = 0
+                q = tl.where(dead, 0.0, _exp2(xu + (xa - xb) - l_q, FTZ))
+                du += _weighted(g_vis, q - p)
+            du = (du * inv_t).to(du_ptr.dtype.element_ty)
+            if TAIL:
+                tl.store(du_ptr + row * stride_du + cols, du, mask=sm)
+            else:
+                tl.store(du_ptr + row * stride_du + cols, du)
+        ds = tl.where(xs == -float("inf"), 0.0, p * ds * inv_t).to(ds_ptr.dtype.element_ty)
+        if TAIL:
+            tl.store(ds_ptr + row * stride_ds + cols, ds, mask=sm)
+        else:
+            tl.store(ds_ptr + row * stride_ds + cols, ds)
+
+    @triton.jit
     def _kl_backward_kernel(s_ptr, u_ptr, a_ptr, b_ptr, mask_ptr, stats_ptr, terms_ptr, g_ptr,
                             ds_ptr, du_ptr, stride_s, stride_u, stride_a, stride_b, stride_ds,
                             stride_du, N, V, inv_t, HAS_MASK: tl.constexpr, MONO: tl.constexpr,
-                            DETACH: tl.constexpr, BLOCK: tl.constexpr):
+                            DETACH: tl.constexpr, BLOCK: tl.constexpr, FTZ: tl.constexpr):
         """ds = p (g_std (log p - log qa - Std) + g_vis (log p - log q* - Vis)) / T and
         du = [g_lang pu (log pu - log qb - Lang) + (not DETACH) g_vis (q* - p)] / T, per-row
-        constants folded in first. Masked rows read nothing and get exact zeros."""
+        constants folded in first; exact zeros where p (pu) = 0 and terms of zero cotangent
+        dropped. Masked rows read nothing and get exact zeros."""
         row = tl.program_id(0).to(tl.int64)
         if HAS_MASK:
             valid = tl.load(mask_ptr + row) != 0
         else:
             valid = row >= 0
+        c = inv_t * 1.4426950408889634
         lse_s = tl.where(valid, tl.load(stats_ptr + row).to(tl.float32), 0.0)
         lse_a = tl.where(valid, tl.load(stats_ptr + 2 * N + row).to(tl.float32), 0.0)
         g_std = tl.where(valid, tl.load(g_ptr + row).to(tl.float32), 0.0)
         std = tl.where(valid, tl.load(terms_ptr + row).to(tl.float32), 0.0)
-        c_s = g_std * (lse_a - lse_s - std)
+        c_s = _weighted(g_std, lse_a - lse_s - std)
+        lse_u, lse_q, g_vis, g_lang, c_u = lse_s, lse_s, g_std, g_std, c_s  # unused when MONO
         if not MONO:
             lse_u = tl.where(valid, tl.load(stats_ptr + N + row).to(tl.float32), 0.0)
             lse_b = tl.where(valid, tl.load(stats_ptr + 3 * N + row).to(tl.float32), 0.0)
@@ -326,27 +435,33 @@ if triton is not None:
             g_lang = tl.where(valid, tl.load(g_ptr + 2 * N + row).to(tl.float32), 0.0)
             vis = tl.where(valid, tl.load(terms_ptr + N + row).to(tl.float32), 0.0)
             lang = tl.where(valid, tl.load(terms_ptr + 2 * N + row).to(tl.float32), 0.0)
-            c_s += g_vis * (lse_q - lse_s - vis)
-            c_u = g_lang * (lse_b - lse_u - lang)
-        n_read = tl.where(valid, V, 0)
-        for start in range(0, V, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            cm, lm = cols < V, cols < n_read
-            xs = tl.load(s_ptr + row * stride_s + cols, mask=lm, other=0.0).to(tl.float32) * inv_t
-            xa = tl.load(a_ptr + row * stride_a + cols, mask=lm, other=0.0).to(tl.float32) * inv_t
-            p = tl.exp(xs - lse_s)
-            if MONO:
-                ds = p * (g_std * (xs - xa) + c_s)
-            else:
-                xu = tl.load(u_ptr + row * stride_u + cols, mask=lm, other=0.0).to(tl.float32) * inv_t
-                xb = tl.load(b_ptr + row * stride_b + cols, mask=lm, other=0.0).to(tl.float32) * inv_t
-                d_ub = xu - xb
-                ds = p * ((g_std + g_vis) * (xs - xa) - g_vis * d_ub + c_s)
-                du = tl.exp(xu - lse_u) * (g_lang * d_ub + c_u)
-                if not DETACH:
-                    du += g_vis * (tl.exp(d_ub + xa - lse_q) - p)
-                tl.store(du_ptr + row * stride_du + cols, (du * inv_t).to(du_ptr.dtype.element_ty), mask=cm)
-            tl.store(ds_ptr + row * stride_ds + cols, (ds * inv_t).to(ds_ptr.dtype.element_ty), mask=cm)
+            c_s += _weighted(g_vis, lse_q - lse_s - vis)
+            c_u = _weighted(g_lang, lse_b - lse_u - lang)
+        k = (lse_s * LOG2E, lse_u * LOG2E, lse_a * LOG2E, lse_q * LOG2E, g_std, g_vis, g_lang, c_s, c_u)
+        cols0 = tl.arange(0, BLOCK)
+        n_full = V // BLOCK * BLOCK
+        if valid:
+            for start in range(0, n_full, BLOCK):
+                _bwd_block(s_ptr, u_ptr, a_ptr, b_ptr, ds_ptr, du_ptr, stride_s, stride_u, stride_a,
+                           stride_b, stride_ds, stride_du, row, start + cols0, None, None, c, inv_t,
+                           k, MONO, DETACH, False, False, FTZ)
+            cols = n_full + cols0
+            _bwd_block(s_ptr, u_ptr, a_ptr, b_ptr, ds_ptr, du_ptr, stride_s, stride_u, stride_a,
+                       stride_b, stride_ds, stride_du, row, cols, cols < V, cols < V, c, inv_t, k,
+                       MONO, DETACH, True, True, FTZ)
+        else:  # masked row: exact zeros, nothing read
+            for start in range(0, V, BLOCK):
+                cols = start + cols0
+                tl.store(ds_ptr + row * stride_ds + cols, tl.zeros([BLOCK], ds_ptr.dtype.element_ty),
+                         mask=cols < V)
+                if not MONO:
+                    tl.store(du_ptr + row * stride_du + cols,
+                             tl.zeros([BLOCK], du_ptr.dtype.element_ty), mask=cols < V)
+
+
+def _ftz(x: Tensor) -> bool:
+    """ex2.approx.ftz through inline PTX: NVIDIA only (HIP and the interpreter take tl.exp2)."""
+    return x.is_cuda and torch.version.hip is None
 
 
 def _triton_launch(x: Tensor, v: int, mono: bool, forward: bool):
@@ -383,7 +498,7 @@ if triton is not None:
             _kl_forward_kernel[(n,)](s, u, a, b, s if mask is None else mask, terms, stats,
                                      s.stride(0), u.stride(0), a.stride(0), b.stride(0), n, v,
                                      inv_temperature, HAS_MASK=mask is not None, MONO=mono,
-                                     BLOCK=block, num_warps=warps)
+                                     BLOCK=block, FTZ=_ftz(s), num_warps=warps)
         return terms, stats
 
     @torch.library.custom_op("vgs_kernels::decomposed_kl_backward_triton", mutates_args=())
@@ -404,7 +519,7 @@ if triton is not None:
                                       s.stride(0), u.stride(0), a.stride(0), b.stride(0),
                                       ds.stride(0), du_rows.stride(0), n, v, inv_temperature,
                                       HAS_MASK=mask is not None, MONO=mono, DETACH=detach_prior,
-                                      BLOCK=block, num_warps=warps)
+                                      BLOCK=block, FTZ=_ftz(s), num_warps=warps)
         return ds, du
 
     _forward_triton.register_fake(_fake_forward)
