@@ -141,16 +141,17 @@ acc_t chunk_extreme(const acc_t* x, int64_t n) {
 // limits: 0 where x = -inf (p = 0, whatever y), +inf where only y = -inf (even if e underflowed).
 template <typename acc_t>
 [[gnu::always_inline]] inline acc_t kl_part(acc_t e, acc_t x, acc_t y) {
+  // Selects on computed values only, then one product: GCC if-converts (and so vectorises) a
+  // select, not a floating-point operation inside a branch (-ftrapping-math).
   const acc_t d = x - y;
-  const acc_t c = d == -kNegInf<acc_t> ? d : e * d;
-  return x == kNegInf<acc_t> ? acc_t(0) : c;
+  return (x == kNegInf<acc_t> ? acc_t(0) : d) * (d == -kNegInf<acc_t> ? acc_t(1) : e);
 }
 
 // A term's share of the gradient, dropped when its cotangent is 0 (so that an infinite term
 // nobody differentiates cannot turn a finite gradient into NaN through 0 * inf).
 template <typename acc_t>
 [[gnu::always_inline]] inline acc_t weighted(acc_t g, acc_t x) {
-  return g != acc_t(0) ? g * x : acc_t(0);
+  return g * (g != acc_t(0) ? x : acc_t(0));  // select, then multiply: stays vectorisable
 }
 
 struct Inputs {
@@ -306,7 +307,8 @@ void backward_row(const Inputs& in, int64_t r, acc_t it, const acc_t* stats, con
         v = xu[j] == ninf ? acc_t(0) : v;
         if constexpr (!kDetach) {
           const bool dead = xu[j] == ninf || xa[j] == ninf;  // pu qa = 0: q* = 0
-          const acc_t q = dead ? acc_t(0) : vexp(d_ub + xa[j] - lse_q);
+          const acc_t eq = vexp(d_ub + xa[j] - lse_q);
+          const acc_t q = dead ? acc_t(0) : eq;
           v += weighted(g_vis, q - p);
         }
         du[j] = it * v;
