@@ -134,7 +134,7 @@ def jobs(args: argparse.Namespace) -> List[Job]:
     out: List[Job] = []
     dev = args.device
     if "loss" in args.suites:
-        n_impls = suite_loss.N_IMPLS + (not args.no_compile) + (
+        n_impls = suite_loss.N_IMPLS + suite_loss.N_COMPILED * (not args.no_compile) + (
             dev.type == "cuda" and suite_loss.liger_reverse_kl() is not None)
         for shape in args.loss_shapes:
             out.append(Job(f"loss N={shape[0]} V={shape[1]}", n_impls * len(shape[2]),

@@ -1,8 +1,9 @@
 """The baselines the fast paths are measured against: what a user would write without this library.
 
 Loss: the eager plain-torch four-term loss (four log_softmax, the KLs as sums of products, autograd
-keeps every [N, V] intermediate) and the eager monolithic (Std-only) loss, which torch.compile can
-fuse. Steering: the flatten/concatenate approach of PCGrad / LibMTL (copy every gradient into one
+keeps every [N, V] intermediate) and the eager monolithic (Std-only) loss; both as one function
+each too (`eager_decomposed_loss`, `eager_monolithic_loss`), which is what a user hands to
+torch.compile: the compiled four-term loss is the peer the fused op must beat (issue 15). Steering: the flatten/concatenate approach of PCGrad / LibMTL (copy every gradient into one
 [k, P] matrix, matmul for the Gram matrix, matmul + split to write back) and a composition of
 torch._foreach_* multi-tensor ops (norms, adds, scales; no flattening, but temporaries of size P).
 
@@ -52,6 +53,13 @@ def weighted_loss(std: Tensor, vis: Tensor, lang: Tensor, mask: Tensor) -> Tenso
 def monolithic_loss(std: Tensor, mask: Tensor) -> Tensor:
     m = mask.float()
     return (std * m).sum() / m.sum().clamp_min(1.0)
+
+
+def eager_decomposed_loss(s: Tensor, u: Tensor, a: Tensor, b: Tensor, mask: Tensor) -> Tensor:
+    """The whole four-term loss as one function (what torch.compile gets): weighted_loss of
+    eager_decomposed_terms."""
+    std, vis, lang, _ = eager_decomposed_terms(s, u, a, b)
+    return weighted_loss(std, vis, lang, mask)
 
 
 def eager_monolithic_loss(s: Tensor, a: Tensor, mask: Tensor) -> Tensor:

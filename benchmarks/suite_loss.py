@@ -1,5 +1,6 @@
-"""Suite 1 — the loss: fused decomposed KL against eager decomposed, eager / compiled / fused
-monolithic (and Liger-Kernel's reverse-KL JSD on CUDA when installed).
+"""Suite 1 — the loss: fused decomposed KL against eager and torch.compile'd decomposed (the
+four-term loss in plain torch: the peer a user would write), eager / compiled / fused monolithic
+(and Liger-Kernel's reverse-KL JSD on CUDA when installed).
 
 Every impl computes, from [N, V] logits, the same scalar (masked token mean of Std + γ·Vis + λ·Lang
 for the decomposed impls, of Std for the monolithic ones) and, in `bwd` / `fwdbwd` mode, the
@@ -10,6 +11,10 @@ Minimal bytes moved (the bandwidth column, `vgs_kernels.decomposed_kl.min_bytes`
 must read every logit row once; the backward must read them again and write each gradient once.
 Decomposed: fwd 4·NV·e, bwd 4·NV·e + 2·NV·e; monolithic: fwd 2·NV·e, bwd 2·NV·e + NV·e (e =
 element size of the logits' dtype), plus the per-row statistics (negligible).
+
+`python -m benchmarks.suite_loss` (from the repository root) runs the issue-15 goal case alone
+and prints the goal ratios: compiled four-term ÷ fused, fused ÷ fastest monolithic, fused peak ÷
+compiled four-term peak (run it once with THP_MEM_ALLOC_ENABLE=1 and once without).
 """
 from __future__ import annotations
 
@@ -22,6 +27,8 @@ from .harness import Case, Impl, tolerance
 
 MODES = ("fwd", "bwd", "fwdbwd")
 N_IMPLS = 6  # per mode, without the optional compiled / Liger impls (4 timed + 2 chunked fallbacks)
+N_COMPILED = 2  # compiled four-term and compiled monolithic (per mode, unless compile=False)
+BASELINES = ["compiled decomposed", "eager decomposed", "eager mono", "compiled mono"]
 
 
 def make_inputs(n: int, v: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
@@ -96,11 +103,12 @@ def _chunked_impl(name: str, terms_fn: Callable, leaves: Dict[str, torch.Tensor]
 _compiled: Dict[str, Callable] = {}
 
 
-def compiled_monolithic_loss() -> Callable:
-    """torch.compile of the eager monolithic loss (dynamic shapes: one compilation for the sweep)."""
-    if "mono" not in _compiled:
-        _compiled["mono"] = torch.compile(B.eager_monolithic_loss, dynamic=True)
-    return _compiled["mono"]
+def compiled_loss(name: str) -> Callable:
+    """torch.compile of an eager loss of `baselines` ("eager_monolithic_loss" or
+    "eager_decomposed_loss"); dynamic shapes: one compilation for the sweep."""
+    if name not in _compiled:
+        _compiled[name] = torch.compile(getattr(B, name), dynamic=True)
+    return _compiled[name]
 
 
 def liger_reverse_kl() -> Optional[Callable]:
@@ -147,7 +155,10 @@ def cases(shapes: List[Tuple[int, int, Tuple[str, ...]]], dtype: torch.dtype,
             return B.monolithic_loss(std, mask), {"std": std}
 
         def compiled_mono():
-            return compiled_monolithic_loss()(s, a, mask), {}
+            return compiled_loss("eager_monolithic_loss")(s, a, mask), {}
+
+        def compiled_dec():
+            return compiled_loss("eager_decomposed_loss")(s, u, a, b, mask), {}
 
         def liger_mono():
             return liger(s, a, mask), {}
@@ -158,6 +169,7 @@ def cases(shapes: List[Tuple[int, int, Tuple[str, ...]]], dtype: torch.dtype,
                 ("eager mono", eager_mono, s_only, None, mono_bytes),
                 ("vgs fused mono", fused_mono, s_only, "eager mono", mono_bytes)]
         if compile:
+            spec.append(("compiled decomposed", compiled_dec, su, "eager decomposed", dec_bytes))
             spec.append(("compiled mono", compiled_mono, s_only, "eager mono", mono_bytes))
         if liger is not None:
             spec.append(("liger rev-KL", liger_mono, s_only, "eager mono", mono_bytes))
@@ -171,6 +183,53 @@ def cases(shapes: List[Tuple[int, int, Tuple[str, ...]]], dtype: torch.dtype,
             impls = [_autograd_impl(name, f, leaves, mode, ref, *nb) for name, f, leaves, ref, nb in spec]
             impls += fallbacks
             params = {"N": n, "V": v, "dtype": str(dtype).replace("torch.", ""), "mode": mode}
-            yield Case("loss", params, impls, baselines=["eager decomposed", "eager mono"],
-                       tolerance=tolerance(dtype))
+            yield Case("loss", params, impls, baselines=list(BASELINES), tolerance=tolerance(dtype))
+
+
+MONO = ("vgs fused mono", "compiled mono", "eager mono")
+
+
+def goal_ratios(results) -> Dict[str, float]:
+    """Issue 15's goals from one case's results (all impls timed interleaved in one run)."""
+    by = {r.impl: r for r in results if r.status == "ok" and r.median}
+    fused, peer = by["vgs fused"], by["compiled decomposed"]
+    mono = min((by[m] for m in MONO if m in by), key=lambda r: r.median)
+    return {"peer ÷ fused (goal ≥ 2.5)": peer.median / fused.median,
+            f"fused ÷ fastest mono ({mono.impl}; goal ≤ 2.0)": fused.median / mono.median,
+            "fused peak ÷ peer peak (goal ≤ 0.667)": fused.peak_bytes / peer.peak_bytes}
+
+
+def main(argv=None) -> None:
+    """The issue-15 goal case: fwd+bwd at N, V in each dtype, every impl interleaved."""
+    import argparse
+    import os
+
+    from .harness import run_case
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("-N", type=int, default=2048)
+    ap.add_argument("-V", type=int, default=32000)
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+    dev = torch.device(args.device)
+    print(f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', '0')} "
+          f"threads={torch.get_num_threads()} loadavg={os.getloadavg()}")
+    for dt in args.dtypes.split(","):
+        (case,) = cases([(args.N, args.V, ("fwdbwd",))], getattr(torch, dt), dev)
+        results = run_case(case, dev, repeats=args.repeats, warmup=2)
+        print(f"\n{dt} N={args.N} V={args.V} fwd+bwd, median of {args.repeats}:")
+        for r in results:
+            mib = None if r.peak_bytes is None else r.peak_bytes / 2**20
+            print(f"  {r.impl:22s} {r.status if r.status != 'ok' else f'{r.median * 1e3:8.1f} ms'}"
+                  f"  p20-p80 {r.quantile(.2) * 1e3:.0f}-{r.quantile(.8) * 1e3:.0f} ms"
+                  f"  peak {mib:.0f} MiB" if r.median else f"  {r.impl}: {r.status}")
+        for k, v in goal_ratios(results).items():
+            print(f"  {k}: {v:.2f}")
+    print(f"loadavg after: {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
 

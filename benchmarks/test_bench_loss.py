@@ -13,7 +13,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
 SHAPES = [(512, 32000), (2048, 32000), (256, 151936)] if DEVICE.type == "cpu" else \
     [(4096, 32000), (4096, 151936), (8192, 151936)]
-IMPLS = ["vgs fused", "eager decomposed", "eager mono", "vgs fused mono", "compiled mono"]
+IMPLS = ["vgs fused", "eager decomposed", "compiled decomposed", "eager mono", "vgs fused mono", "compiled mono"]
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -128,7 +128,7 @@ def test_masked_rows_never_read_and_all_masked(backend):
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # numpy, in the interpreter
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("which", range(4))
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_logits_give_nan(backend, which, bad):
     rows = logits((3, 100))
     rows[which][1, 42] = bad
@@ -253,6 +253,110 @@ def test_torch_compile_traces_the_op(backend, device="cpu", compiler="aot_eager"
     loss(s1, u1).backward()
     compiled(s2, u2).backward()
     torch.testing.assert_close((s2.grad, u2.grad), (s1.grad, u1.grad))
+
+
+# ----------------------------------------------------------------------------- masked vocabulary
+
+# The token's -inf in which rows -> which terms are +inf by definition (p > 0 where the other
+# distribution is 0; q* = 0 where pu or qa is, unbounded where only qb is). The others are finite
+# and equal to the exact answer with the -inf replaced by -1e4 (e^-1e4 is 0 in float64).
+MASKED_CASES = {"suab": "", "s": "", "u": "vis", "a": "std vis", "b": "vis lang vds",
+                "ab": "std vis lang", "ub": "vis vds"}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where", list(MASKED_CASES))
+def test_masked_vocabulary_exact(backend, where):
+    shape, tokens, mode = (3, 67), [0, 5, 66], "prior_grad"
+    rows = logits(shape, torch.float64, seed=4)
+    for k in where:
+        rows["suab".index(k)][1, tokens] = -float("inf")
+    oracle = [x.clamp_min(-1e4) for x in rows]
+    inf_terms = MASKED_CASES[where].split()
+    # Cotangent 0 on the infinite terms of row 1: the loss stays finite, and so must the gradients.
+    cot = torch.rand(4, 3, dtype=torch.float64) + 0.5
+    for i, name in enumerate(vgs.KLTerms._fields):
+        if name in inf_terms:
+            cot[i, 1] = 0.0
+    kw = dict(temperature=0.7, detach_prior=False)
+    ref, ref_g = run(decomposed_kl_reference, *oracle, cot, **kw)
+    dtype = torch.float32 if backend == "triton" else torch.float64  # Triton accumulates in fp32
+    out, out_g = run(vgs.decomposed_kl, *(x.to(dtype) for x in rows), cot.to(dtype), backend=backend, **kw)
+    for name, o, r in zip(vgs.KLTerms._fields, out, ref):
+        if name in inf_terms:
+            assert o[1] == float("inf"), (name, o)
+            o, r = o[[0, 2]], r[[0, 2]]
+        torch.testing.assert_close(o.double(), r, atol=1e-5, rtol=2e-5, msg=lambda m: f"{name}: {m}")
+    for name, o, r in zip(("ds", "du"), out_g, ref_g):
+        assert o.isfinite().all(), name
+        torch.testing.assert_close(o.double(), r, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    if "s" in where:
+        assert (out_g[0][1, tokens] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", MODES)
+def test_finfo_min_in_all_four_rows(backend, dtype, mode):
+    """The other usual mask value: no NaN from u + a - b overflowing, the same answer as -inf."""
+    rows = logits((2, 130), dtype, seed=5)
+    for x in rows:
+        x[0, [3, 64, 129]] = torch.finfo(dtype).min
+    if mode == "monolithic":
+        rows[1] = rows[3] = None
+    cot = torch.rand(4, 2) + 0.5
+    kw = dict(detach_prior=mode != "prior_grad")
+    out, out_g = run(vgs.decomposed_kl, *rows, cot, backend=backend, **kw)
+    masked = [None if x is None else x.double().clamp_min(-1e4) for x in rows]
+    ref, ref_g = run(decomposed_kl_reference, *masked, cot.double(), **kw)
+    for name, o, r in zip(vgs.KLTerms._fields, out, ref):
+        torch.testing.assert_close(o.double(), r, atol=1e-5, rtol=2e-5, msg=lambda m: f"{name}: {m}")
+    for o, r in zip(out_g, ref_g):
+        assert o.isfinite().all() and (o[0, [3, 64, 129]] == 0).all()
+        torch.testing.assert_close(o.double(), r, atol=1e-5, rtol=GRAD_RTOL[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_vocabulary_row_api(backend):
+    """Teacher-only -inf: Std is +inf on the row API too, the stats say which LSE is unbounded,
+    and a chunk that is entirely masked in one tensor (V > the kernels' chunk) is exact."""
+    s, u, a, b = logits((2, 1100), seed=6)
+    a[0, 7] = b[0, 7] = -float("inf")      # teacher bans a token the student likes
+    b[1, 600:] = -float("inf")              # b's whole second half masked (q* unbounded there)
+    terms, stats = kl_forward(s, u, a, b, 1.0, backend=backend)
+    ref_terms, ref_stats = kl_forward(s, u, a, b, 1.0, backend="reference")
+    assert terms[:3, 0].tolist() == [float("inf")] * 3 and terms[3, 0].isfinite()
+    assert terms[1:, 1].tolist() == [float("inf")] * 3 and terms[0, 1].isfinite()
+    assert stats[4, 1] == float("inf")
+    torch.testing.assert_close(terms, ref_terms, atol=1e-5, rtol=2e-5)
+    torch.testing.assert_close(stats, ref_stats, atol=1e-5, rtol=2e-6)
+    g = torch.tensor([[1.0, 1.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]])  # Std only: finite on row 1
+    ds, du = kl_backward(s, u, a, b, stats, terms, g, 1.0, False, backend=backend)
+    assert ds[1].isfinite().all() and (du[1] == 0).all()
+
+
+def test_fused_linear_masked_vocabulary_bias():
+    """A -inf bias (padded / banned vocabulary rows) in both LM heads: finite terms and gradients,
+    equal to the materialised reference, zero gradient on the masked tokens' bias."""
+    from vgs_kernels.fused_linear import fused_linear_decomposed_kl, fused_linear_decomposed_kl_reference
+
+    g = torch.Generator().manual_seed(7)
+    h_s, h_u, h_a, h_b = (torch.randn(5, 8, generator=g, dtype=torch.float64) for _ in range(4))
+    w_s, w_t = (torch.randn(40, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    bias = torch.zeros(40, dtype=torch.float64)
+    bias[[1, 38, 39]] = -float("inf")
+    outs = []
+    for fn, kw in ((fused_linear_decomposed_kl, dict(chunk_size=2)), (fused_linear_decomposed_kl_reference, {})):
+        leaves = [x.clone().requires_grad_() for x in (h_s, h_u, w_s, bias)]
+        t = fn(leaves[0], leaves[1], leaves[2], h_a, h_b, w_t, bias_student=leaves[3],
+               bias_teacher=bias, detach_prior=False, **kw)
+        (t.std + 2 * t.vis + 0.01 * t.lang).sum().backward()
+        outs.append((torch.stack(tuple(t)), [x.grad for x in leaves]))
+    (terms, grads), (ref_terms, ref_grads) = outs
+    assert terms.isfinite().all() and all(x.isfinite().all() for x in grads)
+    assert (grads[3][[1, 38, 39]] == 0).all()
+    torch.testing.assert_close(terms, ref_terms.detach())
+    torch.testing.assert_close(grads, ref_grads)
 
 
 def test_min_bytes():
