@@ -157,8 +157,10 @@ class Method:
             out = vgs.VGSLoss(gamma=GAMMA, lam=LAM)(*st.four_passes(self.student))
             self.steer.backward({"std": out.std, "vis": out.vis, "lp": out.lp})
         self.opt.step()
-        if self.steer is not None and "eta_error" in self.steer.stats:
-            self.eta_errors.append(float(self.steer.stats.pop("eta_error")))
+        if self.steer is not None and self.steer.stats.get("mode") == "exact":  # NaN on combined steps
+            err = float(self.steer.stats["eta_error"])
+            if err == err:  # not the first measurement (no EMA yet) nor a fallback
+                self.eta_errors.append(err)
 
     def next_is_exact(self) -> bool:
         return self.steer is not None and self.steer._wants_split()
