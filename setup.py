@@ -9,7 +9,7 @@ import os
 from setuptools import setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
-cxx = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=fast"]
+cxx = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=fast", "-fno-trapping-math", "-fno-math-errno"]
 if os.environ.get("VGS_KERNELS_PORTABLE", "0") != "1":
     cxx.append("-march=native")
 
