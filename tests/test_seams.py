@@ -123,7 +123,8 @@ def test_4_resume_in_either_order(order):
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     steer = vgs.GradientSteering(opt, policy="auto", gamma=GAMMA, every=3)
     run(model, opt, steer, 4)
-    sd = copy.deepcopy(opt.state_dict())
+    sd = copy.deepcopy(opt.state_dict())  # (a plain state_dict shares Adam's tensors with opt)
+    assert sd["param_groups"][0][vgs.steering.STATE_KEY]["step_count"] == 4
     clone = Net()
     clone.load_state_dict(model.state_dict())
     opt2 = torch.optim.Adam(clone.parameters(), lr=1e-2)
@@ -134,10 +135,16 @@ def test_4_resume_in_either_order(order):
         opt2.load_state_dict(sd)
         steer2 = vgs.GradientSteering(opt2, policy="auto", gamma=GAMMA, every=3)
     assert steer2.step_count == 4 and vgs.steering.STATE_KEY not in opt2.param_groups[0]
-    run(model, opt, steer, 3)
+    assert steer2.names == ("std", "vis", "lp")
+    torch.testing.assert_close(steer2.eta_ema, steer.eta_ema)
+    run(model, opt, steer, 3)  # steps 4, 5 (combined) and 6 (exact)
     run(clone, opt2, steer2, 3)
     for p, q in zip(model.parameters(), clone.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    assert steer2.stats["mode"] == "exact" and steer2.step_count == 7
+    steer3 = vgs.GradientSteering(torch.optim.SGD(Net().parameters(), lr=1.0), policy="auto")
+    steer3.load_state_dict(steer.state_dict())  # the hook's own state_dict, without an optimizer
+    assert steer3.step_count == 7
 
 
 # ----------------------------------------------------------------------------- 5. model.zero_grad()
