@@ -261,25 +261,24 @@ if triton is not None:
             return tl.exp2(x)
 
     @triton.jit
+    def _load_row(ptr, stride, row, cols, c, lm, MASKED: tl.constexpr):
+        """One block of one row as fp32 · c (c = log2(e)/T); -inf where not read."""
+        if MASKED:
+            x = tl.load(ptr + row * stride + cols, mask=lm, other=-float("inf"))
+        else:
+            x = tl.load(ptr + row * stride + cols)
+        return x.to(tl.float32) * c
+
+    @triton.jit
     def _load_rows(s_ptr, u_ptr, a_ptr, b_ptr, stride_s, stride_u, stride_a, stride_b, row, cols,
                    c, lm, MONO: tl.constexpr, MASKED: tl.constexpr):
-        """One block of the four rows as fp32 · c (c = log2(e)/T); -inf where not read."""
-        if MASKED:
-            xs = tl.load(s_ptr + row * stride_s + cols, mask=lm, other=-float("inf"))
-            xa = tl.load(a_ptr + row * stride_a + cols, mask=lm, other=-float("inf"))
-        else:
-            xs = tl.load(s_ptr + row * stride_s + cols)
-            xa = tl.load(a_ptr + row * stride_a + cols)
-        xs, xa = xs.to(tl.float32) * c, xa.to(tl.float32) * c
-        xu, xb = xs, xa  # monolithic: placeholders, never used
+        """One block of the four rows (_load_row); monolithic: u, b are placeholders, never used."""
+        xs = _load_row(s_ptr, stride_s, row, cols, c, lm, MASKED)
+        xa = _load_row(a_ptr, stride_a, row, cols, c, lm, MASKED)
+        xu, xb = xs, xa
         if not MONO:
-            if MASKED:
-                xu = tl.load(u_ptr + row * stride_u + cols, mask=lm, other=-float("inf"))
-                xb = tl.load(b_ptr + row * stride_b + cols, mask=lm, other=-float("inf"))
-            else:
-                xu = tl.load(u_ptr + row * stride_u + cols)
-                xb = tl.load(b_ptr + row * stride_b + cols)
-            xu, xb = xu.to(tl.float32) * c, xb.to(tl.float32) * c
+            xu = _load_row(u_ptr, stride_u, row, cols, c, lm, MASKED)
+            xb = _load_row(b_ptr, stride_b, row, cols, c, lm, MASKED)
         return xs, xu, xa, xb
 
     @triton.jit
