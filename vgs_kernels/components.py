@@ -11,9 +11,12 @@ which tensor each ``.grad`` is and its version counter (torch bumps it on every 
 host synchronisation, no values read); before the next backward and before steering it compares:
 
 - every ``.grad`` dropped (``model.zero_grad()``): the loop discarded the batch, the buffers go too;
-- a ``.grad`` written in place or replaced (``clip_grad_norm_``, ``GradScaler.unscale_`` without
-  ``scaler=``, ``model.zero_grad(set_to_none=False)``, ...): RuntimeError naming the fix, instead of
-  a step that silently mixes a changed component 0 with unchanged others.
+- a ``.grad`` written in place or replaced (``clip_grad_norm_``, ``model.zero_grad(set_to_none=False)``,
+  ...): RuntimeError naming the fix, instead of a step that silently mixes a changed component 0
+  with unchanged others.
+
+``GradScaler.unscale_`` rescales without a version bump, so it is handled where it happens instead:
+every GradScaler steers a hooked optimizer before unscaling it (steering.py).
 """
 from __future__ import annotations
 
@@ -31,9 +34,8 @@ MODIFIED = (
     "GradientSteering: .grad of {n} parameter(s) was changed after steer.backward() and before the "
     "steering ran, while the other components' gradients were held apart (.grad holds only the first "
     "component until the step); the step would mix them. Usual causes and fixes: clip_grad_norm_ "
-    "before optimizer.step() -> use steer.clip_grad_norm_(max_norm) (or call steer.apply() first); a "
-    "torch.amp.GradScaler -> pass it as GradientSteering(..., scaler=scaler) and give steer.backward "
-    "unscaled losses; discarding a batch -> optimizer.zero_grad() or steer.reset() (model.zero_grad() "
+    "before optimizer.step() -> use steer.clip_grad_norm_(max_norm) (or call steer.apply() first); "
+    "discarding a batch -> optimizer.zero_grad() or steer.reset() (model.zero_grad() "
     "with set_to_none=True works too).")
 
 
