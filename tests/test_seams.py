@@ -409,3 +409,17 @@ def test_scaler_and_a_scaling_backward_fn_are_not_combined():
     opt = torch.optim.SGD(Net().parameters(), lr=1.0)
     with pytest.raises(ValueError, match="scaled twice; drop scaler="):
         vgs.GradientSteering(opt, scaler=acc.scaler, backward_fn=acc.backward)
+
+
+def test_loss_output_without_weights_uses_the_hooks():
+    """An output rebuilt without its weights (e.g. `_make`) must not fall back to weights of 1."""
+    s, u, a, b = logits()
+    p = nn.Parameter(torch.ones(()))
+    out = vgs.VGSLoss(gamma=3.0, lam=0.1)(s * p, u * p, a, b)
+    bare = vgs.VGSLossOutput._make(out)
+    assert bare.weights is None and set(bare.losses()) == {"std", "vis", "lp"}
+    ref = torch.autograd.grad(out.std + 3.0 * out.vis + 0.1 * out.lp, p, retain_graph=True)[0]
+    steer = vgs.GradientSteering(torch.optim.SGD([p], lr=1.0), policy="sum", gamma=3.0, lam=0.1)
+    steer.backward(bare)
+    steer.apply()
+    torch.testing.assert_close(p.grad, ref, rtol=1e-5, atol=1e-7)

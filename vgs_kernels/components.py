@@ -175,12 +175,15 @@ class ComponentSpec:
         self.std = self.vis = 0
         self._device_w: Optional[Tensor] = None
 
-    def adopt(self, out: VGSLossOutput) -> Tensor:
-        """A loss output's total, once its eta and weights are checked against the hook's."""
+    def adopt(self, out: VGSLossOutput) -> Optional[Tensor]:
+        """A loss output's total, once its eta and weights are checked against the hook's (None when
+        the output does not say its weights: then the hook's weights combine its components)."""
         if out.eta is not None:
             raise ValueError("the loss output was scaled by the loss's own eta (VGSLoss(eta=...)); with "
                              "GradientSteering leave the loss's eta=None: the policy sets eta "
                              "(policy='fixed', eta=...)")
+        if out.weights is None:
+            return None
         adopted = dict(zip(self.names, self.w)) if self.names is not None else {}
         for name, have in out.weights.items():
             for given, what in ((self.explicit.get(name), "GradientSteering's"), (adopted.get(name), "the first call's")):

@@ -57,17 +57,22 @@ class VGSLossOutput(_Reduced):
     ``total`` is differentiable, e.g. ``FusedLinearVGSLoss(components=False)``).
     """
 
+    # Unknown (None) for an output built without them (e.g. by _make): the hook then uses its own.
+    weights: Optional[Dict[str, float]] = None
+    eta: Optional[Union[float, Tensor]] = None
+    components: bool = True
+
     def __new__(cls, total: Tensor, std: Tensor, vis: Tensor, lp: Tensor, vds: Optional[Tensor], *,
                 weights: Optional[Dict[str, float]] = None, eta: Optional[Union[float, Tensor]] = None,
                 components: bool = True) -> "VGSLossOutput":
         self = super().__new__(cls, total, std, vis, lp, vds)
-        self.weights = dict(weights) if weights is not None else {"std": 1.0, "vis": 1.0, "lp": 1.0}
+        self.weights = dict(weights) if weights is not None else None
         self.eta, self.components = eta, components
         return self
 
     def losses(self) -> Dict[str, Tensor]:
         """The components by name, as GradientSteering.backward takes them."""
-        return {name: getattr(self, name) for name in self.weights}
+        return {name: getattr(self, name) for name in (self.weights or ("std", "vis", "lp"))}
 
 
 def masked_quantile(x: Tensor, valid: Tensor, q: Sequence[float]) -> Tensor:

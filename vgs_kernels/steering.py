@@ -187,7 +187,7 @@ class GradientSteering:
         total = self._spec.adopt(out) if out is not None else None
         comps = out.losses() if out is not None else losses
         names = self._spec.check(comps, out.weights if out is not None else None,
-                                 differentiable=out is None or out.components)
+                                 differentiable=total is None or out.components)
         if self._open and not self._grads.intact():  # the loop dropped every .grad: a new step
             self._open = False
         if not self._open:
