@@ -4,12 +4,14 @@ References: the text-only batch rendered from the conversation without its image
 template (text_only_batch); plain forwards of the models on the full batch and on that text-only batch;
 for a few families also each sample alone, unpadded.
 """
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from vgs_kernels.testing import CASES, tiny_case
+from vgs_kernels.testing import CASES, TOKENIZER_KINDS, tiny_case
 from vgs_kernels.vlm import (FAMILY_SPECS, VisionTokens, check_processor, distill_logits, register_family,
                              response_positions, rollout_batch, strip_images, text_only_batch)
 
@@ -36,12 +38,23 @@ def _prompts():
 
 
 SIZES = dict(hidden=32, layers=1, heads=4, vision_hidden=16)
+# (case, tokenizer) pairs whose id-only path cannot reproduce the template, so it raises (naming the messages
+# path): the BPE merges text across the cut (LLaVA-OneVision's "user " + "\n", Gemma3's "user\n" + "\n\n"), or
+# the template renders the text-only turn otherwise (Idefics3 / SmolVLM: "User:" before an image, "User: " before
+# text), which only a tokenizer keeping spaces shows. check_processor's probe finds these (PROBE_RAISES); the
+# LLaVA templates ("USER: " + image + "\n" + "what": "▁", "what" against "▁what") raise at the cut on these
+# conversations but not on the probe's, whose words the tiny BPE never merged with "▁". Every other pair must
+# be exact, token for token.
+PROBE_RAISES = {(c, "bpe") for c in ("llava_onevision", "gemma3", "idefics3", "idefics3_split", "smolvlm",
+                                     "smolvlm_split")}
+ID_PATH_RAISES = PROBE_RAISES | {(c, "bpe") for c in ("llava", "vipllava", "llava_next")}
 
 
-@pytest.fixture(scope="module", params=CASES)
+@pytest.fixture(scope="module", params=[(c, k) for c in CASES for k in TOKENIZER_KINDS], ids="-".join)
 def fam(request):
     """(case, processor, student, teacher, rollout batch + mask, offline batch + mask) of one test case."""
-    proc, build = tiny_case(request.param, WORDS)
+    case, kind = request.param
+    proc, build = tiny_case(case, WORDS, tokenizer=kind)
     student = build(proc, seed=0, **SIZES)
     return (request.param, proc, student, build(proc, seed=1, **SIZES), _rollout(proc, student, _images()),
             _offline(proc, _images(1)))
@@ -65,8 +78,8 @@ def _offline(proc, images):
         batch = proc(text=prompts, images=_per_sample(images), return_tensors="pt", padding=True)
     finally:
         proc.tokenizer.padding_side = "left"
-    responses = [torch.tensor(proc.tokenizer.convert_tokens_to_ids(r.split() + [proc.tokenizer.eos_token]))
-                 for r in RESPONSES]
+    tok = proc.tokenizer
+    responses = [torch.tensor(tok(r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]) for r in RESPONSES]
     attn = batch["attention_mask"]
     n = attn.sum(1)
     R = max(len(r) for r in responses)
@@ -94,8 +107,12 @@ def test_id_path_equals_template_path(fam, layout):
     case, proc, student, _, rollout, offline = fam
     batch, rmask = rollout if layout == "rollout_left" else offline
     side = "left" if layout == "rollout_left" else "right"
-    text, trmask = strip_images(batch, rmask, VisionTokens.from_model(student, proc))
     ref, ref_mask = text_only_batch(proc, _prompts(), _responses(batch, rmask), padding_side=side)
+    if case in ID_PATH_RAISES:
+        with pytest.raises(ValueError, match="text_only_batch"):
+            strip_images(batch, rmask, VisionTokens.from_model(student, proc))
+        return
+    text, trmask = strip_images(batch, rmask, VisionTokens.from_model(student, proc))
     assert not set(text) & set(VisionTokens.from_model(student, proc).vision_keys)
     assert text["input_ids"].tolist() == ref["input_ids"].tolist()
     assert torch.equal(text["attention_mask"], ref["attention_mask"]) and torch.equal(trmask, ref_mask)
@@ -107,7 +124,10 @@ def test_four_passes_equal_plain_forwards(fam):
     """s, a: plain forward on the full batch at the response positions; u, b: on the template text-only batch."""
     case, proc, student, teacher, (batch, rmask), _ = fam
     text, trmask = text_only_batch(proc, _prompts(), _responses(batch, rmask))
-    d = distill_logits(student, teacher, batch, rmask, processor=proc)
+    if case in ID_PATH_RAISES:  # the id-only path raises (above); the messages path serves every family
+        with pytest.raises(ValueError, match="text_only_batch"):
+            distill_logits(student, teacher, batch, rmask, processor=proc)
+    d = distill_logits(student, teacher, batch, rmask, processor=proc, text_batch=text, text_response_mask=trmask)
     B, T = d.mask.shape
     assert [tuple(t.shape) for t in d[:4]] == [(B, T, student.get_output_embeddings().weight.shape[0])] * 4
     assert d.s.requires_grad and d.u.requires_grad and not d.a.requires_grad and not d.b.requires_grad
@@ -126,17 +146,23 @@ def test_four_passes_equal_plain_forwards(fam):
 
 def test_check_processor_and_vision_token_errors(fam, monkeypatch):
     case, proc, student, teacher, _, (batch, rmask) = fam
-    check_processor(proc, student)  # a matching pair passes (Gemma3 compared the wrong config field before)
+    check_processor(proc, student, id_path=False)  # a matching pair passes (Gemma3 compared the wrong field before)
     spec = FAMILY_SPECS[student.config.model_type]
+    red = proc.tokenizer("red", add_special_tokens=False)["input_ids"][-1]  # a plain text token
     for field in spec.processor_ids.values() or [spec.placeholder]:
         with monkeypatch.context() as m:
-            m.setattr(student.config, field, proc.tokenizer.convert_tokens_to_ids("red"))
+            m.setattr(student.config, field, red)
             with pytest.raises(ValueError, match="disagree"):
-                check_processor(proc, student)
-    # The id-only path reproduces the template on check_processor's probe conversation (checked by default).
-    check_processor(proc, student, id_path=True)
-    if case.startswith("qwen2"):  # "Picture 1: " labels stay in the id-only rows: the probe says so
-        with pytest.raises(ValueError, match="does not reproduce"):
+                check_processor(proc, student, id_path=False)
+    # The id-only path reproduces the template on check_processor's probe conversation (checked by default),
+    # or check_processor says it does not and names the messages path.
+    if case in PROBE_RAISES:
+        with pytest.raises(ValueError, match="text_only_batch"):
+            check_processor(proc, student, id_path=True)
+    else:
+        check_processor(proc, student, id_path=True)
+    if case[0].startswith("qwen2"):  # "Picture 1: " labels stay in the id-only rows: the probe says so
+        with pytest.raises(ValueError, match="(does not reproduce|merges the text).*text_only_batch"):
             check_processor(proc, student, add_vision_id=True)
         check_processor(proc, student, id_path=False, add_vision_id=True)
     # A response holding a vision token (sampled without suppress_tokens) is an error, not masked.
@@ -168,8 +194,28 @@ def test_unknown_family_and_user_spec(fam, monkeypatch):
     distill_logits(student, teacher, batch, rmask, text_batch=text, text_response_mask=trmask)
     # ... and a user can add the spec without editing the package.
     register_family(model_type, spec)
-    stripped, smask = strip_images(batch, rmask, VisionTokens.from_model(student, proc))
-    assert stripped["input_ids"].tolist() == text["input_ids"].tolist()
+    if case not in ID_PATH_RAISES:
+        stripped, smask = strip_images(batch, rmask, VisionTokens.from_model(student, proc))
+        assert stripped["input_ids"].tolist() == text["input_ids"].tolist()
+
+
+def test_bpe_merge_across_a_cut_raises_instead_of_a_different_batch():
+    """LLaVA-OneVision's template puts "user " before the image and "\\n" after it: a byte-level BPE merges the
+    two (" \\n" is one token) once the image is gone, so cutting the ids gives another batch than the template.
+    The id-only path raises there; without the join check it would have returned that other batch."""
+    proc, build = tiny_case("llava_onevision", WORDS, tokenizer="bpe")
+    model = build(proc, **SIZES)
+    batch, rmask = _offline(proc, _images())
+    ref, _ = text_only_batch(proc, _prompts(), _responses(batch, rmask), padding_side="right")
+    tokens = VisionTokens.from_model(model, proc)
+    unchecked = dataclasses.replace(tokens, tokenizer=None, template_error=None)
+    assert strip_images(batch, rmask, unchecked)[0]["input_ids"].tolist() != ref["input_ids"].tolist()
+    with pytest.raises(ValueError, match="merges the text on both sides of an image span.*text_only_batch"):
+        strip_images(batch, rmask, dataclasses.replace(tokens, template_error=None))
+    with pytest.raises(ValueError, match="merges the text on both sides"):  # the probe found it too
+        strip_images(batch, rmask, tokens)
+    with pytest.raises(ValueError, match="text_only_batch"):
+        distill_logits(model, model, batch, rmask, processor=proc)
 
 
 def test_span_without_its_context_is_an_error():

@@ -3,8 +3,12 @@
 For tests, demos and users who want to try the VLM plumbing on a CPU. Each processor is the family's real
 transformers processor class (placeholder expansion, markers, image grids / tiles) around
 
-- a word-level tokenizer (``tokenizers``) that keeps ``"\\n"`` as a token of its own and splits
-  punctuation, so that a text-only batch keeping a stray newline or marker shows up as a token diff;
+- a tokenizer trained in code with the ``tokenizers`` library, of one of two kinds (``tokenizer=``):
+  ``"word"``, word-level, keeping ``"\\n"`` as a token of its own and splitting punctuation, so that a
+  text-only batch keeping a stray newline or marker shows up as a token diff; ``"bpe"``, a BPE of the
+  family's real kind (byte-level with the GPT/Qwen split regex, or SentencePiece-style Metaspace with byte
+  fallback), trained on the template's and the words' text, which merges newline runs and attaches
+  spaces to words like the published tokenizers do;
 - a chat template laid out like the family's published one (same markers and newlines around images,
   same role headers), written out below;
 - the family's PIL image processor, sized for images of a few patches.
@@ -17,13 +21,15 @@ Sizes are CPU-test sized (hidden 16-64, 1-2 layers); weights are random (``seed`
 from __future__ import annotations
 
 import functools
+import json
 import re
+import types
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 import transformers
-from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 
@@ -41,21 +47,79 @@ class TinyFamily:
     model: Callable[..., torch.nn.Module]  # (processor, hidden, layers, heads, vision_hidden) -> model
     bos: str | None = None
     extra_special: dict[str, str] = field(default_factory=dict)  # named specials (tokenizer.image_token, ...)
+    bpe: str = "byte_level"            # the published tokenizer's kind: "byte_level", "llama" or "gemma"
 
 
-def _tokenizer(fam: TinyFamily, words: list[str], padding_side: str) -> PreTrainedTokenizerFast:
-    pre = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"),
-                                   pre_tokenizers.Split(Regex(r"[ \t]+"), "removed"),
-                                   pre_tokenizers.Punctuation("isolated")])
-    pieces = {p for w in words + ROLES + _template_words(fam.template) for p, _ in pre.pre_tokenize_str(w)}
-    vocab = list(fam.specials) + ["<unk>", "\n"] + sorted(pieces - set(fam.specials) - {"<unk>", "\n"})
-    raw = Tokenizer(models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token="<unk>"))
-    raw.pre_tokenizer = pre
-    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", pad_token=fam.specials[0],
+def _tokenizer(fam: TinyFamily, words: list[str], padding_side: str, kind: str = "word") -> PreTrainedTokenizerFast:
+    if kind not in TOKENIZER_KINDS:
+        raise ValueError(f"tokenizer must be one of {TOKENIZER_KINDS}, got {kind!r}")
+    raw = _word_level(fam, words) if kind == "word" else _bpe(fam, words)
+    unk = "<unk>" if kind == "word" else None
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token=unk, pad_token=fam.specials[0],
                                   eos_token=fam.eos, bos_token=fam.bos, padding_side=padding_side,
                                   extra_special_tokens=fam.extra_special or None)
     tok.add_special_tokens({"additional_special_tokens": [t for t in fam.specials if t not in (fam.specials[0],)]})
     return tok
+
+
+TOKENIZER_KINDS = ("word", "bpe")
+
+
+def _word_level(fam: TinyFamily, words: list[str]) -> Tokenizer:
+    pre = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"),
+                                   pre_tokenizers.Split(Regex(r"[ \t]+"), "removed"),
+                                   pre_tokenizers.Punctuation("isolated")])
+    pieces = {p for w in words + ROLES + _template_words(fam.template) for p, _ in pre.pre_tokenize_str(w)}
+    vocab = list(dict.fromkeys(list(fam.specials) + ["<unk>", "\n"] + sorted(pieces - set(fam.specials) - {"<unk>", "\n"})))
+    raw = Tokenizer(models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token="<unk>"))
+    raw.pre_tokenizer = pre
+    return raw
+
+
+# Qwen2's (GPT-4-style) pre-tokenizer split: words keep their leading space, newline runs are one piece.
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+              r"|\s+(?!\S)|\s+")
+
+
+def _bpe(fam: TinyFamily, words: list[str]) -> Tokenizer:
+    """A BPE trained on the template's literal text and sentences of ``words``, of the family's real kind.
+
+    byte_level (Qwen2, InternVL, SmolLM, Tekken): the split regex above, then bytes. llama (Llama / Mistral
+    SentencePiece): Metaspace, "▁" prepended to the first piece, newlines only as byte-fallback tokens.
+    gemma: Metaspace without a prepended "▁", newline runs as pieces. Special tokens are added tokens.
+    """
+    texts = [w for w in words + ROLES + _template_words(fam.template)]
+    corpus = [" ".join(texts), " ".join(words), *_template_text(fam.template), "\n\n", "\n\n\n", " \n"] * 4
+    corpus += [" ".join(words[i:i + 4]) for i in range(len(words))] * 4
+    trainer = dict(vocab_size=600, special_tokens=list(dict.fromkeys(fam.specials)), show_progress=False)
+    if fam.bpe == "byte_level":
+        raw = Tokenizer(models.BPE())
+        raw.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN_SPLIT), "isolated"),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        raw.decoder = decoders.ByteLevel()
+        raw.train_from_iterator(corpus, trainers.BpeTrainer(initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                            **trainer))
+        return raw
+    llama = fam.bpe == "llama"
+    raw = Tokenizer(models.BPE(byte_fallback=True))
+    raw.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first" if llama else "never")
+    raw.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                    + [decoders.Strip(" ", 1, 0)] * llama)
+    raw.train_from_iterator([c.replace("\n", "") if llama else c for c in corpus], trainers.BpeTrainer(**trainer))
+    model = json.loads(raw.to_str())["model"]
+    vocab = dict(model["vocab"])
+    for b in range(256):  # byte fallback: every byte the pieces miss (Llama's newline) is a <0xNN> token
+        vocab.setdefault(f"<0x{b:02X}>", len(vocab))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    raw.model = models.BPE(vocab, merges, byte_fallback=True)
+    return raw
+
+
+def _template_text(template: str) -> list[str]:
+    """The literal text of a template (outside ``{{ }}`` / ``{% %}``, and quoted strings), newlines kept."""
+    outside = re.split(r"\{[{%#].*?[}%#]\}", template, flags=re.S)
+    quoted = re.findall(r"'([^']*)'", "".join(re.findall(r"\{[{%].*?[}%]\}", template, flags=re.S)))
+    return [t.replace("\\n", "\n") for t in outside + quoted if t.strip(" ")]
 
 
 def _template_words(template: str) -> list[str]:
@@ -65,14 +129,15 @@ def _template_words(template: str) -> list[str]:
     return [w for w in outside.split() + " ".join(quoted).split() if not w.startswith("<")]
 
 
-def tiny_processor(family: str, words: list[str], padding_side: str = "left", **options: Any):
+def tiny_processor(family: str, words: list[str], padding_side: str = "left", tokenizer: str = "word",
+                   **options: Any):
     """A processor of ``family`` whose tokenizer knows ``words`` (plus the template's words and specials).
 
-    options are family-specific (e.g. ``patch_size``, ``pixels`` for the Qwen families,
+    tokenizer: ``"word"`` or ``"bpe"`` (see the module docstring). options are family-specific (e.g. ``patch_size``, ``pixels`` for the Qwen families,
     ``image_splitting`` for Idefics3); see :data:`FAMILIES`.
     """
     fam = _family(family)
-    return fam.processor(_tokenizer(fam, list(words), padding_side), fam.template, **options)
+    return fam.processor(_tokenizer(fam, list(words), padding_side, tokenizer), fam.template, **options)
 
 
 def tiny_vlm(family: str, processor, hidden: int = 64, layers: int = 2, heads: int = 4, vision_hidden: int = 32,
@@ -161,10 +226,13 @@ def _qwen_model(family: str):
             vision.update(hidden_size=vision_hidden, out_hidden_size=hidden, intermediate_size=2 * vision_hidden)
         if family == "qwen2_5_vl":
             vision.update(window_size=4 * patch, fullatt_block_indexes=[vision_depth - 1])
-        if family == "qwen3_vl":
+        if family.startswith("qwen3_vl"):
             text["rope_parameters"]["mrope_interleaved"] = True
             vision.update(num_position_embeddings=64, deepstack_visual_indexes=[0])
-        names = {"qwen2_vl": "Qwen2VL", "qwen2_5_vl": "Qwen2_5_VL", "qwen3_vl": "Qwen3VL"}[family]
+        if family == "qwen3_vl_moe":  # 4 tiny experts, 2 per token
+            text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden, decoder_sparse_step=1)
+        names = {"qwen2_vl": "Qwen2VL", "qwen2_5_vl": "Qwen2_5_VL", "qwen3_vl": "Qwen3VL",
+                 "qwen3_vl_moe": "Qwen3VLMoe"}[family]
         return _build(f"{names}ForConditionalGeneration", f"{names}Config", text_config=text, vision_config=vision,
                       **_ids(processor, image_token_id="<|image_pad|>", video_token_id="<|video_pad|>",
                              vision_start_token_id="<|vision_start|>", vision_end_token_id="<|vision_end|>"))
@@ -173,6 +241,7 @@ def _qwen_model(family: str):
 
 
 # ---------------------------------------------------------------------------------------------- LLaVA
+LLAVA_SPECIALS = ("<pad>", "<s>", "</s>", "<image>")
 # llava-1.5-hf's template: "USER: <image>\n<text> ASSISTANT:" (images first, each followed by a newline).
 LLAVA_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
@@ -255,17 +324,6 @@ def _idefics3_processor(tok, template, image_splitting: bool = False, tile: int 
                                           image_seq_len=(tile // patch_size) ** 2 // 4)
 
 
-def _idefics3_model(processor, hidden, layers, heads, vision_hidden, vision_depth):
-    tile = processor.image_processor.max_image_size["longest_edge"]
-    patch = int(tile / (4 * processor.image_seq_len) ** 0.5)
-    return _build("Idefics3ForConditionalGeneration", "Idefics3Config",
-                  text_config=dict(model_type="llama", **_text_config(processor, hidden, layers, heads)),
-                  vision_config=dict(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
-                                     num_hidden_layers=vision_depth, num_attention_heads=2, image_size=tile,
-                                     patch_size=patch),
-                  scale_factor=2, image_token_id=processor.image_token_id)
-
-
 # ---------------------------------------------------------------------------------------------- Gemma3
 # gemma-3-it's template: "<bos><start_of_turn>user\n<start_of_image>text<end_of_turn>\n<start_of_turn>model\n";
 # the processor expands <start_of_image> to "\n\n<start_of_image><image_soft_token>*N<end_of_image>\n\n".
@@ -329,6 +387,132 @@ def _internvl_model(processor, hidden, layers, heads, vision_hidden, vision_dept
                   image_token_id=processor.image_token_id)
 
 
+# ---------------------------------------------------------------------------------------------- more families
+# llava-v1.6-mistral-7b-hf's template: "[INST] <image>\ntext [/INST]" (images first, each followed by "\n").
+LLAVA_NEXT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' }}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
+    "{{' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'][0]['text'] + '</s> ' }}"
+    "{% endif %}{% endfor %}")
+# SmolVLM-Instruct's: Idefics3's layout after "<|im_start|>".
+SMOLVLM_TEMPLATE = IDEFICS3_TEMPLATE.replace("<|begin_of_text|>", "<|im_start|>")
+SMOLVLM_SPECIALS = ("<|endoftext|>", "<|im_start|>") + IDEFICS3_SPECIALS[2:]
+# idefics2-8b's: "User:<image>text<end_of_utterance>\nAssistant:" (the Idefics3 layout on a Mistral tokenizer).
+IDEFICS2_TEMPLATE = IDEFICS3_TEMPLATE.replace("<|begin_of_text|>", "")
+# GLM-4.1V-Thinking's: "[gMASK]<sop><|user|>\n<|begin_of_image|><|image|><|end_of_image|>text<|assistant|>\n".
+GLM4V_TEMPLATE = (
+    "[gMASK]<sop>{% for msg in messages %}{{ '<|' + msg['role'] + '|>\n' }}{% if msg['content'] is string %}"
+    "{{ msg['content'] }}{% else %}{% for item in msg['content'] %}{% if item['type'] == 'image' %}"
+    "{{ '<|begin_of_image|><|image|><|end_of_image|>' }}{% elif item['type'] == 'text' %}{{ item['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")
+GLM4V_SPECIALS = ("<|endoftext|>", "[gMASK]", "<sop>", "<|user|>", "<|assistant|>", "<|system|>",
+                  "<|begin_of_image|>", "<|end_of_image|>", "<|image|>", "<|begin_of_video|>", "<|end_of_video|>",
+                  "<|video|>")
+
+
+def _llava_next_processor(tok, template, image_size: int = 16, patch_size: int = 8):
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+    pinpoints = [[image_size * i, image_size * j] for i in (1, 2) for j in (1, 2)]  # anyres: 1x1 .. 2x2 tiles
+    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": image_size},
+                                                 crop_size={"height": image_size, "width": image_size},
+                                                 image_grid_pinpoints=pinpoints)
+    return transformers.LlavaNextProcessor(image_processor=image_processor, tokenizer=tok, chat_template=template,
+                                           patch_size=patch_size, vision_feature_select_strategy="default",
+                                           num_additional_image_tokens=1)
+
+
+def _llava_next_model(processor, hidden, layers, heads, vision_hidden, vision_depth):
+    ip = processor.image_processor
+    image_size = ip.crop_size["height"]
+    return _build("LlavaNextForConditionalGeneration", "LlavaNextConfig",
+                  text_config=dict(model_type="mistral", **_text_config(processor, hidden, layers, heads)),
+                  vision_config=_clip(vision_hidden, vision_depth, image_size, processor.patch_size,
+                                      "clip_vision_model"),
+                  image_grid_pinpoints=ip.image_grid_pinpoints, vision_feature_select_strategy="default",
+                  vision_feature_layer=-1, image_token_index=processor.image_token_id)
+
+
+def _vipllava_model(processor, hidden, layers, heads, vision_hidden, vision_depth):
+    image_size, patch = processor.image_processor.size["height"], processor.patch_size
+    return _build("VipLlavaForConditionalGeneration", "VipLlavaConfig",
+                  text_config=dict(model_type="llama", **_text_config(processor, hidden, layers, heads)),
+                  vision_config=_clip(vision_hidden, vision_depth, image_size, patch, "clip_vision_model"),
+                  vision_feature_layers=[-1], image_token_index=processor.image_token_id)
+
+
+def _smolvlm_processor(tok, template, image_splitting: bool = False, tile: int = 32, patch_size: int = 8):
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+    image_processor = SmolVLMImageProcessorPil(do_image_splitting=image_splitting, size={"longest_edge": 2 * tile},
+                                               max_image_size={"longest_edge": tile})
+    proc = _images_only(transformers.SmolVLMProcessor)(image_processor=image_processor, tokenizer=tok,
+                                                       video_processor=None, chat_template=template,
+                                                       image_seq_len=(tile // patch_size) ** 2 // 4)
+    # Its chat template reads the video sampling defaults even for images (the video processor needs torchvision).
+    proc.video_processor = types.SimpleNamespace(num_frames=64, fps=1)
+    return proc
+
+
+def _idefics_model(cls: str):
+    def build(processor, hidden, layers, heads, vision_hidden, vision_depth):
+        tile = processor.image_processor.max_image_size["longest_edge"]
+        patch = int(tile / (4 * processor.image_seq_len) ** 0.5)
+        return _build(f"{cls}ForConditionalGeneration", f"{cls}Config",
+                      text_config=dict(model_type="llama", **_text_config(processor, hidden, layers, heads)),
+                      vision_config=dict(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                                         num_hidden_layers=vision_depth, num_attention_heads=2, image_size=tile,
+                                         patch_size=patch),
+                      scale_factor=2, image_token_id=processor.image_token_id)
+    return build
+
+
+def _idefics2_processor(tok, template, tile: int = 16, image_seq_len: int = 4):
+    from transformers.models.idefics2.image_processing_pil_idefics2 import Idefics2ImageProcessorPil
+    image_processor = Idefics2ImageProcessorPil(do_image_splitting=False,
+                                                size={"shortest_edge": tile, "longest_edge": tile})
+    return transformers.Idefics2Processor(image_processor=image_processor, tokenizer=tok, chat_template=template,
+                                          image_seq_len=image_seq_len)
+
+
+def _idefics2_model(processor, hidden, layers, heads, vision_hidden, vision_depth):
+    tile = processor.image_processor.size["longest_edge"]
+    text = dict(model_type="mistral", **_text_config(processor, hidden, layers, heads))
+    return _build("Idefics2ForConditionalGeneration", "Idefics2Config", text_config=text,
+                  vision_config=dict(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                                     num_hidden_layers=vision_depth, num_attention_heads=2, image_size=tile,
+                                     patch_size=tile // 4),
+                  perceiver_config=dict(hidden_size=hidden, resampler_n_latents=processor.image_seq_len,
+                                        resampler_depth=1, resampler_n_heads=2, resampler_head_dim=8,
+                                        num_key_value_heads=1),
+                  image_token_id=processor.image_token_id)
+
+
+def _glm4v_processor(tok, template, patch_size: int = 8, pixels: int = 32 * 32):
+    from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
+    factor = 2 * patch_size
+    image_processor = Glm4vImageProcessorPil(patch_size=patch_size, merge_size=2, temporal_patch_size=2,
+                                             size={"shortest_edge": factor * factor,
+                                                   "longest_edge": max(pixels, factor * factor)})
+    return _images_only(transformers.Glm4vProcessor)(image_processor=image_processor, tokenizer=tok,
+                                                     chat_template=template)
+
+
+def _glm4v_model(processor, hidden, layers, heads, vision_hidden, vision_depth):
+    patch = processor.image_processor.patch_size
+    head_dim = hidden // heads
+    text = _text_config(processor, hidden, layers, heads, rope_parameters={
+        "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [head_dim // 4 - 2 * (head_dim // 8),
+                                                                         head_dim // 8, head_dim // 8],
+        "partial_rotary_factor": 0.5})
+    vision = dict(depth=vision_depth, num_heads=2, hidden_size=vision_hidden, out_hidden_size=hidden,
+                  intermediate_size=2 * vision_hidden, patch_size=patch, spatial_merge_size=2, temporal_patch_size=2,
+                  image_size=4 * patch)
+    return _build("Glm4vForConditionalGeneration", "Glm4vConfig", text_config=text, vision_config=vision,
+                  **_ids(processor, image_token_id="<|image|>", video_token_id="<|video|>",
+                         image_start_token_id="<|begin_of_image|>", image_end_token_id="<|end_of_image|>",
+                         video_start_token_id="<|begin_of_video|>", video_end_token_id="<|end_of_video|>"))
+
+
 FAMILIES: dict[str, TinyFamily] = {
     "qwen2_vl": TinyFamily(QWEN_SPECIALS, "<|im_end|>", QWEN2_TEMPLATE, _qwen_processor("Qwen2VLProcessor"),
                            _qwen_model("qwen2_vl")),
@@ -336,14 +520,26 @@ FAMILIES: dict[str, TinyFamily] = {
                              _qwen_model("qwen2_5_vl")),
     "qwen3_vl": TinyFamily(QWEN_SPECIALS, "<|im_end|>", QWEN3_TEMPLATE, _qwen_processor("Qwen3VLProcessor"),
                            _qwen_model("qwen3_vl")),
-    "llava": TinyFamily(("<pad>", "<s>", "</s>", "<image>"), "</s>", LLAVA_TEMPLATE, _llava_processor, _llava_model,
-                        bos="<s>"),
+    "qwen3_vl_moe": TinyFamily(QWEN_SPECIALS, "<|im_end|>", QWEN3_TEMPLATE, _qwen_processor("Qwen3VLProcessor"),
+                               _qwen_model("qwen3_vl_moe")),
+    "llava": TinyFamily(LLAVA_SPECIALS, "</s>", LLAVA_TEMPLATE, _llava_processor, _llava_model, bos="<s>",
+                        bpe="llama"),
+    "vipllava": TinyFamily(LLAVA_SPECIALS, "</s>", LLAVA_TEMPLATE, _llava_processor, _vipllava_model, bos="<s>",
+                           bpe="llama"),
+    "llava_next": TinyFamily(LLAVA_SPECIALS, "</s>", LLAVA_NEXT_TEMPLATE, _llava_next_processor, _llava_next_model,
+                             bos="<s>", bpe="llama"),
     "llava_onevision": TinyFamily(QWEN_SPECIALS[:3] + ("<image>", "<video>"), "<|im_end|>", ONEVISION_TEMPLATE,
                                   _onevision_processor, _onevision_model),
     "idefics3": TinyFamily(IDEFICS3_SPECIALS, "<end_of_utterance>", IDEFICS3_TEMPLATE, _idefics3_processor,
-                           _idefics3_model, bos="<|begin_of_text|>"),
+                           _idefics_model("Idefics3"), bos="<|begin_of_text|>"),
+    "smolvlm": TinyFamily(SMOLVLM_SPECIALS, "<end_of_utterance>", SMOLVLM_TEMPLATE, _smolvlm_processor,
+                          _idefics_model("SmolVLM"), bos="<|im_start|>"),
+    "idefics2": TinyFamily(("<unk>", "<s>", "</s>", "<end_of_utterance>", "<fake_token_around_image>", "<image>"),
+                           "<end_of_utterance>", IDEFICS2_TEMPLATE, _idefics2_processor, _idefics2_model, bos="<s>",
+                           bpe="llama"),
+    "glm4v": TinyFamily(GLM4V_SPECIALS, "<|user|>", GLM4V_TEMPLATE, _glm4v_processor, _glm4v_model),
     "gemma3": TinyFamily(GEMMA3_SPECIALS, "<end_of_turn>", GEMMA3_TEMPLATE, _gemma3_processor, _gemma3_model,
-                         bos="<bos>", extra_special={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                         bos="<bos>", bpe="gemma", extra_special={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
                                                      "image_token": "<image_soft_token>"}),
     "internvl": TinyFamily(INTERNVL_SPECIALS, "<|im_end|>", INTERNVL_TEMPLATE, _internvl_processor, _internvl_model,
                            extra_special={"start_image_token": "<img>", "end_image_token": "</img>",
@@ -351,9 +547,11 @@ FAMILIES: dict[str, TinyFamily] = {
 }
 # Test cases: a family and its processor options (Idefics3 with and without image splitting).
 CASES: dict[str, tuple[str, dict[str, Any]]] = {
-    **{name: (name, {}) for name in FAMILIES if name != "idefics3"},
+    **{name: (name, {}) for name in FAMILIES if name not in ("idefics3", "smolvlm")},
     "idefics3": ("idefics3", {"image_splitting": False}),
     "idefics3_split": ("idefics3", {"image_splitting": True}),
+    "smolvlm": ("smolvlm", {"image_splitting": False}),
+    "smolvlm_split": ("smolvlm", {"image_splitting": True}),
 }
 
 
@@ -367,7 +565,9 @@ def tiny_case(case: str, words: list[str], **options: Any) -> tuple[Any, Callabl
 
 TITLES = {"qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwen3-VL", "llava": "LLaVA-1.5",
           "llava_onevision": "LLaVA-OneVision", "idefics3": "Idefics3",
-          "idefics3_split": "Idefics3, image splitting", "gemma3": "Gemma3", "internvl": "InternVL3"}
+          "idefics3_split": "Idefics3, image splitting", "gemma3": "Gemma3", "internvl": "InternVL3",
+          "qwen3_vl_moe": "Qwen3-VL-MoE", "vipllava": "VipLLaVA", "llava_next": "LLaVA-NeXT (anyres)",
+          "smolvlm": "SmolVLM", "smolvlm_split": "SmolVLM, image splitting", "idefics2": "Idefics2", "glm4v": "GLM-4.1V"}
 
 
 def families_table() -> str:

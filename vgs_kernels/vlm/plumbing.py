@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping, NamedTuple
 
 import torch
@@ -87,7 +88,7 @@ def _probe_id_path(processor: Any, tokens: VisionTokens, template_kwargs: dict) 
     tok = processor.tokenizer
     eos = tok.eos_token_id if tok.eos_token_id is not None else 0
     full, rmask = rollout_batch(prompt, torch.cat([prompt["input_ids"], torch.tensor([[eos]])], 1), eos)
-    got = strip_images(full, rmask, tokens)[0]["input_ids"][0].tolist()
+    got = strip_images(full, rmask, dataclasses.replace(tokens, template_error=None))[0]["input_ids"][0].tolist()
     want = text_only_batch(processor, conv, [torch.tensor([eos])], **template_kwargs)[0]["input_ids"][0].tolist()
     if got != want:
         raise ValueError(f"the id-only text-only path (strip_images) does not reproduce {type(processor).__name__}'s "
@@ -148,6 +149,8 @@ def strip_images(batch: Mapping[str, Any], response_mask: torch.Tensor, tokens: 
     """
     ids = batch["input_ids"]
     B, L = ids.shape
+    if tokens.template_error is not None and bool(torch.isin(ids, tokens.ids(ids.device)).any()):
+        raise ValueError(tokens.template_error)
     attn = batch.get("attention_mask")
     attn = torch.ones_like(ids) if attn is None else attn
     _check_shape("response_mask", response_mask, (B, L))
@@ -214,7 +217,43 @@ def _keep_row(ids: list[int], prompt: list[bool], tokens: VisionTokens, row: int
                              "from messages with vgs_kernels.vlm.text_only_batch, or pass vision_tokens=...")
         keep[start:stop] = [False] * (stop - start)
         i = stop
+    if tokens.tokenizer is not None:
+        _check_joins(ids, keep, prompt, tokens.tokenizer, row)
     return keep
+
+
+def _check_joins(ids: list[int], keep: list[bool], prompt: list[bool], tok: Any, row: int) -> None:
+    """Raise where the prompt text joined across a cut would tokenize otherwise than the kept tokens.
+
+    Added (special) tokens split a text before the tokenizer's model sees it, so only a run of plain tokens
+    that a cut now joins can change: a BPE tokenizer merges ``"USER: " + "what"`` into ``"▁what"``, not the
+    ``"▁", "what"`` left by the cut. Each such run is decoded with the added token before it and re-encoded.
+    """
+    added = set(tok.added_tokens_decoder)
+    run, anchor, cut = [], [], False  # plain kept prompt tokens since the last added one; a cut inside them
+
+    def check() -> None:
+        if cut and run and tok.encode(tok.decode(anchor + run, skip_special_tokens=False,
+                                                 clean_up_tokenization_spaces=False),
+                                      add_special_tokens=False) != anchor + run:
+            raise ValueError(f"strip_images: row {row}: the tokenizer merges the text on both sides of an image "
+                             f"span ({tok.convert_ids_to_tokens(run)} re-tokenizes otherwise once the span is cut), "
+                             "so the id-only text-only batch would not be what the chat template renders without "
+                             "the image: build it from messages with vgs_kernels.vlm.text_only_batch (then "
+                             "distill_logits(..., text_batch=...))")
+
+    for i, t in enumerate(ids):
+        if not prompt[i]:
+            continue
+        if not keep[i]:
+            cut = bool(run)  # a cut right after an added token joins nothing to its left
+            continue
+        if t in added:
+            check()
+            run, anchor, cut = [], [t], False
+        else:
+            run.append(t)
+    check()
 
 
 def response_positions(response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

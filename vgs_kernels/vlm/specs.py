@@ -22,7 +22,9 @@ InternVL              ``<img> <IMG_CONTEXT>*N </img>``  (template: ``<IMG_CONTEX
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,18 +67,28 @@ class FamilySpec:
 _QWEN = FamilySpec("image_token_id", ("video_token_id", "vision_start_token_id", "vision_end_token_id"),
                    vision_keys=("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
                                 "second_per_grid_ts"))
+_LLAVA = FamilySpec("image_token_index", after="\n", vision_keys=("pixel_values", "image_sizes"))
+# Idefics3 / SmolVLM put "\n" between tile rows and "\n\n" before the global image: one or two tokens.
+_IDEFICS3 = FamilySpec("image_token_id", marker_tokens=("<fake_token_around_image>", "<global-img>", "<row_*_col_*>"),
+                       inner=("\n", "\n\n"), vision_keys=("pixel_values", "pixel_attention_mask"))
 # Every row is tested against the chat template (tests/test_vlm.py builds each family from vgs_kernels.testing).
 FAMILY_SPECS: dict[str, FamilySpec] = {
     "qwen2_vl": _QWEN,
     "qwen2_5_vl": _QWEN,
     "qwen3_vl": _QWEN,
-    "llava": FamilySpec("image_token_index", after="\n", vision_keys=("pixel_values", "image_sizes")),
+    "qwen3_vl_moe": _QWEN,
+    "glm4v": FamilySpec("image_token_id", ("video_token_id", "image_start_token_id", "image_end_token_id"),
+                        vision_keys=_QWEN.vision_keys),
+    "llava": _LLAVA,
+    "vipllava": _LLAVA,
+    "llava_next": _LLAVA,  # image_newline and the anyres tiles are features of the one <image> run
     "llava_onevision": FamilySpec("image_token_index", ("video_token_index",),
                                   vision_keys=("pixel_values", "image_sizes", "batch_num_images",
                                                "pixel_values_videos", "image_sizes_videos")),
-    "idefics3": FamilySpec("image_token_id", marker_tokens=("<fake_token_around_image>", "<global-img>",
-                                                            "<row_*_col_*>"),
-                           inner=("\n",), vision_keys=("pixel_values", "pixel_attention_mask")),
+    "idefics3": _IDEFICS3,
+    "smolvlm": _IDEFICS3,
+    "idefics2": FamilySpec("image_token_id", marker_tokens=("<fake_token_around_image>",),
+                           vision_keys=("pixel_values", "pixel_attention_mask")),
     "gemma3": FamilySpec("image_token_index", ("boi_token_index", "eoi_token_index"), before="\n\n",
                          after="\n\n", processor_ids={"image_token_id": "boi_token_index"}),
     "internvl": FamilySpec("image_token_id", marker_tokens=("<img>", "</img>"), after="\n"),
@@ -110,6 +122,12 @@ class VisionTokens:
     vision_keys: tuple[str, ...] = ("pixel_values",)
     merge: int | None = None
     patch_dim: int | None = None
+    # The tokenizer the ids came from: strip_images checks with it that the text joined across each cut
+    # tokenizes as the kept tokens (a BPE tokenizer may merge it), and raises where it does not.
+    tokenizer: Any = field(default=None, compare=False, repr=False)
+    # Why the id-only path cannot reproduce the processor's chat template (its probe failed), else None:
+    # strip_images raises it instead of returning a batch the template would not render.
+    template_error: str | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, processor: Any = None) -> "VisionTokens":
@@ -140,11 +158,12 @@ class VisionTokens:
         merge = getattr(vision_cfg, "spatial_merge_size", None)
         dims = [getattr(vision_cfg, k, None) for k in ("in_channels", "temporal_patch_size", "patch_size")]
         patch_dim = dims[0] * dims[1] * dims[2] ** 2 if merge and all(isinstance(d, int) for d in dims) else None
-        context = {k: tuple(tok.encode(getattr(spec, k), add_special_tokens=False)) if getattr(spec, k) else ()
+        context = {k: tuple(_text_ids(tok, getattr(spec, k), name)) if getattr(spec, k) else ()
                    for k in ("before", "after")}
-        return cls(image=_field(cfg, spec.placeholder, name), markers=tuple(markers),
-                   inner=tuple(_single(tok, t, name) for t in spec.inner), vision_keys=spec.vision_keys,
-                   merge=merge, patch_dim=patch_dim, **context)
+        inner = dict.fromkeys(i for t in spec.inner for i in _text_ids(tok, t, name))
+        tokens = cls(image=_field(cfg, spec.placeholder, name), markers=tuple(markers), inner=tuple(inner),
+                     vision_keys=spec.vision_keys, merge=merge, patch_dim=patch_dim, tokenizer=tok, **context)
+        return dataclasses.replace(tokens, template_error=_template_error(processor, tokens))
 
     def ids(self, device: torch.device | None = None) -> torch.Tensor:
         """Every id that only occurs in vision spans (placeholder + markers), as a 1-D int64 tensor.
@@ -153,6 +172,26 @@ class VisionTokens:
         ``generate(suppress_tokens=...)``.
         """
         return torch.tensor((self.image,) + self.markers, dtype=torch.long, device=device)
+
+
+_PROBED: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+
+
+def _template_error(processor: Any, tokens: VisionTokens) -> str | None:
+    """check_processor's probe of the id-only path against ``processor``'s chat template, once per template."""
+    if not (getattr(processor, "chat_template", None) and hasattr(processor, "image_processor")):
+        return None
+    from vgs_kernels.vlm.plumbing import _probe_id_path
+
+    key = (processor.chat_template, tokens, len(processor.tokenizer))
+    seen = _PROBED.setdefault(processor, {})
+    if key not in seen:
+        try:
+            _probe_id_path(processor, tokens, {})
+            seen[key] = None
+        except ValueError as err:
+            seen[key] = str(err)
+    return seen[key]
 
 
 def family_spec(model: torch.nn.Module) -> FamilySpec | None:
@@ -191,6 +230,23 @@ def _resolve(tok, pattern: str, model: str) -> list[int]:
             return ids
     raise ValueError(f"{model}: the processor's tokenizer has no token matching {pattern!r} of the model's marker "
                      "spec: mismatched processor and model?")
+
+
+def _text_ids(tok, text: str, model: str) -> list[int]:
+    """The ids of a text piece inside a prompt (a newline: one token, or several where a tokenizer has none).
+
+    Encoded after an added token, as it sits in a prompt: a SentencePiece-style tokenizer prepends "▁" only
+    to the start of a text.
+    """
+    anchor = next(iter(tok.added_tokens_decoder.values()), None)
+    if anchor is None:
+        ids = tok.encode(text, add_special_tokens=False)
+    else:
+        ids = tok.encode(anchor.content + text, add_special_tokens=False)[1:]
+    if not ids or tok.unk_token_id in ids:
+        raise ValueError(f"{model}: the processor's tokenizer cannot encode {text!r} of the model's marker spec "
+                         f"(got {ids}): mismatched processor and model?")
+    return ids
 
 
 def _single(tok, token: str, model: str) -> int:
