@@ -102,3 +102,20 @@ def test_trl_prompts_render_like_trl():
             for batch, rmask in (from_raw, from_prepared):
                 keep = batch["attention_mask"][i].bool() & ~rmask[i]
                 assert batch["input_ids"][i][keep].tolist() == list(trl_text[i])
+
+
+def test_coverage_command_lists_the_installed_families():
+    import subprocess
+    import sys
+
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as names
+
+    from vgs_kernels.testing import CASES, coverage
+    cov = coverage()
+    assert set(cov) == set(names) and {f for f, _ in CASES.values()} <= {m for m, s in cov.items() if s == "tested"}
+    out = subprocess.run([sys.executable, "-m", "vgs_kernels.testing", "--coverage"], capture_output=True, text=True,
+                         check=True).stdout
+    assert f"{len(names)} image-text-to-text model types" in out
+    for status in ("tested", "covered", "lacks"):
+        listed = next(line for line in out.splitlines() if line.startswith(status)).split(": ", 1)[1].split()
+        assert listed == [m for m, s in cov.items() if s == status]

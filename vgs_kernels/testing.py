@@ -577,7 +577,9 @@ def families_table() -> str:
     def code(items) -> str:
         return ", ".join(f"`{repr(i)[1:-1]}`" for i in items if i) or "-"
 
-    rows = ["| family (tested) | `model_type` | vision ids (config fields / tokens) | around each span | "
+    rows = [f"Checked against transformers {transformers.__version__} (`python -m vgs_kernels.testing --coverage` "
+            "lists its image-text-to-text families and which rows cover them).\n",
+            "| family (tested) | `model_type` | vision ids (config fields / tokens) | around each span | "
             "vision inputs dropped |", "|---|---|---|---|---|"]
     for case, (family, _) in CASES.items():
         spec = FAMILY_SPECS[family]
@@ -600,6 +602,33 @@ def update_readme(path: str) -> None:
     open(path, "w").write(head + TABLE_START + families_table() + TABLE_END + rest.split(TABLE_END, 1)[1])
 
 
+def coverage() -> dict[str, str]:
+    """Every image-text-to-text ``model_type`` of the installed transformers -> "tested" (a row of the spec
+    table with a tiny test case here), "covered" (a row without a case) or "lacks" (no row: the id-only path
+    raises the unknown-family error; ``text_only_batch`` still serves it)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    from vgs_kernels.vlm.specs import FAMILY_SPECS
+    tested = {family for family, _ in CASES.values()}
+    return {m: "tested" if m in tested else "covered" if m in FAMILY_SPECS else "lacks"
+            for m in sorted(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)}
+
+
+def _main(argv: list[str]) -> None:
+    """``python -m vgs_kernels.testing README.md`` rewrites the families table; ``--coverage`` prints the
+    installed transformers' image-text-to-text families and what the table does with each."""
+    if argv == ["--coverage"]:
+        cov = coverage()
+        print(f"transformers {transformers.__version__}: {len(cov)} image-text-to-text model types")
+        for status in ("tested", "covered", "lacks"):
+            names = [m for m, s in cov.items() if s == status]
+            print(f"{status} ({len(names)}): {' '.join(names)}")
+    elif len(argv) == 1:
+        update_readme(argv[0])
+    else:
+        raise SystemExit("usage: python -m vgs_kernels.testing README.md | --coverage")
+
+
 if __name__ == "__main__":
     import sys
-    update_readme(sys.argv[1])
+    _main(sys.argv[1:])

@@ -285,7 +285,7 @@ def _check_models(student, teacher, processor) -> None:
     except ValueError as err:
         raise ValueError(f"model: {err}") from None
     try:
-        check_processor(processor, student)
+        check_processor(processor, student, id_path=False)  # the trainer builds the text-only batch from messages
     except ValueError as err:
         raise ValueError(f"processing_class does not fit model: {err}") from None
     if teacher is None:
