@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vgs_kernels.testing import CASES, TOKENIZER_KINDS, tiny_case
+from vgs_kernels.testing import BPE_ID_PATH_RAISES, CASES, TOKENIZER_KINDS, tiny_case
 from vgs_kernels.vlm import (FAMILY_SPECS, VisionTokens, check_processor, distill_logits, register_family,
                              response_positions, rollout_batch, strip_images, text_only_batch)
 
@@ -38,16 +38,10 @@ def _prompts():
 
 
 SIZES = dict(hidden=32, layers=1, heads=4, vision_hidden=16)
-# (case, tokenizer) pairs whose id-only path cannot reproduce the template, so it raises (naming the messages
-# path): the BPE merges text across the cut (LLaVA-OneVision's "user " + "\n", Gemma3's "user\n" + "\n\n"), or
-# the template renders the text-only turn otherwise (Idefics3 / SmolVLM: "User:" before an image, "User: " before
-# text), which only a tokenizer keeping spaces shows. check_processor's probe finds these (PROBE_RAISES); the
-# LLaVA templates ("USER: " + image + "\n" + "what": "▁", "what" against "▁what") raise at the cut on these
-# conversations but not on the probe's, whose words the tiny BPE never merged with "▁". Every other pair must
-# be exact, token for token.
-PROBE_RAISES = {(c, "bpe") for c in ("llava_onevision", "gemma3", "idefics3", "idefics3_split", "smolvlm",
-                                     "smolvlm_split")}
-ID_PATH_RAISES = PROBE_RAISES | {(c, "bpe") for c in ("llava", "vipllava", "llava_next")}
+# (case, tokenizer) pairs whose id-only path cannot reproduce the template, so it raises (naming the messages path);
+# every other pair must be exact, token for token. PROBE_RAISES: those check_processor's probe already shows.
+ID_PATH_RAISES = {(c, "bpe") for c in BPE_ID_PATH_RAISES}
+PROBE_RAISES = {(c, "bpe") for c, (_, probed) in BPE_ID_PATH_RAISES.items() if probed}
 
 
 @pytest.fixture(scope="module", params=[(c, k) for c in CASES for k in TOKENIZER_KINDS], ids="-".join)

@@ -562,6 +562,16 @@ def tiny_case(case: str, words: list[str], **options: Any) -> tuple[Any, Callabl
     family, opts = CASES[case]
     return tiny_processor(family, words, **{**opts, **options}), functools.partial(tiny_vlm, family)
 
+# Test cases whose id-only path cannot reproduce the template with the BPE tokenizer, so it raises and names the
+# messages path (tested): why, and whether check_processor's probe conversation already shows it.
+BPE_ID_PATH_RAISES: dict[str, tuple[str, bool]] = {
+    **{c: (f'"{head}" + image + "\\n" + "what": the cut leaves "▁", "what"; the template renders "▁what"', False)
+       for c, head in (("llava", "USER: "), ("vipllava", "USER: "), ("llava_next", "[INST] "))},
+    "llava_onevision": ('"user " + image + "\\n": the BPE merges " \\n" once the image is gone', True),
+    "gemma3": ('"user\\n" + "\\n\\n" + image: the BPE merges the newline run across the span', True),
+    **{c: ('"User:" before an image, "User: " before text: the template renders another text-only turn', True)
+       for c in ("idefics3", "idefics3_split", "smolvlm", "smolvlm_split")},
+}
 
 TITLES = {"qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwen3-VL", "llava": "LLaVA-1.5",
           "llava_onevision": "LLaVA-OneVision", "idefics3": "Idefics3",
@@ -580,14 +590,15 @@ def families_table() -> str:
     rows = [f"Checked against transformers {transformers.__version__} (`python -m vgs_kernels.testing --coverage` "
             "lists its image-text-to-text families and which rows cover them).\n",
             "| family (tested) | `model_type` | vision ids (config fields / tokens) | around each span | "
-            "vision inputs dropped |", "|---|---|---|---|---|"]
+            "vision inputs dropped | id-only path, word-level / BPE tokenizer |", "|---|---|---|---|---|---|"]
     for case, (family, _) in CASES.items():
         spec = FAMILY_SPECS[family]
         around = [f"before `{repr(spec.before)[1:-1]}`" if spec.before else "",
                   f"after `{repr(spec.after)[1:-1]}`" if spec.after else "",
                   f"inner {code(spec.inner)}" if spec.inner else ""]
         rows.append(f"| {TITLES[case]} | `{family}` | {code((spec.placeholder,) + spec.marker_fields + spec.marker_tokens)}"
-                    f" | {', '.join(a for a in around if a) or '-'} | {code(spec.vision_keys)} |")
+                    f" | {', '.join(a for a in around if a) or '-'} | {code(spec.vision_keys)} | exact / "
+                    f"{'raises: ' + BPE_ID_PATH_RAISES[case][0] if case in BPE_ID_PATH_RAISES else 'exact'} |")
     return "\n".join(rows) + "\n"
 
 
