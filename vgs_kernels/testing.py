@@ -231,8 +231,16 @@ def _qwen_model(family: str):
             vision.update(num_position_embeddings=64, deepstack_visual_indexes=[0])
         if family == "qwen3_vl_moe":  # 4 tiny experts, 2 per token
             text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden, decoder_sparse_step=1)
+        if family == "qwen3_5":  # gated-delta-net (linear attention) layers, then one full-attention layer (its
+            # cache needs one): at least 2 layers
+            n = max(layers, 2)
+            text.update(num_hidden_layers=n, layer_types=["linear_attention"] * (n - 1) + ["full_attention"],
+                        linear_key_head_dim=8,
+                        linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=2)
+            text["rope_parameters"]["partial_rotary_factor"] = 1.0
+            vision.update(num_position_embeddings=64)
         names = {"qwen2_vl": "Qwen2VL", "qwen2_5_vl": "Qwen2_5_VL", "qwen3_vl": "Qwen3VL",
-                 "qwen3_vl_moe": "Qwen3VLMoe"}[family]
+                 "qwen3_vl_moe": "Qwen3VLMoe", "qwen3_5": "Qwen3_5"}[family]
         return _build(f"{names}ForConditionalGeneration", f"{names}Config", text_config=text, vision_config=vision,
                       **_ids(processor, image_token_id="<|image_pad|>", video_token_id="<|video_pad|>",
                              vision_start_token_id="<|vision_start|>", vision_end_token_id="<|vision_end|>"))
@@ -522,6 +530,8 @@ FAMILIES: dict[str, TinyFamily] = {
                            _qwen_model("qwen3_vl")),
     "qwen3_vl_moe": TinyFamily(QWEN_SPECIALS, "<|im_end|>", QWEN3_TEMPLATE, _qwen_processor("Qwen3VLProcessor"),
                                _qwen_model("qwen3_vl_moe")),
+    "qwen3_5": TinyFamily(QWEN_SPECIALS, "<|im_end|>", QWEN3_TEMPLATE, _qwen_processor("Qwen3VLProcessor"),
+                          _qwen_model("qwen3_5")),
     "llava": TinyFamily(LLAVA_SPECIALS, "</s>", LLAVA_TEMPLATE, _llava_processor, _llava_model, bos="<s>",
                         bpe="llama"),
     "vipllava": TinyFamily(LLAVA_SPECIALS, "</s>", LLAVA_TEMPLATE, _llava_processor, _vipllava_model, bos="<s>",
@@ -576,7 +586,7 @@ BPE_ID_PATH_RAISES: dict[str, tuple[str, bool]] = {
 TITLES = {"qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwen3-VL", "llava": "LLaVA-1.5",
           "llava_onevision": "LLaVA-OneVision", "idefics3": "Idefics3",
           "idefics3_split": "Idefics3, image splitting", "gemma3": "Gemma3", "internvl": "InternVL3",
-          "qwen3_vl_moe": "Qwen3-VL-MoE", "vipllava": "VipLLaVA", "llava_next": "LLaVA-NeXT (anyres)",
+          "qwen3_vl_moe": "Qwen3-VL-MoE", "qwen3_5": "Qwen3.5", "vipllava": "VipLLaVA", "llava_next": "LLaVA-NeXT (anyres)",
           "smolvlm": "SmolVLM", "smolvlm_split": "SmolVLM, image splitting", "idefics2": "Idefics2", "glm4v": "GLM-4.1V"}
 
 

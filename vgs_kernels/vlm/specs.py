@@ -77,6 +77,7 @@ FAMILY_SPECS: dict[str, FamilySpec] = {
     "qwen2_5_vl": _QWEN,
     "qwen3_vl": _QWEN,
     "qwen3_vl_moe": _QWEN,
+    "qwen3_5": _QWEN,
     "glm4v": FamilySpec("image_token_id", ("video_token_id", "image_start_token_id", "image_end_token_id"),
                         vision_keys=_QWEN.vision_keys),
     "llava": _LLAVA,
