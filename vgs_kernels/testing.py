@@ -505,7 +505,13 @@ def _glm4v_processor(tok, template, patch_size: int = 8, pixels: int = 32 * 32):
                                                      chat_template=template)
 
 
-def _glm4v_model(processor, hidden, layers, heads, vision_hidden, vision_depth):
+def _glm4v_model(family: str):
+    def build(processor, hidden, layers, heads, vision_hidden, vision_depth):
+        return _glm4v(family, processor, hidden, layers, heads, vision_hidden, vision_depth)
+    return build
+
+
+def _glm4v(family, processor, hidden, layers, heads, vision_hidden, vision_depth):
     patch = processor.image_processor.patch_size
     head_dim = hidden // heads
     text = _text_config(processor, hidden, layers, heads, rope_parameters={
@@ -515,7 +521,11 @@ def _glm4v_model(processor, hidden, layers, heads, vision_hidden, vision_depth):
     vision = dict(depth=vision_depth, num_heads=2, hidden_size=vision_hidden, out_hidden_size=hidden,
                   intermediate_size=2 * vision_hidden, patch_size=patch, spatial_merge_size=2, temporal_patch_size=2,
                   image_size=4 * patch)
-    return _build("Glm4vForConditionalGeneration", "Glm4vConfig", text_config=text, vision_config=vision,
+    if family == "glm4v_moe":  # 4 tiny routed experts (2 per token) and a shared one, from the first layer
+        text.update(n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=hidden,
+                    first_k_dense_replace=0)
+    name = {"glm4v": "Glm4v", "glm4v_moe": "Glm4vMoe"}[family]
+    return _build(f"{name}ForConditionalGeneration", f"{name}Config", text_config=text, vision_config=vision,
                   **_ids(processor, image_token_id="<|image|>", video_token_id="<|video|>",
                          image_start_token_id="<|begin_of_image|>", image_end_token_id="<|end_of_image|>",
                          video_start_token_id="<|begin_of_video|>", video_end_token_id="<|end_of_video|>"))
@@ -547,7 +557,8 @@ FAMILIES: dict[str, TinyFamily] = {
     "idefics2": TinyFamily(("<unk>", "<s>", "</s>", "<end_of_utterance>", "<fake_token_around_image>", "<image>"),
                            "<end_of_utterance>", IDEFICS2_TEMPLATE, _idefics2_processor, _idefics2_model, bos="<s>",
                            bpe="llama"),
-    "glm4v": TinyFamily(GLM4V_SPECIALS, "<|user|>", GLM4V_TEMPLATE, _glm4v_processor, _glm4v_model),
+    **{f: TinyFamily(GLM4V_SPECIALS, "<|user|>", GLM4V_TEMPLATE, _glm4v_processor, _glm4v_model(f))
+       for f in ("glm4v", "glm4v_moe")},
     "gemma3": TinyFamily(GEMMA3_SPECIALS, "<end_of_turn>", GEMMA3_TEMPLATE, _gemma3_processor, _gemma3_model,
                          bos="<bos>", bpe="gemma", extra_special={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
                                                      "image_token": "<image_soft_token>"}),
@@ -587,7 +598,7 @@ TITLES = {"qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwen3
           "llava_onevision": "LLaVA-OneVision", "idefics3": "Idefics3",
           "idefics3_split": "Idefics3, image splitting", "gemma3": "Gemma3", "internvl": "InternVL3",
           "qwen3_vl_moe": "Qwen3-VL-MoE", "qwen3_5": "Qwen3.5", "vipllava": "VipLLaVA", "llava_next": "LLaVA-NeXT (anyres)",
-          "smolvlm": "SmolVLM", "smolvlm_split": "SmolVLM, image splitting", "idefics2": "Idefics2", "glm4v": "GLM-4.1V"}
+          "smolvlm": "SmolVLM", "smolvlm_split": "SmolVLM, image splitting", "idefics2": "Idefics2", "glm4v": "GLM-4.1V", "glm4v_moe": "GLM-4.5V (MoE)"}
 
 
 def families_table() -> str:

@@ -11,11 +11,14 @@ An image span, as the chat template and the processor lay it out, is
 ====================  ==========================================================================  ===========
 family                span (processor expansion of the template's image entry)                    before/after
 ====================  ==========================================================================  ===========
-Qwen2/2.5/3-VL        ``<|vision_start|> <|image_pad|>*N <|vision_end|>``                          -
-LLaVA                 ``<image>*N``  (template: ``<image>\\n``)                                    after ``\\n``
+Qwen2/2.5/3-VL, 3.5    ``<|vision_start|> <|image_pad|>*N <|vision_end|>``                          -
+GLM-4.1V / 4.5V       ``<|begin_of_image|> <|image|>*N <|end_of_image|>``                          -
+LLaVA, VipLLaVA       ``<image>*N``  (template: ``<image>\\n``)                                    after ``\\n``
+LLaVA-NeXT            ``<image>*N``  (anyres tiles and image_newline rows, all counted in N)       after ``\\n``
 LLaVA-OneVision       ``<image>*N``  (image_newline is an embedding, counted in N)                 -
-Idefics3              ``<fake_token_around_image> <row_i_col_j> <image>*N ... \\n ...``            inner ``\\n``
-                      ``<fake_token_around_image> <global-img> <image>*N <fake_token_around_image>``
+Idefics2              ``<fake_token_around_image> <image>*N <fake_token_around_image>``            -
+Idefics3, SmolVLM     ``<fake_token_around_image> <row_i_col_j> <image>*N ... \\n ...``            inner ``\\n``
+                      ``\\n\\n <fake_token_around_image> <global-img> <image>*N <fake_token_...>``    (and ``\\n\\n``)
 Gemma3                ``\\n\\n <start_of_image> <image_soft_token>*N <end_of_image> \\n\\n``       ``\\n\\n`` each
 InternVL              ``<img> <IMG_CONTEXT>*N </img>``  (template: ``<IMG_CONTEXT>\\n``)           after ``\\n``
 ====================  ==========================================================================  ===========
@@ -67,6 +70,8 @@ class FamilySpec:
 _QWEN = FamilySpec("image_token_id", ("video_token_id", "vision_start_token_id", "vision_end_token_id"),
                    vision_keys=("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
                                 "second_per_grid_ts"))
+_GLM4V = FamilySpec("image_token_id", ("video_token_id", "image_start_token_id", "image_end_token_id"),
+                    vision_keys=_QWEN.vision_keys)
 _LLAVA = FamilySpec("image_token_index", after="\n", vision_keys=("pixel_values", "image_sizes"))
 # Idefics3 / SmolVLM put "\n" between tile rows and "\n\n" before the global image: one or two tokens.
 _IDEFICS3 = FamilySpec("image_token_id", marker_tokens=("<fake_token_around_image>", "<global-img>", "<row_*_col_*>"),
@@ -78,8 +83,8 @@ FAMILY_SPECS: dict[str, FamilySpec] = {
     "qwen3_vl": _QWEN,
     "qwen3_vl_moe": _QWEN,
     "qwen3_5": _QWEN,
-    "glm4v": FamilySpec("image_token_id", ("video_token_id", "image_start_token_id", "image_end_token_id"),
-                        vision_keys=_QWEN.vision_keys),
+    "glm4v": _GLM4V,
+    "glm4v_moe": _GLM4V,
     "llava": _LLAVA,
     "vipllava": _LLAVA,
     "llava_next": _LLAVA,  # image_newline and the anyres tiles are features of the one <image> run
