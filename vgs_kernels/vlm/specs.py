@@ -11,7 +11,7 @@ An image span, as the chat template and the processor lay it out, is
 ====================  ==========================================================================  ===========
 family                span (processor expansion of the template's image entry)                    before/after
 ====================  ==========================================================================  ===========
-Qwen2/2.5/3-VL, 3.5    ``<|vision_start|> <|image_pad|>*N <|vision_end|>``                          -
+Qwen2/2.5/3-VL, 3.5   ``<|vision_start|> <|image_pad|>*N <|vision_end|>``                          -
 GLM-4.1V / 4.5V       ``<|begin_of_image|> <|image|>*N <|end_of_image|>``                          -
 LLaVA, VipLLaVA       ``<image>*N``  (template: ``<image>\\n``)                                    after ``\\n``
 LLaVA-NeXT            ``<image>*N``  (anyres tiles and image_newline rows, all counted in N)       after ``\\n``
