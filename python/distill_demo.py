@@ -538,6 +538,11 @@ def summary(runs: dict) -> str:
         if start and all("lang" in r for r in start):  # runs made before issue 21 have no start Lang
             out += ["", "Start Lang = KL(pu‖qb) per token on the start student's own rollouts: " + ", ".join(
                 f"seed {r['seed']} {r['lang']:.3f}" for r in start) + "."]
+        uphill = {m: [c for r in cells[m] for c in r.get("std_descent", []) if c == c] for m in _ordered(cells)}
+        if any(uphill.values()):  # the hook's health signal (issue 21), on its measured steps
+            out += ["", "Steered update against ∇Std (std_descent < 0), share of the hook's measured steps, all seeds: "
+                    + ", ".join(f"{m} {np.mean(np.array(c) < 0):.0%} of {len(c)} (median cos {np.median(c):+.2f})"
+                                for m, c in uphill.items() if c) + "."]
         out += ["", "Every seed, accuracy with the image / blank image at the end:", "",
                 "| method | " + " | ".join(f"seed {r['seed']}" for r in start) + " |", "|---" * (1 + len(start)) + "|"]
         if start:

@@ -6,7 +6,10 @@ d = sum_i c_i g_i and grad Std costs k*k flops and no pass over the gradients:
 
     std_descent = <d, g_std> / (|d| |g_std|) = (G c)[std] / sqrt(c^T G c * G[std, std])
 
-A negative value means the optimizer's step (along -d) goes uphill on Std to first order. After
+A negative value means a step along -d goes uphill on Std to first order. d is the gradient the
+optimizer receives: SGD steps along it, Adam-family optimizers rescale it per coordinate first, so
+under Adam a positive value does not guarantee that Adam's step descends Std (the demo's VGS runs
+collapse with mostly positive values, python/RESULTS.md). After
 ``patience`` consecutive uphill measurements :class:`SteeringConflictWarning` is emitted.
 
 Host syncs: ``apply()`` never waits for the device. A measurement's cosine is copied to the host
