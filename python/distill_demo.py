@@ -9,6 +9,9 @@ from one of two regimes (``--regime``, see ``build``):
               prior, not how to use what it sees (start = chance)
     grounded  the blind student, then trained with the real images until it answers about half of the
               held-out questions (``--student-target``): it already looks, as the paper's students do
+    aligned   the paper's preconditions (issue 21): a text prior distilled from the teacher's (start
+              Lang small), the vision encoder trained at the LM's learning rate, grounded with the real
+              images until ``--aligned-target``, and answers behind a low-VDS preamble (its own teacher)
 
 From the same student, the same prompts and the same sampling seeds, each method (``METHODS``) distils:
 
@@ -21,6 +24,8 @@ From the same student, the same prompts and the same sampling seeds, each method
     vgs-adaptive  vgs-fixed with the per-token γ_t of App. E
     vgs-lam0.1    vgs-fixed with λ = 0.1 (a stronger language-prior anchor)
     vgs-lam1      vgs-fixed with λ = 1
+    vgs-pcgrad    GradientSteering(policy="pcgrad"): PCGrad (TorchJD's) of the three weighted terms
+    vgs-attach    vgs-exact with the prior attached (Vis's gradient also reaches the text-only pass)
 
 Responses are sampled from the current student at every step (on-policy). Reported: greedy accuracy
 with the image and with a blank image (how much the student looks), the four loss terms and η over
@@ -69,16 +74,21 @@ METHODS = {
     "vgs-adaptive": dict(fixed=True, adaptive=True),
     "vgs-lam0.1": dict(fixed=True, lam=0.1),
     "vgs-lam1": dict(fixed=True, lam=1.0),
+    "vgs-pcgrad": dict(policy="pcgrad"),
+    "vgs-attach": dict(policy="vgs", attach_prior=True),
 }
 DEFAULT_METHODS = ("opd", "vgs-fixed", "vgs-auto", "vgs-exact")
-REGIMES = ("blind", "grounded")
+REGIMES = ("blind", "grounded", "aligned")
+# The task variant of each regime (synthetic_task.sample's keywords); the aligned regime has its own teacher.
+REGIME_TASK = {"blind": {}, "grounded": {}, "aligned": {"preamble": True}}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--family", default="qwen2_vl", choices=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
     p.add_argument("--regime", nargs="+", default=["grounded"], choices=REGIMES,
-                   help="the student's starting point(s): blind (chance) or grounded (~--student-target)")
+                   help="the student's starting point(s): blind (chance), grounded (~--student-target) or "
+                   "aligned (the paper's preconditions, ~--aligned-target)")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=[*METHODS, "all"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--steps", type=int, default=300, help="distillation steps per method and seed")
@@ -100,6 +110,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ground-steps", type=int, default=1500, help="grounded regime: at most this many more "
                    "steps with the real images, stopping at --student-target")
     p.add_argument("--student-target", type=float, default=0.5, help="grounded regime: held-out accuracy to reach")
+    p.add_argument("--aligned-target", type=float, default=0.55, help="aligned regime: held-out accuracy to reach")
     p.add_argument("--pretrain-batch", type=int, default=32)
     p.add_argument("--pretrain-lr", type=float, default=3e-3)
     p.add_argument("--eval-size", type=int, default=192)
@@ -121,7 +132,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.quick:  # explicit flags still win over these
         given = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
         for k, v in dict(steps=4, batch=8, teacher_steps=40, teacher_target=0.0, calibrate_steps=10, student_steps=20,
-                         ground_steps=10, student_target=0.0, eval_size=24, eval_every=2, probe_size=8,
+                         ground_steps=10, student_target=0.0, aligned_target=0.0, eval_size=24, eval_every=2, probe_size=8,
                          probe_bins=4, auto_every=2).items():
             if "--" + k.replace("_", "-") not in given:
                 setattr(args, k, v)
@@ -148,24 +159,46 @@ def build(args, seed: int):
     Grounded student: the blind one, trained further the same way but with the real images, until its
     held-out accuracy reaches ``--student-target`` (checked every 5 steps): it already looks, partially.
 
-    Returns (processor, teacher, {regime: student}) for the regimes in ``args.regime``.
+    Aligned student (``aligned_phases``) and its teacher: the same recipes on answers with the preamble.
+
+    Returns (processor, {regime: teacher}, {regime: student}) for the regimes in ``args.regime``.
     """
     proc = tiny_processor(args.family, task.WORDS)
     sizes = {"teacher": dict(hidden=96, layers=3, vision_hidden=64, vision_depth=2),
              "student": dict(hidden=64, layers=2, vision_hidden=64, vision_depth=2)}
     common = dict(lr=args.pretrain_lr, batch=args.pretrain_batch)
     t = seed if args.teacher_seed is None else args.teacher_seed
-    teacher = pretrained(args, proc, "teacher", sizes["teacher"], t * 2, [
-        dict(common, steps=args.teacher_steps, target=args.teacher_target, seed=t * 10),
+    variants = {r: REGIME_TASK[r] for r in args.regime}
+    by_task = {repr(kw): pretrained(args, proc, "teacher", sizes["teacher"], t * 2, [
+        dict(common, steps=args.teacher_steps, target=args.teacher_target, seed=t * 10, **kw),
         dict(common, steps=args.calibrate_steps, lr=args.pretrain_lr / 4, text_only=True, smoothing=0.1,
-             seed=t * 10 + 1)])
+             seed=t * 10 + 1, **kw)]) for kw in variants.values()}
+    teachers = {r: by_task[repr(kw)] for r, kw in variants.items()}
     frozen = dict(common, text_only=True, smoothing=0.1, freeze_vision=True)
     blind = dict(frozen, steps=args.student_steps, shuffle=True, seed=seed * 10 + 2)
     ground = dict(frozen, steps=args.ground_steps, target=args.student_target, check_every=5, seed=seed * 10 + 3)
-    students = {regime: pretrained(args, proc, "student", sizes["student"], seed * 2 + 1,
-                                   [blind] + ([ground] if regime == "grounded" else []), teacher)
-                for regime in args.regime}
-    return proc, teacher, students
+    phases = {"blind": [blind], "grounded": [blind, ground], "aligned": aligned_phases(args, seed, common)}
+    students = {regime: pretrained(args, proc, "student", sizes["student"], seed * 2 + 1, phases[regime],
+                                   teachers[regime]) for regime in args.regime}
+    return proc, teachers, students
+
+
+def aligned_phases(args, seed: int, common: dict) -> list[dict]:
+    """The aligned student's pre-training, built for the paper's preconditions (issue 21).
+
+    1. prior: shuffled images (it learns the answer format, not to look) and, text-only, the
+       teacher's own text-only distribution (KL(qb‖pu), ``prior_kl``) instead of the gold answer, so
+       that its text prior pu starts close to the teacher's qb (the start Lang is reported).
+    2. ground: the real images until ``--aligned-target`` held-out accuracy (checked every 5 steps),
+       still distilling qb text-only, so it looks partially and keeps the aligned prior.
+    The vision encoder trains in both, at the LM's learning rate (no freeze_vision); every answer
+    carries the low-VDS preamble (``synthetic_task.PREAMBLE``).
+    """
+    prior = dict(common, steps=args.student_steps, shuffle=True, text_only=True, prior_kl=True, smoothing=0.1,
+                 preamble=True, seed=seed * 10 + 4)
+    ground = dict(prior, shuffle=False, steps=args.ground_steps, target=args.aligned_target, check_every=5,
+                  seed=seed * 10 + 5)
+    return [prior, ground]
 
 
 def pretrained(args, proc, role: str, size: dict, seed: int, phases: list[dict], teacher=None):
@@ -183,7 +216,8 @@ def pretrained(args, proc, role: str, size: dict, seed: int, phases: list[dict],
         if path and os.path.exists(path):
             model.load_state_dict(torch.load(path))
             continue
-        pretrain(model, proc, **phase, desc=f"{role} {i + 1}/{len(phases)}")
+        pretrain(model, proc, **phase, desc=f"{role} {i + 1}/{len(phases)}",
+                 teacher=teacher if phase.get("prior_kl") else None)
         if path:
             os.makedirs(args.cache, exist_ok=True)
             torch.save(model.state_dict(), path)
@@ -198,16 +232,17 @@ def _sources() -> str:
 
 def pretrain(model, proc, steps: int, batch: int, lr: float, seed: int, desc: str, target: float = 0.0,
              check_every: int = 250, shuffle: bool = False, text_only: bool = False, smoothing: float = 0.0,
-             freeze_vision: bool = False) -> None:
+             freeze_vision: bool = False, preamble: bool = False, prior_kl: bool = False, teacher=None) -> None:
     """Cross-entropy on the gold answers (one-cycle learning rate).
 
     shuffle: every question gets another example's image. text_only: the loss adds the same batch
     without the images. freeze_vision: the vision encoder (but its projection into the LM) stays
     frozen. target > 0: stop once the greedy accuracy with the image on held-out examples reaches it
-    (checked every ``check_every`` steps).
+    (checked every ``check_every`` steps). preamble: answers with the preamble. prior_kl: the text-only
+    loss is KL(qb‖pu) to ``teacher``'s text-only distribution instead of the gold answer's cross-entropy.
     """
     rng = np.random.default_rng(10_000 + seed)
-    held_out = task.sample(96, np.random.default_rng(20_000 + seed))
+    held_out = task.sample(96, np.random.default_rng(20_000 + seed), preamble)
     params = [p for n, p in model.named_parameters() if not (freeze_vision and "visual" in n and "merger" not in n)]
     opt = torch.optim.AdamW(params, lr=lr)
     total = max(steps, 3)  # OneCycleLR needs >= 2 warm-up steps and one more
@@ -216,13 +251,20 @@ def pretrain(model, proc, steps: int, batch: int, lr: float, seed: int, desc: st
     tokens = vgs.VisionTokens.from_model(model)
     model.train()
     for step in (bar := tqdm(range(1, steps + 1), desc=f"pre-train {desc}", leave=False, disable=None)):
-        examples = task.sample(batch, rng)
+        examples = task.sample(batch, rng, preamble)
         images = [examples[i].image for i in rng.permutation(batch)] if shuffle else None
         inputs, answer = task.supervised_batch(proc, examples, images)
         loss = 0.0
-        for batch_, answer_ in [(inputs, answer)] + ([vgs.strip_images(inputs, answer, tokens)] if text_only else []):
+        for i, (batch_, answer_) in enumerate([(inputs, answer)] + ([vgs.strip_images(inputs, answer, tokens)]
+                                                                    if text_only else [])):
             pos, mask = vgs.response_positions(answer_)
             logits = vgs.response_logits(model, batch_, pos)
+            if prior_kl and i == 1:  # the teacher's text-only distribution qb as the target of pu
+                with torch.no_grad():
+                    qb = vgs.response_logits(teacher, batch_, pos)[mask].log_softmax(-1)
+                loss = loss + torch.nn.functional.kl_div(logits[mask].log_softmax(-1), qb, log_target=True,
+                                                         reduction="batchmean")
+                continue
             labels = batch_["input_ids"].gather(1, pos + 1)
             loss = loss + torch.nn.functional.cross_entropy(logits[mask], labels[mask], label_smoothing=smoothing)
         opt.zero_grad(set_to_none=True)
@@ -231,7 +273,7 @@ def pretrain(model, proc, steps: int, batch: int, lr: float, seed: int, desc: st
         schedule.step()
         if target > 0 and (step % check_every == 0 or step == steps):
             model.eval()
-            acc = task.accuracy(model, proc, held_out)["all"]
+            acc = task.accuracy(model, proc, held_out, max_new_tokens=7 + preamble * task.PREAMBLE_TOKENS)["all"]
             model.train()
             bar.set_postfix(acc=f"{acc:.2f}")
             if acc >= target or step == steps:
@@ -254,14 +296,30 @@ def rollout(student, proc, examples, seed: int, max_new_tokens: int):
     return vgs.rollout_batch(prompts, seq, proc.tokenizer.eos_token_id)
 
 
-def evaluate(model, proc, examples) -> dict:
-    blank = [task.blank()] * len(examples)
-    return {"image": task.accuracy(model, proc, examples), "blank": task.accuracy(model, proc, examples, blank)}
+def new_tokens(args, regime: str) -> int:
+    """Rollout and evaluation length: --max-new-tokens, plus the preamble where the regime has one."""
+    return args.max_new_tokens + (task.PREAMBLE_TOKENS if REGIME_TASK[regime].get("preamble") else 0)
 
 
-def distill(method: str, args, proc, teacher, student0, seed: int, eval_set, start: dict | None = None):
+def evaluate(model, proc, examples, max_new_tokens: int = 7) -> dict:
+    blank, n = [task.blank()] * len(examples), max_new_tokens
+    return {"image": task.accuracy(model, proc, examples, max_new_tokens=n),
+            "blank": task.accuracy(model, proc, examples, blank, max_new_tokens=n)}
+
+
+def start_lang(args, proc, teacher, student, seed: int, regime: str) -> float:
+    """Lang = KL(pu‖qb) per token on a batch of the student's own rollouts (the prior gap at the start)."""
+    examples = task.sample(max(args.probe_size, 16), np.random.default_rng(40_000 + seed), **REGIME_TASK[regime])
+    batch, rmask = rollout(student, proc, examples, 50_000 + seed, new_tokens(args, regime))
+    with torch.no_grad():
+        s, u, a, b, mask = vgs.distill_logits(student, teacher, batch, rmask)
+        return float(vgs.decomposed_kl(s, u, a, b, mask).lang[mask].mean())
+
+
+def distill(method: str, args, proc, teacher, student0, seed: int, eval_set, start: dict | None = None,
+            regime: str = "grounded"):
     """Distil a copy of ``student0`` with ``method``; returns (log, trained student). start: ``student0``'s
-    evaluation on ``eval_set`` if already made (the same for every method)."""
+    evaluation on ``eval_set`` if already made (the same for every method); regime: its task variant."""
     spec = METHODS[method]
     lam = spec.get("lam", args.lam)
     student = copy.deepcopy(student0).train()
@@ -269,16 +327,18 @@ def distill(method: str, args, proc, teacher, student0, seed: int, eval_set, sta
     steer = (vgs.GradientSteering(opt, policy=spec["policy"], gamma=args.gamma, lam=lam, every=args.auto_every)
              if spec.get("policy") else None)
     loss_fn = vgs.VGSLoss(gamma=args.gamma, lam=lam, adaptive=spec.get("adaptive", False),
-                          eta=args.eta if spec.get("fixed") else None, detach_prior=not args.attach_prior,
+                          eta=args.eta if spec.get("fixed") else None,
+                          detach_prior=not (args.attach_prior or spec.get("attach_prior", False)),
                           monolithic=spec.get("monolithic", False))
     rng = np.random.default_rng(20_000 + seed)  # same prompts for every method
-    log = {"step": [], "std": [], "vis": [], "lang": [], "vds": [], "eta": [], "t_train": [], "t_rollout": [],
+    log = {"step": [], "std": [], "vis": [], "lang": [], "vds": [], "eta": [], "std_descent": [], "t_train": [],
+           "t_rollout": [],
            "eval_step": [], "acc_image": [], "acc_blank": [], "acc_image_kind": [], "acc_blank_kind": []}
 
     def record_eval(step, acc=None):
         if acc is None:
             student.eval()
-            acc = evaluate(student, proc, eval_set)
+            acc = evaluate(student, proc, eval_set, new_tokens(args, regime))
             student.train()
         log["eval_step"].append(step)
         for k in ("image", "blank"):
@@ -288,9 +348,9 @@ def distill(method: str, args, proc, teacher, student0, seed: int, eval_set, sta
     record_eval(0, start)
     bar = tqdm(range(1, args.steps + 1), desc=f"{method} seed {seed}", leave=False, disable=None)
     for step in bar:
-        examples = task.sample(args.batch, rng)
+        examples = task.sample(args.batch, rng, **REGIME_TASK[regime])
         t0 = time.perf_counter()
-        batch, rmask = rollout(student, proc, examples, 30_000 + 1000 * seed + step, args.max_new_tokens)
+        batch, rmask = rollout(student, proc, examples, 30_000 + 1000 * seed + step, new_tokens(args, regime))
         t1 = time.perf_counter()
         t_log = 0.0
         if loss_fn.monolithic:  # the monolithic loss needs the two passes with the image only
@@ -319,6 +379,7 @@ def distill(method: str, args, proc, teacher, student0, seed: int, eval_set, sta
             log[k].append(float(getattr(terms, k)[mask].mean()))
         log["eta"].append(float(steer.stats["eta"]) if steer is not None and steer.stats.get("eta") is not None
                           else (args.eta if spec.get("fixed") else 1.0))
+        log["std_descent"].append(float(steer.stats["std_descent"]) if steer is not None else float("nan"))
         log["t_train"].append(t2 - t1 - t_log)
         log["t_rollout"].append(t1 - t0)
         bar.set_postfix(std=f"{log['std'][-1]:.3f}", vis=f"{log['vis'][-1]:.3f}")
@@ -329,12 +390,12 @@ def distill(method: str, args, proc, teacher, student0, seed: int, eval_set, sta
     return log, student.eval()
 
 
-def probe(args, proc, teacher, student, seed: int) -> list:
+def probe(args, proc, teacher, student, seed: int, regime: str = "grounded") -> list:
     """Gradient-geometry rows (as dicts) of ``student`` on one batch of its own rollouts."""
     if not args.probe_size:
         return []
-    examples = task.sample(args.probe_size, np.random.default_rng(40_000 + seed))
-    batch, rmask = rollout(student, proc, examples, 50_000 + seed, args.max_new_tokens)
+    examples = task.sample(args.probe_size, np.random.default_rng(40_000 + seed), **REGIME_TASK[regime])
+    batch, rmask = rollout(student, proc, examples, 50_000 + seed, new_tokens(args, regime))
     student = copy.deepcopy(student).train()
     rows = vgs.gradient_geometry(vgs.distill_logits(student, teacher, batch, rmask), student.parameters(),
                                  bins=args.probe_bins, gamma=args.gamma)
@@ -368,7 +429,7 @@ def run(args) -> None:
     """Seed by seed (so a partial grid has every cell), regime by regime, method by method; each run's
     log and end probe go to ``<out>/runs/<regime>-s<seed>-<method>.json`` when it ends, each start
     (teacher and student accuracy, start probe) to ``<out>/runs/<regime>-s<seed>-start.json``."""
-    eval_set = task.sample(args.eval_size, np.random.default_rng(999))
+    eval_sets = {r: task.sample(args.eval_size, np.random.default_rng(999), **REGIME_TASK[r]) for r in args.regime}
     settings = {k: v for k, v in vars(args).items() if k not in ("regime", "methods", "seeds", "resume", "report",
                                                                     "threads", "out", "cache")}
     for seed in args.seeds:
@@ -380,23 +441,25 @@ def run(args) -> None:
         if not todo:
             continue
         t0 = time.perf_counter()
-        proc, teacher, students = build(args, seed)
+        proc, teachers, students = build(args, seed)
         print(f"seed {seed}: teacher and students ready in {time.perf_counter() - t0:.0f} s", flush=True)
         initial = {}  # the start student's evaluation per regime, shared by its methods
         for regime, name in todo:
             t0, c0, student0 = time.perf_counter(), time.process_time(), students[regime]
+            teacher, eval_set, n = teachers[regime], eval_sets[regime], new_tokens(args, regime)
             if name == "start":
-                initial[regime] = evaluate(student0, proc, eval_set)
-                rec = {"teacher": evaluate(teacher, proc, eval_set), "student": initial[regime],
-                       "probe": probe(args, proc, teacher, student0, seed)}
+                initial[regime] = evaluate(student0, proc, eval_set, n)
+                rec = {"teacher": evaluate(teacher, proc, eval_set, n), "student": initial[regime],
+                       "probe": probe(args, proc, teacher, student0, seed, regime),
+                       "lang": start_lang(args, proc, teacher, student0, seed, regime)}
                 print(f"seed {seed} {regime}: teacher {rec['teacher']['image']['all']:.3f}, "
-                      f"student {rec['student']['image']['all']:.3f} (blank {rec['student']['blank']['all']:.3f})",
-                      flush=True)
+                      f"student {rec['student']['image']['all']:.3f} (blank {rec['student']['blank']['all']:.3f}), "
+                      f"start Lang {rec['lang']:.3f}", flush=True)
             else:
                 if regime not in initial:
-                    initial[regime] = evaluate(student0, proc, eval_set)
-                rec, student = distill(name, args, proc, teacher, student0, seed, eval_set, initial[regime])
-                rec["probe"] = probe(args, proc, teacher, student, seed)
+                    initial[regime] = evaluate(student0, proc, eval_set, n)
+                rec, student = distill(name, args, proc, teacher, student0, seed, eval_set, initial[regime], regime)
+                rec["probe"] = probe(args, proc, teacher, student, seed, regime)
                 print(f"seed {seed} {regime} {name:12s} acc image {rec['acc_image'][0]:.3f} -> "
                       f"{rec['acc_image'][-1]:.3f}, blank {rec['acc_blank'][0]:.3f} -> {rec['acc_blank'][-1]:.3f}, "
                       f"train {np.median(rec['t_train']):.3f} s/step", flush=True)
@@ -472,6 +535,14 @@ def summary(runs: dict) -> str:
                        f"{drift('std')} | {drift('vis')} | {drift('lang')} | "
                        f"{etas.mean():.2f} [{etas.min():.2f}, {etas.max():.2f}] | "
                        f"{np.mean([np.median(r['t_train']) for r in recs]):.3f} | {versus} |")
+        if start and all("lang" in r for r in start):  # runs made before issue 21 have no start Lang
+            out += ["", "Start Lang = KL(pu‖qb) per token on the start student's own rollouts: " + ", ".join(
+                f"seed {r['seed']} {r['lang']:.3f}" for r in start) + "."]
+        uphill = {m: [c for r in cells[m] for c in r.get("std_descent", []) if c == c] for m in _ordered(cells)}
+        if any(uphill.values()):  # the hook's health signal (issue 21), on its measured steps
+            out += ["", "Steered update against ∇Std (std_descent < 0), share of the hook's measured steps, all seeds: "
+                    + ", ".join(f"{m} {np.mean(np.array(c) < 0):.0%} of {len(c)} (median cos {np.median(c):+.2f})"
+                                for m, c in uphill.items() if c) + "."]
         out += ["", "Every seed, accuracy with the image / blank image at the end:", "",
                 "| method | " + " | ".join(f"seed {r['seed']}" for r in start) + " |", "|---" * (1 + len(start)) + "|"]
         if start:

@@ -9,6 +9,9 @@ colours, each in its own quadrant, on a noisy dark background. Three question ty
 
 "it is", "a", "there" are predictable from the question (low visual dependency); the colour, shape
 and count words (and is/are) need the image (high visual dependency). Chance accuracy: 1/4, 1/3, 1/3.
+``sample(..., preamble=True)`` prefixes every answer with a fixed stand-in for a reasoning preamble,
+the question's first two words (``what colour it is red``): more low-VDS tokens per answer, as in
+the long responses of the paper's setting.
 """
 from __future__ import annotations
 
@@ -23,6 +26,8 @@ SHAPES = ("square", "ring", "cross")
 COUNTS = ("one", "two", "three")
 QUESTIONS = {"colour": "what colour is it ?", "shape": "what shape is it ?", "count": "how many are there ?"}
 SIZE = 32
+PREAMBLE = {kind: " ".join(q.split()[:2]) for kind, q in QUESTIONS.items()}
+PREAMBLE_TOKENS = 2
 WORDS = sorted({w for q in QUESTIONS.values() for w in q.split()} | set(COLOURS) | set(SHAPES) | set(COUNTS)
                | {"it", "is", "a", "there", "are"})
 
@@ -58,13 +63,14 @@ def blank() -> Image.Image:
     return Image.new("RGB", (SIZE, SIZE), (20, 20, 20))
 
 
-def sample(n: int, rng: np.random.Generator) -> list[Example]:
+def sample(n: int, rng: np.random.Generator, preamble: bool = False) -> list[Example]:
     out = []
     for _ in range(n):
         colour, shape, count = str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES)), int(rng.integers(1, 4))
         kind = str(rng.choice(list(QUESTIONS)))
         answer = {"colour": f"it is {colour}", "shape": f"it is a {shape}",
                   "count": f"there {'is' if count == 1 else 'are'} {COUNTS[count - 1]}"}[kind]
+        answer = f"{PREAMBLE[kind]} {answer}" if preamble else answer
         out.append(Example(draw(colour, shape, count, rng), kind, QUESTIONS[kind], answer))
     return out
 
@@ -94,7 +100,7 @@ def supervised_batch(processor, examples: list[Example], images: list[Image.Imag
 
 @torch.no_grad()
 def accuracy(model, processor, examples: list[Example], images: list[Image.Image] | None = None,
-             batch_size: int = 64) -> dict[str, float]:
+             batch_size: int = 64, max_new_tokens: int = 7) -> dict[str, float]:
     """Greedy-decoding exact-match accuracy, overall and per question type."""
     from vgs_kernels.vlm import VisionTokens
 
@@ -103,7 +109,7 @@ def accuracy(model, processor, examples: list[Example], images: list[Image.Image
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
         batch = prompts(processor, chunk, None if images is None else images[i:i + batch_size])
-        out = model.generate(**batch, max_new_tokens=7, do_sample=False, suppress_tokens=suppress,
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, suppress_tokens=suppress,
                              pad_token_id=processor.tokenizer.pad_token_id)
         texts = processor.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
         for e, t in zip(chunk, texts):

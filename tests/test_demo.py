@@ -39,3 +39,28 @@ def test_quick_demo_both_regimes(tmp_path):
     # resumable: a second call with --resume trains nothing and reports the same runs
     again = distill_demo.main(argv + ["--resume"])
     assert again["grounded"]["opd"][0]["wall_s"] == runs["grounded"]["opd"][0]["wall_s"]
+
+
+def test_quick_demo_aligned_regime(tmp_path):
+    """The aligned regime (issue 21): its own teacher and task variant (answers behind the preamble),
+    the start Lang measured, the methods added with it (pcgrad, prior attached) and the hook's
+    std_descent logged."""
+    out = str(tmp_path / "out")
+    methods = ["opd", "vgs-pcgrad", "vgs-attach"]
+    runs = distill_demo.main(["--quick", "--regime", "aligned", "--methods", *methods, "--cache", "", "--out", out,
+                              "--threads", "1", "--steps", "2", "--eval-size", "6", "--eval-every", "2",
+                              "--probe-size", "0", "--teacher-steps", "10", "--student-steps", "6",
+                              "--ground-steps", "3"])
+    cells = runs["aligned"]
+    start = cells["start"][0]
+    assert math.isfinite(start["lang"]) and start["lang"] >= 0
+    for m in methods:
+        (rec,) = cells[m]
+        assert len(rec["std"]) == 2 and all(math.isfinite(x) for x in rec["std"] + rec["lang"])
+        assert all(math.isnan(c) for c in rec["std_descent"]) == (m == "opd")
+        assert all(-1 <= c <= 1 for c in rec["std_descent"] if not math.isnan(c))
+    assert "Start Lang" in open(os.path.join(out, "summary.md")).read()
+    args = distill_demo.parse_args(["--regime", "aligned"])
+    assert distill_demo.new_tokens(args, "aligned") == args.max_new_tokens + 2
+    ex = distill_demo.task.sample(3, __import__("numpy").random.default_rng(0), preamble=True)
+    assert all(e.answer.split()[:2] == e.question.split()[:2] for e in ex)

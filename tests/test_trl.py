@@ -4,12 +4,14 @@ Tiny Qwen2-VL student / teacher built from configs, greedy generation (rollouts 
 parameters, so runs are comparable step by step), fp32 on CPU.
 """
 import copy
+import logging
 import os
 import sys
 
 import numpy as np
 import pytest
 import torch
+import transformers.trainer
 from transformers import TrainerCallback
 
 trl = pytest.importorskip("trl")
@@ -18,6 +20,7 @@ datasets = pytest.importorskip("datasets")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
 import synthetic_task as task  # noqa: E402
 
+import vgs_kernels as vgs  # noqa: E402
 from vgs_kernels.integrations.trl import VGSDistillationConfig, VGSDistillationTrainer  # noqa: E402
 from vgs_kernels.testing import tiny_processor, tiny_vlm  # noqa: E402
 from vgs_kernels.vlm import VisionTokens  # noqa: E402
@@ -140,7 +143,7 @@ def expected_update(rec, teacher, proc, policy, eta=None, max_norm=None):
         norm = g.norm()
         if max_norm is not None:
             g = g * min(1.0, max_norm / (float(norm) + 1e-6))
-        out.append((g, float(norm)))
+        out.append((g, float(norm), g_std))
     return out
 
 
@@ -168,10 +171,13 @@ def test_update_matches_independent_computation(setup, tmp_path, policy):
             want = want * min(1.0, max_norm / (float(want.norm()) + 1e-6))
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.norm()) / want.numel() ** 0.5)
         return
-    for (want, want_norm), got, logged in zip(expected_update(trainer, teacher, proc, policy, kw.get("eta"), max_norm),
-                                              trainer.grads, norms):
+    descent = [h.get("vgs/std_descent") for h in trainer.state.log_history if "loss" in h]
+    for (want, want_norm, g_std), got, logged, cos in zip(
+            expected_update(trainer, teacher, proc, policy, kw.get("eta"), max_norm), trainer.grads, norms, descent):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.norm()) / want.numel() ** 0.5)
         assert logged == pytest.approx(want_norm, rel=1e-4)
+        if cos is not None:  # the health signal: cos(steered update, grad Std), clipping does not change it
+            assert cos == pytest.approx(float(want @ g_std / (want.norm() * g_std.norm())), rel=1e-3, abs=1e-5)
     assert any(n > max_norm for n in norms), "clipping never engaged: the test would not see a wrong order"
     logs = [h for h in trainer.state.log_history if "loss" in h]
     exact = {"vgs", "sum"}  # policies that measure the Gram on every step
@@ -179,11 +185,24 @@ def test_update_matches_independent_computation(setup, tmp_path, policy):
         keys = ["vgs/eta", "vgs/std", "vgs/vis", "vgs/lang", "vgs/vds", "vgs/fallback", "grad_norm", "num_tokens",
                 "completions/mean_length"]
         if policy in exact or (policy == "auto" and step == 0):
-            keys += ["vgs/cos_std_vis", "vgs/cos_std_lp", "vgs/norm_std", "vgs/norm_vis", "vgs/norm_lp"]
+            keys += ["vgs/cos_std_vis", "vgs/cos_std_lp", "vgs/norm_std", "vgs/norm_vis", "vgs/norm_lp",
+                     "vgs/std_descent"]
         for key in keys:
             assert key in h and h[key] is not None and np.isfinite(h[key]), key
         assert h["vgs/fallback"] == 0 and h["vgs/eta"] == pytest.approx(
             {"fixed": 0.41, "sum": 1.0}.get(policy, h["vgs/eta"]), rel=1e-6)
+    if policy == "vgs":  # the hook's SteeringConflictWarning reaches the Trainer's logger
+        records = []
+        handler = logging.Handler()
+        handler.emit = records.append
+        transformers.trainer.logger.addHandler(handler)
+        try:
+            with pytest.warns(vgs.SteeringConflictWarning):
+                for step in range(3):
+                    trainer.steer.health.measured(100 + step, torch.tensor(-0.25))
+        finally:
+            transformers.trainer.logger.removeHandler(handler)
+        assert len(records) == 1 and "-0.250" in records[0].getMessage()
 
 
 def test_sum_without_vgs_terms_equals_trl(setup, tmp_path):

@@ -19,4 +19,5 @@ from vgs_kernels.gram import gram
 from vgs_kernels.combine import combine
 from vgs_kernels import policies
 from vgs_kernels.steering import GradientSteering
+from vgs_kernels.health import SteeringConflictWarning, std_descent
 from vgs_kernels.vlm import FamilySpec, register_family, text_only_batch

@@ -48,12 +48,13 @@ from vgs_kernels.combine import combine
 from vgs_kernels.components import ComponentGrads, ComponentSpec, trainable
 from vgs_kernels.distributed import ProcessGroupSync
 from vgs_kernels.gram import gram
+from vgs_kernels.health import SteeringHealth, std_descent
 from vgs_kernels.loss import VGSLossOutput
 
 POLICIES = ("vgs", "project", "pcgrad", "sum", "fixed", "auto")
 STATE_KEY = "vgs_kernels.GradientSteering"
 STAT_KEYS = ("step", "mode", "names", "gram", "norms", "cos", "coeffs", "eta", "fallback", "eta_ema",
-             "eta_error")
+             "eta_error", "std_descent")
 Losses = Union[VGSLossOutput, Mapping[str, Tensor]]
 
 
@@ -111,13 +112,16 @@ class GradientSteering:
         backend: forces the gram/combine backend ("auto", "cpp", "triton", "reference").
         backward_fn: runs every backward the hook runs, as ``backward_fn(loss, retain_graph=...)``
             (e.g. ``accelerator.backward``); default ``torch.autograd.backward``.
+        patience: emit vgs.SteeringConflictWarning after this many consecutive measurements with
+            std_descent < 0 (vgs_kernels/health.py); None: never.
 
     Attributes:
         stats: after each step, the keys STAT_KEYS, every step: "step", "mode" ("exact" or
             "combined"), "names", and device tensors "gram" [k, k] (unscaled), "norms" [k], "cos"
             [k, k], "coeffs" [k], "eta" (coeffs[std] / w[std]), "fallback" (bool: G or the policy's
             coefficients were not finite, the plain weighted sum was used), "eta_ema" (auto) and
-            "eta_error" = |eta_ema - eta| / eta on auto's measurements; NaN where not measured.
+            "eta_error" = |eta_ema - eta| / eta on auto's measurements, "std_descent" = cos(steered
+            update, grad Std) from G and the coefficients; NaN where not measured.
         step_count, eta_ema: the state saved with optimizer.state_dict() (or self.state_dict()).
     """
 
@@ -126,7 +130,8 @@ class GradientSteering:
                  weights: Optional[Mapping[str, float]] = None, eta: Optional[float] = None,
                  every: int = 16, ema: float = 0.7, scaler: Optional[Any] = None,
                  process_group: Optional[Any] = None, backend: Optional[str] = None,
-                 model: Optional[torch.nn.Module] = None, backward_fn: Optional[Callable[..., Any]] = None):
+                 model: Optional[torch.nn.Module] = None, backward_fn: Optional[Callable[..., Any]] = None,
+                 patience: Optional[int] = 3):
         optimizer = _unwrap(optimizer)
         if getattr(optimizer, "_vgs_steering", None) is not None:
             raise RuntimeError("this optimizer already has a GradientSteering hook; remove() it first")
@@ -140,6 +145,7 @@ class GradientSteering:
                              "scales every loss: the losses would be scaled twice; drop scaler=")
         self.optimizer, self.policy, self.scaler, self.backend, self.eta = optimizer, policy, scaler, backend, eta
         self._spec, self._auto = ComponentSpec(gamma, lam, dict(weights or {})), AutoEta(every, ema)
+        self.health = SteeringHealth(patience)
         self._backward_fn = backward_fn or torch.autograd.backward
         self.step_count = 0
         self.stats: Dict[str, Any] = {}
@@ -191,6 +197,7 @@ class GradientSteering:
         if self._open and not self._grads.intact():  # the loop dropped every .grad: a new step
             self._open = False
         if not self._open:
+            self.health.check()  # earlier measurements that have reached the host (no wait)
             self._split = self._wants_split()
             self._grads.start(len(names))
             self._open, self._done = True, False
@@ -307,13 +314,14 @@ class GradientSteering:
         eta = coeffs[self._spec.std] / self._spec.w[self._spec.std]
         stats: Dict[str, Any] = {"step": self.step_count, "mode": mode, "names": self.names,
                                  "gram": nan.expand(k, k), "norms": nan.expand(k), "cos": nan.expand(k, k),
-                                 "coeffs": coeffs, "eta": eta, "eta_ema": nan, "eta_error": nan,
+                                 "coeffs": coeffs, "eta": eta, "eta_ema": nan, "eta_error": nan, "std_descent": nan,
                                  "fallback": torch.zeros((), dtype=torch.bool, device=device)}
         if G is not None:
             norms = G.diagonal().clamp_min(0).sqrt()
             denom = norms[:, None] * norms[None, :]
             stats.update(gram=G, norms=norms, cos=torch.where(denom > 0, G / denom, torch.zeros_like(G)),
-                         fallback=fell_back)
+                         fallback=fell_back, std_descent=std_descent(G, coeffs, self._spec.std))
+            self.health.measured(self.step_count, stats["std_descent"])
             if self.policy == "auto":
                 stats["eta_error"] = self._auto.measured(eta, fell_back)
         if self.policy == "auto" and self._auto.value is not None:

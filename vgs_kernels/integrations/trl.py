@@ -19,7 +19,8 @@ Accelerate, checkpoints, TRL's metrics — is the parent's):
   measurements), whose every backward is Accelerate's (``backward_fn``); the hook steers before
   Trainer clips and logs ``grad_norm``, so both see the steered gradient;
 * logs: ``vgs/std``, ``vgs/vis``, ``vgs/lang``, ``vgs/vds`` (per-token means), ``vgs/eta``,
-  ``vgs/fallback``, ``vgs/cos_std_vis`` ... (the hook's stats) next to TRL's metrics. The student
+  ``vgs/fallback``, ``vgs/cos_std_vis``, ``vgs/std_descent`` ... (the hook's stats) next to TRL's
+  metrics; the hook's SteeringConflictWarning also goes to the Trainer's logger. The student
   entropy TRL logs is not computed by the fused loss and is left out.
 * checkpoints: the hook's state rides in the optimizer's state_dict; the model is saved in the
   format ``resume_from_checkpoint`` reloads (``save_original_format=False``).
@@ -37,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
+import transformers.trainer
 from trl import DistillationConfig, DistillationTrainer
 
 from vgs_kernels.fused_linear import FusedLinearVGSLoss
@@ -55,7 +57,7 @@ class VGSDistillationConfig(DistillationConfig):
     VDS is above this quantile. adaptive: per-token γ_t (App. E). steering_policy: "vgs" (exact η
     every step), "fixed" (constant ``eta``, one backward), "auto" (exact η every ``eta_every``
     steps, EMA in between), "pcgrad", "sum" (no steering). detach_prior: no Vis gradient into the
-    text-only student pass. ``beta`` (TRL's divergence) must stay 1.0: VGS splits the reverse KL.
+    text-only student pass. steering_patience: the hook's ``patience`` (vgs_kernels/health.py). ``beta`` (TRL's divergence) must stay 1.0: VGS splits the reverse KL.
     """
 
     gamma: float = field(default=2.0, metadata={"help": "Weight of the visual term Vis."})
@@ -66,6 +68,8 @@ class VGSDistillationConfig(DistillationConfig):
     eta: Optional[float] = field(default=None, metadata={"help": "The constant eta of steering_policy='fixed'."})
     eta_every: int = field(default=16, metadata={"help": "Steps between exact eta measurements ('auto')."})
     detach_prior: bool = field(default=True, metadata={"help": "No gradient from Vis into the text-only pass."})
+    steering_patience: Optional[int] = field(default=3, metadata={
+        "help": "SteeringConflictWarning after this many uphill measurements in a row (None: never)."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -133,7 +137,9 @@ class VGSDistillationTrainer(DistillationTrainer):
             # gamma / lam come with the loss output; every backward the hook runs is Accelerate's
             backward = functools.partial(type(acc).backward, acc)
             self.steer = GradientSteering(inner, policy=a.steering_policy, eta=a.eta, every=a.eta_every,
+                                          patience=a.steering_patience,
                                           backward_fn=lambda loss, **kw: backward(loss, **kw, **self._backward_kwargs))
+            self.steer.health.listeners.append(transformers.trainer.logger.warning)  # SteeringConflictWarning
         return optimizer
 
     def _needs_components(self) -> bool:
@@ -251,6 +257,7 @@ class VGSDistillationTrainer(DistillationTrainer):
         if self.args.steering_policy == "auto":
             m["vgs/eta_ema"].append(float(stats["eta_ema"]))
         if exact:  # norms and cosines are measured on exact steps only (NaN otherwise)
+            m["vgs/std_descent"].append(float(stats["std_descent"]))
             norms, cos = stats["norms"].tolist(), stats["cos"].tolist()
             for i, a in enumerate(names):
                 m[f"vgs/norm_{a}"].append(norms[i])
