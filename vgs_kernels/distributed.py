@@ -154,10 +154,12 @@ class ProcessGroupSync:
             self._handles += [m.register_forward_pre_hook(self._ddp_pre_forward),
                               m.register_forward_hook(self._ddp_post_forward, always_call=True)]
 
-    backward_fn: Callable[..., Any] = staticmethod(torch.autograd.backward)
-
     def group(self) -> Optional[Any]:
         return resolve_group(self.process_group)
+
+    def backward_fn(self, given: Optional[Callable[..., Any]]) -> Callable[..., Any]:
+        """What runs every backward of the hook: the user's backward_fn, else torch's."""
+        return given or torch.autograd.backward
 
     def collector(self, optimizer: torch.optim.Optimizer) -> Any:
         """What keeps the components' gradients apart (components.ComponentGrads: .grad swapping)."""
@@ -540,7 +542,13 @@ class ZeroSync(ProcessGroupSync):
                              "group; leave it None (the engine's group is used)")
         super().__init__(optimizer, group, None, split)
         self.engine, self.zero_optimizer = engine, zero_optimizer
-        self.backward_fn = engine.backward
+
+    def backward_fn(self, given: Optional[Callable[..., Any]]) -> Callable[..., Any]:
+        if given is not None and given != self.engine.backward:
+            raise ValueError("GradientSteering: with a DeepSpeed engine every backward is engine.backward; drop "
+                             "backward_fn= (accelerator.backward would also call engine.step() after each "
+                             "component)")
+        return self.engine.backward
 
     def collector(self, optimizer: torch.optim.Optimizer) -> ZeroGrads:
         self._collector_ref = ZeroGrads(self.engine)
@@ -574,7 +582,13 @@ class ZeroSync(ProcessGroupSync):
                 hook.load_state_dict(first[state_key])
             return load_state_dict(state_dict_list, *args, **kwargs)
 
-        return [(zero, "step", steered_step), (zero, "state_dict", saving), (zero, "load_state_dict", loading)]
+        def no_clip(*args, **kwargs):
+            raise RuntimeError("GradientSteering: with DeepSpeed set gradient_clipping in its config (it clips "
+                               "the steered gradient inside engine.step()); steer.clip_grad_norm_ would see "
+                               "none of DeepSpeed's gradient partitions")
+
+        return [(zero, "step", steered_step), (zero, "state_dict", saving), (zero, "load_state_dict", loading),
+                (hook, "clip_grad_norm_", no_clip)]
 
     def average(self, params: Sequence[Tensor], cols: Rows, names: Sequence[str]) -> None:
         """Nothing: DeepSpeed averaged every gradient in its reduction."""

@@ -146,7 +146,7 @@ class GradientSteering:
         # apart, runs the backward and reduces (vgs_kernels/distributed.py)
         self._sync = make_sync(given, optimizer, process_group, model, self._wants_split)
         self._grads = self._sync.collector(optimizer)
-        self._backward_fn = backward_fn or self._sync.backward_fn
+        self._backward_fn = self._sync.backward_fn(backward_fn)
         self._open = False   # gradients of a step are being collected
         self._split = True   # ... per component (else one combined backward)
         self._done = False   # this step's gradients were steered (or discarded)
