@@ -544,11 +544,12 @@ class ZeroSync(ProcessGroupSync):
         self.engine, self.zero_optimizer = engine, zero_optimizer
 
     def backward_fn(self, given: Optional[Callable[..., Any]]) -> Callable[..., Any]:
-        if given is not None and given != self.engine.backward:
-            raise ValueError("GradientSteering: with a DeepSpeed engine every backward is engine.backward; drop "
-                             "backward_fn= (accelerator.backward would also call engine.step() after each "
-                             "component)")
-        return self.engine.backward
+        """engine.backward, or a given function that runs it (with extra kwargs, e.g. Trainer's)."""
+        if hasattr(getattr(given, "__self__", None), "deepspeed_engine_wrapped"):
+            raise ValueError("GradientSteering: backward_fn=accelerator.backward under DeepSpeed also calls "
+                             "engine.step() after each component's backward; drop backward_fn= (the hook runs "
+                             "engine.backward) and call engine.step() after steer.backward")
+        return given or self.engine.backward
 
     def collector(self, optimizer: torch.optim.Optimizer) -> ZeroGrads:
         self._collector_ref = ZeroGrads(self.engine)

@@ -128,6 +128,8 @@ class VGSDistillationTrainer(DistillationTrainer):
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
         inner = getattr(optimizer, "optimizer", optimizer)
+        if self.is_deepspeed_enabled:  # the hook goes on DeepSpeed's optimizer, at the first training_step
+            return optimizer
         if self.steer is None or self.steer.optimizer is not inner:
             a, acc = self.args, self.accelerator
             # gamma / lam come with the loss output; every backward the hook runs is Accelerate's
@@ -206,6 +208,14 @@ class VGSDistillationTrainer(DistillationTrainer):
     # ------------------------------------------------------------------ backward, clipping, logging
 
     def training_step(self, model, inputs, num_items_in_batch):
+        engine = self.model_wrapped if self.is_deepspeed_enabled else None
+        if engine is not None and (self.steer is None or getattr(self.steer._sync, "engine", None) is not engine):
+            if self.steer is not None:
+                self.steer.remove()
+            a = self.args  # every backward is the engine's, with Trainer's kwargs (scale_wrt_gas=False)
+            self.steer = GradientSteering(engine.optimizer, policy=a.steering_policy, eta=a.eta, every=a.eta_every,
+                                          model=engine, backward_fn=lambda loss, **kw: engine.backward(
+                                              loss, **kw, **self._backward_kwargs))
         with self._steered_backward():
             return super().training_step(model, inputs, num_items_in_batch)
 
@@ -216,12 +226,19 @@ class VGSDistillationTrainer(DistillationTrainer):
 
         def backward(loss, **kwargs):
             out, self._pending = self._pending, None
-            if out is None or loss is not out.total:
+            # DDP's and DeepSpeed's forward (TRL's _forward_redirection) return it through their own
+            # autograd nodes (_DDPSink, ZeRO-3's hooks): a new tensor of the same value
+            same = out is not None and (loss is out.total or torch.equal(loss.detach(), out.total.detach()))
+            if not same:
                 raise RuntimeError("VGSDistillationTrainer: the loss reaching backward is not the VGS loss of "
                                    "this micro-batch (was compute_loss overridden, or the loss rescaled?)")
             self._backward_kwargs = kwargs
             try:
+                if self.is_deepspeed_enabled:  # what Accelerate's DeepSpeedEngineWrapper.backward does
+                    self.model_wrapped.set_gradient_accumulation_boundary(acc.sync_gradients)
                 self.steer.backward(out)
+                if self.is_deepspeed_enabled and acc.sync_gradients:
+                    self.model_wrapped.step()
             finally:
                 self._backward_kwargs = {}
 
