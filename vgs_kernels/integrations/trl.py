@@ -128,8 +128,11 @@ class VGSDistillationTrainer(DistillationTrainer):
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
         inner = getattr(optimizer, "optimizer", optimizer)
-        if self.is_deepspeed_enabled:  # the hook goes on DeepSpeed's optimizer, at the first training_step
-            return optimizer
+        if self.is_deepspeed_enabled:
+            raise NotImplementedError(
+                "VGSDistillationTrainer with DeepSpeed is not supported yet (the per-component backward of the "
+                "student fails inside ZeRO's gradient hooks in this trainer); train with FSDP2 or DDP, or steer a "
+                "DeepSpeed engine directly: vgs.GradientSteering(optimizer, model=engine) (README, DeepSpeed)")
         if self.steer is None or self.steer.optimizer is not inner:
             a, acc = self.args, self.accelerator
             # gamma / lam come with the loss output; every backward the hook runs is Accelerate's
@@ -208,14 +211,6 @@ class VGSDistillationTrainer(DistillationTrainer):
     # ------------------------------------------------------------------ backward, clipping, logging
 
     def training_step(self, model, inputs, num_items_in_batch):
-        engine = self.model_wrapped if self.is_deepspeed_enabled else None
-        if engine is not None and (self.steer is None or getattr(self.steer._sync, "engine", None) is not engine):
-            if self.steer is not None:
-                self.steer.remove()
-            a = self.args  # every backward is the engine's, with Trainer's kwargs (scale_wrt_gas=False)
-            self.steer = GradientSteering(engine.optimizer, policy=a.steering_policy, eta=a.eta, every=a.eta_every,
-                                          model=engine, backward_fn=lambda loss, **kw: engine.backward(
-                                              loss, **kw, **self._backward_kwargs))
         with self._steered_backward():
             return super().training_step(model, inputs, num_items_in_batch)
 
@@ -234,11 +229,7 @@ class VGSDistillationTrainer(DistillationTrainer):
                                    "this micro-batch (was compute_loss overridden, or the loss rescaled?)")
             self._backward_kwargs = kwargs
             try:
-                if self.is_deepspeed_enabled:  # what Accelerate's DeepSpeedEngineWrapper.backward does
-                    self.model_wrapped.set_gradient_accumulation_boundary(acc.sync_gradients)
                 self.steer.backward(out)
-                if self.is_deepspeed_enabled and acc.sync_gradients:
-                    self.model_wrapped.step()
             finally:
                 self._backward_kwargs = {}
 

@@ -1,5 +1,8 @@
-"""VGSDistillationTrainer with an Accelerate DeepSpeed plugin (ZeRO-2 and ZeRO-3), 2 gloo processes:
-the same update as one process (no DeepSpeed) on the concatenated batch (issue 24).
+"""VGSDistillationTrainer on 2 gloo processes (Accelerate wraps the student in DDP): the same update as
+one process on the concatenated batch, clipping engaged. (DDP's forward returns the loss through its
+_DDPSink, a new tensor: the trainer's loss check once refused it, so multi-process DDP raised.)
+DeepSpeed in this trainer raises NotImplementedError (issue 24; GradientSteering on an engine is
+tested in tests/test_deepspeed.py).
 
 Greedy rollouts depend only on the parameters; Accelerate gives rank r the r-th of every 2 batches of
 2 prompts, which together are the single process's batch of 4 (the same seeded sampler).
@@ -18,11 +21,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-pytest.importorskip("deepspeed")
 pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
 WORLD, PER_RANK, STEPS, MAX_NORM = 2, 2, 2, 0.1
+
 DEADLINE = 300
 
 
@@ -40,26 +43,19 @@ def setup():
     return proc, student, teacher, ds
 
 
-def train(path, batch, stage=None):
+def train(path, batch, ddp=False):
     from vgs_kernels.integrations.trl import VGSDistillationConfig, VGSDistillationTrainer
     proc, student, teacher, ds = setup()
-    ds_cfg = None if stage is None else {
-        "zero_optimization": {"stage": stage}, "train_micro_batch_size_per_gpu": "auto",
-        "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": False}, "steps_per_print": 10 ** 9}
     args = VGSDistillationConfig(
         output_dir=path, per_device_train_batch_size=batch, gradient_accumulation_steps=2, max_steps=STEPS,
-        max_completion_length=5, bf16=False, report_to="none", logging_steps=1, learning_rate=0.05, optim="sgd",
-        save_strategy="no", seed=0, dataloader_num_workers=0, generation_kwargs={"do_sample": False},
-        steering_policy="vgs", max_grad_norm=MAX_NORM, deepspeed=ds_cfg, ddp_backend="gloo" if stage else None)
+        max_completion_length=5, bf16=False, gradient_checkpointing=False, report_to="none", logging_steps=1,
+        learning_rate=0.05, optim="sgd", save_strategy="no", seed=0, dataloader_num_workers=0, generation_kwargs={"do_sample": False},
+        steering_policy="vgs", max_grad_norm=MAX_NORM, use_cpu=ddp, ddp_backend="gloo" if ddp else None)
     trainer = VGSDistillationTrainer(model=copy.deepcopy(student), teacher_model=teacher, args=args, train_dataset=ds,
                                      processing_class=proc)
     trainer.train()
-    assert trainer.is_deepspeed_enabled == (stage is not None)
-    import deepspeed
-    params = list(trainer.model.named_parameters())
-    with deepspeed.zero.GatheredParameters([p for _, p in params]):
-        full = {n: p.detach().clone() for n, p in params}
+    assert (type(trainer.model_wrapped).__name__ == "DistributedDataParallel") == ddp
+    full = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     norms = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
     etas = [h["vgs/eta"] for h in trainer.state.log_history if "vgs/eta" in h]
     return {"params": full, "norms": norms, "etas": etas}
@@ -67,15 +63,14 @@ def train(path, batch, stage=None):
 
 def worker(rank, port, path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      LOCAL_RANK=str(rank))
+                      LOCAL_RANK=str(rank), ACCELERATE_USE_CPU="1")  # Accelerate: gloo DDP on CPU
     torch.set_num_threads(1)
     results = {}
     try:
-        for stage in (2, 3):
-            try:
-                results[stage] = train(os.path.join(path, f"out{stage}"), PER_RANK, stage)
-            except Exception:
-                results[stage] = {"error": traceback.format_exc()}
+        try:
+            results["ddp"] = train(os.path.join(path, "out"), PER_RANK, ddp=True)
+        except Exception:
+            results["ddp"] = {"error": traceback.format_exc()}
     finally:
         torch.save(results, os.path.join(path, f"rank{rank}.pt"))
         if dist.is_initialized():
@@ -84,7 +79,7 @@ def worker(rank, port, path):
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("dstrl"))
+    path = str(tmp_path_factory.mktemp("trlddp"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -98,8 +93,8 @@ def ranks(tmp_path_factory):
     return [torch.load(os.path.join(path, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_trainer_same_update_as_one_process(ranks, stage, tmp_path):
+def test_trainer_same_update_as_one_process(ranks, tmp_path):
+    stage = "ddp"
     for r in range(WORLD):
         assert "error" not in ranks[r][stage], f"rank {r}:\n{ranks[r][stage]['error']}"
     want = train(str(tmp_path), WORLD * PER_RANK)
