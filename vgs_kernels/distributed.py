@@ -45,6 +45,9 @@ then accumulates the unsharded gradient of all components in one buffer (an erro
 can see the FSDP modules: ``model=``). HF Accelerate's ``accumulate()`` turns it off between
 optimizer steps unless ``GradientAccumulationPlugin(..., sync_each_batch=True)``.
 
+DeepSpeed ZeRO 1/2/3 (``model=`` the engine): ZeroSync and ZeroGrads at the end of this file keep each
+component in DeepSpeed's partitioned layout; the same partial Gram, one all-reduce of k*k numbers.
+
 Checks (a clear error on every rank instead of a hang or a silent mix): the component names and
 the parameter layout are compared across ranks at the first ``steer.backward`` (before any backward
 collective), and, when there are plain (replicated) gradients, once per step together with the step

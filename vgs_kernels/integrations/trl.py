@@ -221,8 +221,8 @@ class VGSDistillationTrainer(DistillationTrainer):
 
         def backward(loss, **kwargs):
             out, self._pending = self._pending, None
-            # DDP's and DeepSpeed's forward (TRL's _forward_redirection) return it through their own
-            # autograd nodes (_DDPSink, ZeRO-3's hooks): a new tensor of the same value
+            # DDP's forward (TRL's _forward_redirection) returns it through its _DDPSink: a new tensor
+            # of the same value
             same = out is not None and (loss is out.total or torch.equal(loss.detach(), out.total.detach()))
             if not same:
                 raise RuntimeError("VGSDistillationTrainer: the loss reaching backward is not the VGS loss of "
