@@ -14,7 +14,8 @@ $(VENV)/.deps: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q "$(TORCH)" -r requirements-dev.txt  # torch pinned: a dependency must not upgrade it
+	# torch pinned: a dependency must not upgrade it; DS_BUILD_OPS=0: DeepSpeed JIT-builds the few ops it uses
+	DS_BUILD_OPS=0 $(PY) -m pip install -q "$(TORCH)" -r requirements-dev.txt
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.deps setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)

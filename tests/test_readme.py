@@ -108,10 +108,18 @@ def test_readme_block_runs(index, monkeypatch, tmp_path):
         _small_trl_runs(monkeypatch, tmp_path)
         ns["ds"] = _dataset()
     params = [p.detach().clone() for p in ns["student"].parameters()]
-    with process_group("DDP(" in code), fresh_accelerate():
+    if "deepspeed." in code:  # what a launcher sets
+        pytest.importorskip("deepspeed")
+        for k, v in {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1"}.items():
+            monkeypatch.setenv(k, v)
+    with process_group("DDP(" in code or "deepspeed." in code), fresh_accelerate():
         exec(compile(code, f"README.md python block {index}", "exec"), ns)
+        gathered = ns["deepspeed"].zero.GatheredParameters(list(ns["student"].parameters())) \
+            if "deepspeed" in ns else contextlib.nullcontext()  # ZeRO-3 parameters are empty outside forward
+        with gathered:
+            now = [p.detach().clone() for p in ns["student"].parameters()]
     if "steer" in ns or "trainer" in ns:  # a training block: it stepped
-        assert any(not torch.equal(p, q) for p, q in zip(ns["student"].parameters(), params))
+        assert any(not torch.equal(p, q) for p, q in zip(now, params))
     if "steer" in ns:
         assert torch.isfinite(ns["steer"].stats["eta"])
     if "trainer" in ns:  # TRL's logs carry eta

@@ -45,8 +45,8 @@ from torch import Tensor
 
 from vgs_kernels import policies
 from vgs_kernels.combine import combine
-from vgs_kernels.components import ComponentGrads, ComponentSpec, trainable
-from vgs_kernels.distributed import ProcessGroupSync
+from vgs_kernels.components import ComponentSpec, trainable
+from vgs_kernels.distributed import make_sync
 from vgs_kernels.gram import gram
 from vgs_kernels.health import SteeringHealth, std_descent
 from vgs_kernels.loss import VGSLossOutput
@@ -132,7 +132,7 @@ class GradientSteering:
                  process_group: Optional[Any] = None, backend: Optional[str] = None,
                  model: Optional[torch.nn.Module] = None, backward_fn: Optional[Callable[..., Any]] = None,
                  patience: Optional[int] = 3):
-        optimizer = _unwrap(optimizer)
+        given, optimizer = optimizer, _unwrap(optimizer)
         if getattr(optimizer, "_vgs_steering", None) is not None:
             raise RuntimeError("this optimizer already has a GradientSteering hook; remove() it first")
         if not callable(policy) and policy not in POLICIES:
@@ -146,19 +146,22 @@ class GradientSteering:
         self.optimizer, self.policy, self.scaler, self.backend, self.eta = optimizer, policy, scaler, backend, eta
         self._spec, self._auto = ComponentSpec(gamma, lam, dict(weights or {})), AutoEta(every, ema)
         self.health = SteeringHealth(patience)
-        self._backward_fn = backward_fn or torch.autograd.backward
         self.step_count = 0
         self.stats: Dict[str, Any] = {}
-        self._grads = ComponentGrads(optimizer)
+        # torch (one process, DDP, FSDP2) or DeepSpeed ZeRO (model=engine): who keeps the components
+        # apart, runs the backward and reduces (vgs_kernels/distributed.py)
+        self._sync = make_sync(given, optimizer, process_group, model, self._wants_split)
+        self._grads = self._sync.collector(optimizer)
+        self._backward_fn = self._sync.backward_fn(backward_fn)
         self._open = False   # gradients of a step are being collected
         self._split = True   # ... per component (else one combined backward)
         self._done = False   # this step's gradients were steered (or discarded)
         self._unscaling: Optional[Any] = None  # a GradScaler unscaling this optimizer right now
-        self._sync = ProcessGroupSync(optimizer, process_group, model, self._wants_split)
         self._handles = [optimizer.register_step_pre_hook(lambda *_: self._before_step()),
                          optimizer.register_state_dict_post_hook(self._save),
                          optimizer.register_load_state_dict_post_hook(self._load)]
-        self._patched = [(optimizer, "zero_grad", _before(optimizer.zero_grad, lambda *a, **k: self.reset()))]
+        self._patched = [(optimizer, "zero_grad", _before(optimizer.zero_grad, lambda *a, **k: self.reset())),
+                         *self._sync.patches(self)]
         for obj, name, fn in self._patched:
             setattr(obj, name, fn)
         _guard_grad_scalers()
@@ -290,6 +293,7 @@ class GradientSteering:
         raw = self._call_policy(G) if callable(policy) else policies.BUILTIN[policy](G, w, spec.std, spec.vis)
         coeffs, fell_back = policies.guard(G, raw, w)
         combine(out, comps, coeffs, backend=self.backend)
+        self._sync.combined(out)
         self._record("exact", device, coeffs, G, fell_back)
 
     def _call_policy(self, G: Tensor) -> Tensor:

@@ -132,6 +132,11 @@ class VGSDistillationTrainer(DistillationTrainer):
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
         inner = getattr(optimizer, "optimizer", optimizer)
+        if self.is_deepspeed_enabled:
+            raise NotImplementedError(
+                "VGSDistillationTrainer with DeepSpeed is not supported yet (the per-component backward of the "
+                "student fails inside ZeRO's gradient hooks in this trainer); train with FSDP2 or DDP, or steer a "
+                "DeepSpeed engine directly: vgs.GradientSteering(optimizer, model=engine) (README, DeepSpeed)")
         if self.steer is None or self.steer.optimizer is not inner:
             a, acc = self.args, self.accelerator
             # gamma / lam come with the loss output; every backward the hook runs is Accelerate's
@@ -222,7 +227,10 @@ class VGSDistillationTrainer(DistillationTrainer):
 
         def backward(loss, **kwargs):
             out, self._pending = self._pending, None
-            if out is None or loss is not out.total:
+            # DDP's forward (TRL's _forward_redirection) returns it through its _DDPSink: a new tensor
+            # of the same value
+            same = out is not None and (loss is out.total or torch.equal(loss.detach(), out.total.detach()))
+            if not same:
                 raise RuntimeError("VGSDistillationTrainer: the loss reaching backward is not the VGS loss of "
                                    "this micro-batch (was compute_loss overridden, or the loss rescaled?)")
             self._backward_kwargs = kwargs

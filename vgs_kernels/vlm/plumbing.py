@@ -346,7 +346,9 @@ def _vision_tokens(model: torch.nn.Module, processor: Any, have_text_batch: bool
 def _vocab_size(model: torch.nn.Module) -> int:
     model = hf_model(model)
     head = model.get_output_embeddings()
-    return head.weight.shape[0] if head is not None else model.config.get_text_config().vocab_size
+    if head is None:
+        return model.config.get_text_config().vocab_size
+    return getattr(head.weight, "ds_shape", head.weight.shape)[0]  # ZeRO-3: the partitioned weight is empty
 
 
 def _check_shape(name: str, t: torch.Tensor, shape: tuple) -> None:

@@ -206,9 +206,11 @@ def family_spec(model: torch.nn.Module) -> FamilySpec | None:
 
 
 def hf_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model inside DDP / DataParallel wrappers, for its config and LM head (the
-    forward passes still go through the wrapper, so DDP sees them)."""
-    while not hasattr(model, "config") and isinstance(getattr(model, "module", None), torch.nn.Module):
+    """The transformers model inside DDP / DataParallel / DeepSpeed engine wrappers, for its config and
+    LM head (the forward passes still go through the wrapper, so DDP sees them). A DeepSpeed engine's
+    ``config`` is its own (a dict without model_type), not the model's."""
+    while not hasattr(getattr(model, "config", None), "model_type") and isinstance(getattr(model, "module", None),
+                                                                                   torch.nn.Module):
         model = model.module
     return model
 

@@ -1,0 +1,278 @@
+"""DeepSpeed ZeRO stages 1, 2 and 3 (issue 24): the steered update equals one process steering the
+concatenated batch, with gradient accumulation 2 and gradient_clipping engaged, for every policy;
+engine.save_checkpoint / load_checkpoint resume is bit-identical, hook state included.
+
+Two gloo processes on CPU run every scenario in one spawn (importing torch, transformers and
+DeepSpeed is most of the time); each writes what it got to a file, compared here with a single
+process on the concatenated batch (no DeepSpeed: torch SGD, steer.clip_grad_norm_).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import vgs_kernels as vgs
+from tests.test_distributed import PER_RANK, POLICY_KW, STEPS, WORLD, Student, batch, losses
+
+deepspeed = pytest.importorskip("deepspeed")
+
+GAS = 2            # gradient_accumulation_steps
+CLIP = 0.05        # below every step's gradient norm here: clipping is engaged (checked)
+LR = 0.5
+STAGES = (1, 2, 3)
+SCENARIOS = [f"z{stage}_{policy}" for stage in STAGES for policy in POLICY_KW] + ["z2_bf16"]
+TIMEOUT = datetime.timedelta(seconds=60)
+DEADLINE = 240
+ATOL, RTOL = 2e-5, 1e-4
+
+
+def config(stage, bf16=False, gas=GAS):
+    return {"train_micro_batch_size_per_gpu": PER_RANK, "gradient_accumulation_steps": gas,
+            "gradient_clipping": CLIP, "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9,
+            "zero_optimization": {"stage": stage}, "bf16": {"enabled": bf16}}
+
+
+def engine_for(name, stage, bf16=False):
+    model = Student(seed=SCENARIOS.index(name) if name in SCENARIOS else 0)
+    if bf16:
+        model = model.to(torch.bfloat16)
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR),
+                                                   config=config(stage, bf16))
+    return engine, optimizer
+
+
+def full_params(engine):
+    params = list(engine.module.named_parameters())
+    with deepspeed.zero.GatheredParameters([p for _, p in params]):
+        return {n: p.detach().float().clone() for n, p in params}
+
+
+def ds_train(engine, steer, seed, rank, steps=range(STEPS)):
+    """The issue's call shape: steer.backward per micro-batch, engine.step() after each."""
+    loss_fn = vgs.VGSLoss(gamma=2.0)
+    rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+    grams, norms = [], []
+    for step in steps:
+        for m in range(GAS):
+            data = batch(seed, step, m, rows)
+            if engine.bfloat16_enabled():
+                data = tuple(t.to(torch.bfloat16) if t.is_floating_point() else t for t in data)
+            steer.backward(losses(engine, loss_fn, data))
+            engine.step()
+        grams.append(steer.stats["gram"].clone() if steer.stats["mode"] == "exact" else None)
+        norms.append(float(engine.get_global_grad_norm()))
+    return grams, norms
+
+
+def run_scenario(name, rank):
+    stage, policy = int(name[1]), name.split("_", 1)[1]
+    bf16 = policy == "bf16"
+    policy = "vgs" if bf16 else policy
+    engine, optimizer = engine_for(name, stage, bf16)
+    steer = vgs.GradientSteering(optimizer, policy=policy, gamma=2.0, model=engine, **POLICY_KW[policy])
+    grams, norms = ds_train(engine, steer, SCENARIOS.index(name), rank)
+    return {"params": full_params(engine), "grams": grams, "norms": norms}
+
+
+def resume(rank, path):
+    """2 steps, save_checkpoint, 2 more (A); a fresh engine and hook load the checkpoint and run the
+    same 2 steps (B). Policy auto (every=2) so the hook's EMA and step count matter."""
+    out = {}
+    for stage in (2, 3):
+        engine, optimizer = engine_for("resume", stage)
+        steer = vgs.GradientSteering(optimizer, policy="auto", every=2, model=engine)
+        ds_train(engine, steer, 99, rank, range(2))
+        engine.save_checkpoint(os.path.join(path, f"ckpt{stage}"), tag="t")
+        ds_train(engine, steer, 99, rank, range(2, 4))
+        a = full_params(engine), steer.step_count, float(steer.eta_ema)
+        engine, optimizer = engine_for("resume", stage)
+        torch.manual_seed(123)  # a different init: the checkpoint must restore everything
+        steer = vgs.GradientSteering(optimizer, policy="auto", every=2, model=engine)
+        engine.load_checkpoint(os.path.join(path, f"ckpt{stage}"), tag="t")
+        loaded = steer.step_count, float(steer.eta_ema)
+        ds_train(engine, steer, 99, rank, range(2, 4))
+        out[stage] = {"a": a, "b": (full_params(engine), steer.step_count, float(steer.eta_ema)), "loaded": loaded}
+    return out
+
+
+def misuse(rank):
+    out = {}
+    engine, optimizer = engine_for("misuse", 2)
+    for case, kw in {"module": {"model": engine.module}, "none": {}}.items():
+        try:
+            vgs.GradientSteering(optimizer, **kw).remove()
+            out[case] = "no error"
+        except TypeError as e:
+            out[case] = str(e)
+    # a plain engine.backward, not through the hook: refused at the step
+    steer = vgs.GradientSteering(optimizer, model=engine)
+    ids, *_ = batch(5, 0, 0, slice(rank * PER_RANK, (rank + 1) * PER_RANK))
+    for _ in range(GAS):
+        engine.backward(engine(ids).square().mean())
+        try:
+            engine.step()
+            out.setdefault("plain", "no error")
+        except RuntimeError as e:
+            out["plain"] = str(e)
+    return out
+
+
+def worker(rank, port, path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    deepspeed.init_distributed(dist_backend="gloo", timeout=TIMEOUT)
+    results = {}
+    try:
+        for name, fn in [(n, lambda n=n: run_scenario(n, rank)) for n in SCENARIOS] + [
+                ("resume", lambda: resume(rank, path)), ("misuse", lambda: misuse(rank))]:
+            try:
+                results[name] = fn()
+            except Exception:
+                results[name] = {"error": traceback.format_exc()}
+    finally:
+        torch.save(results, os.path.join(path, f"rank{rank}.pt"))
+        dist.destroy_process_group()  # else gloo may abort at teardown
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("ds"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.start_processes(worker, args=(port, path), nprocs=WORLD, join=False, start_method="spawn")
+    deadline = time.monotonic() + DEADLINE
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"the DeepSpeed workers did not finish within {DEADLINE} s")
+    return [torch.load(os.path.join(path, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+
+
+def reference(name):
+    """One process, no DeepSpeed: the concatenated batch, GAS micro-batches of 1/GAS, clipped at CLIP."""
+    policy = name.split("_", 1)[1]
+    policy = "vgs" if policy == "bf16" else policy
+    seed = SCENARIOS.index(name)
+    model = Student(seed=seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    steer = vgs.GradientSteering(optimizer, policy=policy, gamma=2.0, **POLICY_KW[policy])
+    loss_fn = vgs.VGSLoss(gamma=2.0)
+    grams, norms = [], []
+    for step in range(STEPS):
+        for m in range(GAS):
+            steer.backward({n: v / GAS for n, v in losses(model, loss_fn, batch(seed, step, m, slice(None))).items()})
+        norms.append(float(steer.clip_grad_norm_(CLIP)))
+        optimizer.step()
+        optimizer.zero_grad()
+        grams.append(steer.stats["gram"].clone() if steer.stats["mode"] == "exact" else None)
+    return {n: p.detach() for n, p in model.named_parameters()}, grams, norms
+
+
+@pytest.mark.parametrize("name", [n for n in SCENARIOS if "bf16" not in n])
+def test_same_update_as_one_process(ranks, name):
+    for r in range(WORLD):
+        assert "error" not in ranks[r][name], f"rank {r}:\n{ranks[r][name]['error']}"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        want, want_grams, want_norms = reference(name)
+    finally:
+        torch.set_num_threads(threads)
+    assert min(want_norms) > 2 * CLIP  # clipping engaged on every step
+    for r in range(WORLD):
+        res = ranks[r][name]
+        for n, p in want.items():
+            torch.testing.assert_close(res["params"][n], p, atol=ATOL, rtol=RTOL, msg=lambda m: f"rank {r} {n}: {m}")
+        # DeepSpeed's norm (what it clipped) is the norm of the steered gradient
+        torch.testing.assert_close(torch.tensor(res["norms"]), torch.tensor(want_norms), atol=1e-6, rtol=1e-4)
+        for step, (g, w) in enumerate(zip(res["grams"], want_grams)):
+            assert (g is None) == (w is None), step
+            if w is not None:
+                torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-4)
+
+
+def test_bf16(ranks):
+    """bf16 (fp32 master weights in DeepSpeed): the same update as fp32 within bf16's precision."""
+    for r in range(WORLD):
+        assert "error" not in ranks[r]["z2_bf16"], ranks[r]["z2_bf16"]["error"]
+    want, want_grams, _ = reference("z2_bf16")
+    res = ranks[0]["z2_bf16"]
+    moved = max((want[n] - Student(seed=SCENARIOS.index("z2_bf16")).state_dict()[n]).abs().max() for n in want)
+    err = max((res["params"][n] - want[n]).abs().max() for n in want)
+    assert err < 0.1 * moved, (err, moved)
+    torch.testing.assert_close(res["grams"][0], want_grams[0], atol=1e-4, rtol=5e-2)
+
+
+def test_resume_bit_identical(ranks):
+    for r in range(WORLD):
+        res = ranks[r]["resume"]
+        assert "error" not in res, res["error"]
+        for stage in (2, 3):
+            (pa, na, ea), (pb, nb, eb) = res[stage]["a"], res[stage]["b"]
+            assert res[stage]["loaded"][0] == 2, res[stage]["loaded"]  # the hook's step count came back
+            assert (na, ea) == (nb, eb)
+            for n in pa:
+                assert torch.equal(pa[n], pb[n]), (stage, n)
+
+
+def test_misuse_raises(ranks):
+    for r in range(WORLD):
+        res = ranks[r]["misuse"]
+        assert "error" not in res, res["error"]
+        for case in ("module", "none"):
+            assert "model= the DeepSpeed engine" in res[case], res[case]
+        assert "plain engine.backward()" in res["plain"], res["plain"]
+
+
+class _Cfg:
+    def __init__(self, device="none"):
+        self.device = type("D", (), {"value": device})()
+
+
+class FakeEngine:
+    """The configuration queries _zero_unsupported reads, settable one at a time."""
+
+    def __init__(self, **kw):
+        self.kw = kw
+        self.pipeline_parallelism = kw.get("pipe", False)
+        self.has_moe_layers = False
+
+    def zero_optimization_stage(self):
+        return self.kw.get("stage", 2)
+
+    def zero_quantized_gradients(self):
+        return self.kw.get("qgz", False)
+
+    def zero_offload_optimizer(self):
+        return _Cfg(self.kw.get("offload", "none"))
+
+    def zero_offload_param(self):
+        return _Cfg("none")
+
+    def fp16_enabled(self):
+        return self.kw.get("fp16", False)
+
+    def managed_gradient_accumulation(self):
+        return True
+
+
+@pytest.mark.parametrize("kw, setting", [({"qgz": True}, "zero_quantized_gradients"),
+                                         ({"offload": "cpu"}, "offload_optimizer"),
+                                         ({"pipe": True}, "pipeline parallelism"),
+                                         ({"stage": 0}, "zero_optimization.stage=0"),
+                                         ({"fp16": True}, "fp16")])
+def test_unsupported_settings_are_named(kw, setting):
+    from vgs_kernels.distributed import _zero_unsupported
+    assert _zero_unsupported(FakeEngine()) is None
+    assert setting in _zero_unsupported(FakeEngine(**kw))
