@@ -451,6 +451,9 @@ class FusedLinearVGSLoss(VGSLoss):
                  chunk_size: Optional[int] = None, memory_budget: Optional[int] = None,
                  fp32_weight_grad: bool = True, **kwargs):
         super().__init__(gamma, lam, lp_quantile, adaptive, eta, reduction, **kwargs)
+        if self.steer != "visual":
+            raise ValueError(f"steer={self.steer!r} is implemented on logits only (VGSLoss); "
+                             "FusedLinearVGSLoss computes the visual steering loss")
         if reduction == "none":
             raise ValueError("FusedLinearVGSLoss needs a scalar reduction ('sequence', 'token', "
                              "'sum'); use fused_linear_decomposed_kl for per-position terms")

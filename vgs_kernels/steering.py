@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Dict, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -111,6 +111,9 @@ class GradientSteering:
         backend: forces the gram/combine backend ("auto", "cpp", "triton", "reference").
         backward_fn: runs every backward the hook runs, as ``backward_fn(loss, retain_graph=...)``
             (e.g. ``accelerator.backward``); default ``torch.autograd.backward``.
+        fixed: names of fixed-coefficient components (e.g. ``("grpo",)``): coefficient = weight on
+            every step, outside the policy's Gram (policies.with_fixed). A loss output can bring
+            its own (GRPO + VGS does: vgs_kernels/grpo_vgs.py).
 
     Attributes:
         stats: after each step, the keys STAT_KEYS, every step: "step", "mode" ("exact" or
@@ -126,7 +129,8 @@ class GradientSteering:
                  weights: Optional[Mapping[str, float]] = None, eta: Optional[float] = None,
                  every: int = 16, ema: float = 0.7, scaler: Optional[Any] = None,
                  process_group: Optional[Any] = None, backend: Optional[str] = None,
-                 model: Optional[torch.nn.Module] = None, backward_fn: Optional[Callable[..., Any]] = None):
+                 model: Optional[torch.nn.Module] = None, backward_fn: Optional[Callable[..., Any]] = None,
+                 fixed: Sequence[str] = ()):
         optimizer = _unwrap(optimizer)
         if getattr(optimizer, "_vgs_steering", None) is not None:
             raise RuntimeError("this optimizer already has a GradientSteering hook; remove() it first")
@@ -139,7 +143,7 @@ class GradientSteering:
             raise ValueError("scaler= is the GradScaler of backward_fn's accelerator, whose backward already "
                              "scales every loss: the losses would be scaled twice; drop scaler=")
         self.optimizer, self.policy, self.scaler, self.backend, self.eta = optimizer, policy, scaler, backend, eta
-        self._spec, self._auto = ComponentSpec(gamma, lam, dict(weights or {})), AutoEta(every, ema)
+        self._spec, self._auto = ComponentSpec(gamma, lam, dict(weights or {}), fixed), AutoEta(every, ema)
         self._backward_fn = backward_fn or torch.autograd.backward
         self.step_count = 0
         self.stats: Dict[str, Any] = {}
@@ -196,9 +200,14 @@ class GradientSteering:
             self._open, self._done = True, False
         self._sync.before_backward(names, self._grads.params, self._split)
         if not self._split:
-            c = self._fixed_coeffs(comps[names[0]].device)
-            loss = (c[self._spec.std] / self._spec.w[self._spec.std]) * total if total is not None else \
-                sum(c[i] * comps[n] for i, n in enumerate(names))
+            c, spec = self._fixed_coeffs(comps[names[0]].device), self._spec
+            if total is not None:  # eta scales the steered part; fixed components keep their weight
+                steered = out.steered if out.steered is not None else total
+                loss = (c[spec.std] / spec.w[spec.std]) * steered
+                for i in spec.fixed_idx:
+                    loss = loss + c[i] * comps[names[i]]
+            else:
+                loss = sum(c[i] * comps[n] for i, n in enumerate(names))
             self._run_backward(loss, retain_graph)
             return
         if out is not None and not out.components:
@@ -225,7 +234,7 @@ class GradientSteering:
 
     def _fixed_coeffs(self, device: torch.device) -> Tensor:
         eta = self.eta if self.policy == "fixed" else self._auto.value.to(device)
-        return policies.fixed(self._spec.tensor(device), eta)
+        return policies.fixed(self._spec.tensor(device), eta, self._spec.fixed_mask(device))
 
     def _before_step(self) -> None:
         """The optimizer's step pre-hook: steer, and refuse gradients that bypassed the hook."""
@@ -280,15 +289,19 @@ class GradientSteering:
             G = G / scale.to(G).square()
         w = spec.tensor(device)
         policy = "vgs" if self.policy == "auto" else self.policy
-        raw = self._call_policy(G) if callable(policy) else policies.BUILTIN[policy](G, w, spec.std, spec.vis)
+        rule = (lambda G_, w_, *_: self._call_policy(G_)) if callable(policy) else policies.BUILTIN[policy]
+        raw = policies.with_fixed(rule, G, w, spec.std, spec.vis, spec.fixed_idx)
         coeffs, fell_back = policies.guard(G, raw, w)
         combine(out, comps, coeffs, backend=self.backend)
         self._record("exact", device, coeffs, G, fell_back)
 
     def _call_policy(self, G: Tensor) -> Tensor:
-        """A user policy's coefficients, checked: k numbers (a [k] tensor or a sequence)."""
-        name, k = getattr(self.policy, "__name__", repr(self.policy)), len(self.names)
-        c = self.policy(G, self.names)
+        """A user policy's coefficients, checked: k numbers (a [k] tensor or a sequence); it sees the
+        steered components only (not the fixed ones)."""
+        fixed = set(self._spec.fixed_idx)
+        names = tuple(n for i, n in enumerate(self.names) if i not in fixed)
+        name, k = getattr(self.policy, "__name__", repr(self.policy)), len(names)
+        c = self.policy(G, names)
         if not isinstance(c, Tensor):
             try:
                 c = torch.as_tensor(c, dtype=torch.float32)
@@ -297,7 +310,7 @@ class GradientSteering:
                                 f"got {type(c).__name__}: {e}") from None
         if c.shape != (k,) or c.is_complex():
             raise ValueError(f"policy {name} must return a [k] = [{k}] tensor of coefficients for the "
-                             f"components {self.names}, got shape {tuple(c.shape)}")
+                             f"components {names}, got shape {tuple(c.shape)}")
         return c.to(device=G.device, dtype=torch.float32)
 
     def _record(self, mode: str, device: torch.device, coeffs: Tensor, G: Optional[Tensor] = None,
