@@ -342,14 +342,19 @@ class GradientSteering:
 
     def state_dict(self) -> Dict[str, Any]:
         return {"step_count": self.step_count, "eta_ema": self._auto.value, "names": self.names,
-                "retry": bool(self._auto.retry)}
+                "retry": bool(self._auto.retry), "weights": list(self._spec.w) if self.names else None,
+                "fixed": self._spec.fixed}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.step_count = int(state["step_count"])
         self._auto.value, self._auto.retry = state["eta_ema"], bool(state.get("retry", False))
         saved = tuple(state["names"]) if state.get("names") is not None else None
         if saved is not None and self.names is None:
-            self._spec.set(saved)
+            # the weights and fixed components come back with the names: a resumed run checks the loss
+            # output's weights against the saved ones (not against defaults, e.g. gamma=2)
+            self._spec.fixed = tuple(state.get("fixed") or self._spec.fixed)
+            weights = state.get("weights")
+            self._spec.set(saved, dict(zip(saved, weights)) if weights is not None else None)
         elif saved is not None and saved != self.names:
             raise ValueError(f"saved components {saved} differ from {self.names}")
 

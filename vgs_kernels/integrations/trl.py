@@ -24,6 +24,9 @@ Accelerate, checkpoints, TRL's metrics — is the parent's):
 * checkpoints: the hook's state rides in the optimizer's state_dict; the model is saved in the
   format ``resume_from_checkpoint`` reloads (``save_original_format=False``).
 
+GRPO with VGS as its regulariser (Eq. 22), ``VGSGRPOTrainer`` / ``VGSGRPOConfig`` on ``trl.GRPOTrainer``,
+is importable from here too (it lives in trl_grpo.py and reuses this module's pieces).
+
 A plain ``transformers.Trainer`` user has no on-policy rollouts, no teacher and no text-only batch
 to build: serving one means writing those three parts, so there is no mixin here (the raw-loop
 way in the README is the route).
@@ -201,7 +204,8 @@ class VGSDistillationTrainer(DistillationTrainer):
         m = self._metrics["train" if self.model.training else "eval"]
         for name, value in (("std", out.std), ("vis", out.vis), ("lang", out.lp)):
             m[f"vgs/{name}"].append(float(value.detach() * scale))
-        m["vgs/vds"].append(float(out.vds.reshape(valid.shape)[valid].mean()) if bool(valid.any()) else math.nan)
+        if out.vds is not None:  # None: the monolithic loss (VGSGRPOTrainer's distill="standard")
+            m["vgs/vds"].append(float(out.vds.reshape(valid.shape)[valid].mean()) if bool(valid.any()) else math.nan)
 
     # ------------------------------------------------------------------ backward, clipping, logging
 
@@ -309,3 +313,11 @@ def _check_models(student, teacher, processor) -> None:
 def _attr(cfg: Any, name: str, default: Any = None) -> Any:
     value = getattr(cfg, name, None)
     return default if value is None else value
+
+
+def __getattr__(name: str):
+    """VGSGRPOTrainer / VGSGRPOConfig (Eq. 22) live in trl_grpo.py, which builds on this module's pieces."""
+    if name in ("VGSGRPOTrainer", "VGSGRPOConfig"):
+        from vgs_kernels.integrations import trl_grpo
+        return getattr(trl_grpo, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
