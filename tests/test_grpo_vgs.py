@@ -183,3 +183,33 @@ def test_grpo_surrogate_gradient_is_the_policy_gradient():
     adv, mask = torch.tensor([1.0, -2.0]), torch.tensor([[1, 1, 0], [1, 1, 1]])
     grpo_surrogate(logps, None, adv, mask).backward()
     torch.testing.assert_close(logps.grad, -(adv[:, None] * mask).double() / 5)
+
+
+def test_hook_state_keeps_weights_and_fixed_components(problem):
+    """A hook restored from a checkpoint takes GRPO + VGS's weights (α-scaled) and fixed component back:
+    the next backward of the same loss is accepted and steered as before (it used to be checked against
+    the default weights and rejected)."""
+    W, x_img, x_txt, a, b, mask = problem
+    tokens = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(1))
+    adv = torch.tensor([1.0, -1.0, 0.5], dtype=torch.float64)
+
+    def out():
+        return grpo_vgs_loss(rl_loss(W, x_img, mask, tokens, adv),
+                             vgs.VGSLoss(1.0, LAM)(x_img @ W, x_txt @ W, a, b, mask), ALPHA)
+
+    opt = torch.optim.SGD([W], lr=0.0)
+    steer = vgs.GradientSteering(opt, policy="vgs")
+    steer.backward(out())
+    opt.step()
+    want = W.grad.clone()
+    state = opt.state_dict()
+    steer.remove()
+    opt2 = torch.optim.SGD([W], lr=0.0)
+    opt2.load_state_dict(state)
+    steer2 = vgs.GradientSteering(opt2, policy="vgs")
+    assert steer2.names == ("grpo", "std", "vis", "lp") and steer2.step_count == 1
+    opt2.zero_grad()
+    steer2.backward(out())
+    steer2.apply()
+    torch.testing.assert_close(W.grad, want, rtol=0, atol=0)
+    assert float(steer2.stats["coeffs"][0]) == pytest.approx(1 - ALPHA)
