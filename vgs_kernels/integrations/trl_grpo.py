@@ -53,7 +53,8 @@ class VGSGRPOConfig(GRPOConfig):
     """A ``trl.GRPOConfig`` with Eq. 22's fields: alpha (weight of the distillation loss, the paper's
     0.3), distill ("vgs": ℓ_VGS-LP, "standard": KL(p ‖ qa)) and the VGS settings of
     VGSDistillationConfig (gamma, lam, lp_quantile, adaptive, steering_policy, eta, eta_every,
-    detach_prior). ``beta`` (GRPO's KL penalty) must be 0."""
+    detach_prior). ``beta`` (GRPO's KL penalty) must be 0. alpha = 0 is plain GRPO (the distillation
+    passes still run; η is then 0/0 and the hook logs vgs/fallback = 1, the update being the GRPO one)."""
 
     alpha: float = field(default=0.3, metadata={"help": "Weight of the distillation loss (Eq. 22)."})
     distill: str = field(default="vgs", metadata={"help": f"One of {DISTILL}."})
