@@ -10,13 +10,15 @@ Each micro-batch's loss is (1 − α)·L_GRPO + α·η·(Std + γ·Vis + λ·LP)
 
 * L_GRPO is TRL's own loss (``GRPOTrainer._compute_loss``: its loss_type, clipping, importance
   sampling, metrics) with ``beta = 0``: Eq. 22 has no KL penalty, another beta raises;
-* the distillation part is VGSDistillationTrainer's, on the completions GRPO sampled: the text-only
-  batch of each rollout, four hidden-state passes and FusedLinearVGSLoss, reduced per token over the
-  accumulation window's completion tokens (as TRL's "dapo" loss); ``distill="standard"`` is
-  KL(p ‖ qa) alone (the paper's "GRPO + Standard-KD" baseline);
-* the steering hook sees grpo (fixed coefficient 1 − α, never rescaled) and std, vis, lp weighted
-  α, α·γ, α·λ: the policy steers the distillation part only (policies.py, "Fixed-coefficient
-  components"), before Trainer clips and logs ``grad_norm``.
+* the distillation part is a row of VGSDistillationTrainer's method table (trl.py ``METHODS``), run
+  by VGSDistillationTrainer's own ``_compute_loss`` on the completions GRPO sampled, reduced per token
+  over the accumulation window's completion tokens (as TRL's "dapo" loss): ``distill="vgs"`` is the
+  "vgs" row (text-only batch, four hidden-state passes, FusedLinearVGSLoss), ``distill="standard"``
+  the "opd" row, KL(p ‖ qa) alone (the paper's "GRPO + Standard-KD" baseline);
+* "vgs" is steered: the hook sees grpo (fixed coefficient 1 − α, never rescaled) and std, vis, lp
+  weighted α, α·γ, α·λ, so the policy steers the distillation part only (policies.py,
+  "Fixed-coefficient components"), before Trainer clips and logs ``grad_norm``; "standard" is one
+  loss, (1 − α)·L_GRPO + α·KL, through Accelerate's plain backward (no policy applies).
 
 Costs: GRPO's own student pass (TRL computes its log-probabilities from logits) comes on top of
 the four hidden-state passes; the teacher is not GRPO's reference model (beta = 0 loads none).
@@ -33,13 +35,12 @@ from trl import DistillationTrainer, GRPOConfig, GRPOTrainer
 from trl.models import prepare_deepspeed
 from trl.models.utils import _ForwardRedirection
 
-from vgs_kernels.fused_linear import FusedLinearVGSLoss
 from vgs_kernels.grpo_vgs import grpo_vgs_loss
-from vgs_kernels.integrations.trl import POLICIES, VGSDistillationConfig, VGSDistillationTrainer, _check_models
+from vgs_kernels.integrations.trl import METHODS, POLICIES, VGSDistillationConfig, VGSDistillationTrainer, _check_models
 from vgs_kernels.steering import GradientSteering
 from vgs_kernels.vlm import VisionTokens, text_only_batch
 
-DISTILL = ("vgs", "standard")
+DISTILL = {"vgs": "vgs", "standard": "opd"}  # distill= -> the row of trl.METHODS
 
 
 def _like(name: str):
@@ -57,7 +58,7 @@ class VGSGRPOConfig(GRPOConfig):
     passes still run; η is then 0/0 and the hook logs vgs/fallback = 1, the update being the GRPO one)."""
 
     alpha: float = field(default=0.3, metadata={"help": "Weight of the distillation loss (Eq. 22)."})
-    distill: str = field(default="vgs", metadata={"help": f"One of {DISTILL}."})
+    distill: str = field(default="vgs", metadata={"help": f"One of {tuple(DISTILL)}."})
     gamma: float = _like("gamma")
     lam: float = _like("lam")
     lp_quantile: float = _like("lp_quantile")
@@ -74,7 +75,10 @@ class VGSGRPOConfig(GRPOConfig):
         if not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0):
             raise ValueError(f"alpha must be a number in [0, 1], got {self.alpha!r}")
         if self.distill not in DISTILL:
-            raise ValueError(f"distill must be one of {DISTILL}, got {self.distill!r}")
+            raise ValueError(f"distill must be one of {tuple(DISTILL)}, got {self.distill!r}")
+        if self.distill == "standard" and (self.steering_policy not in ("vgs", "sum") or self.eta is not None):
+            raise ValueError(f"steering_policy={self.steering_policy!r} / eta= do not apply to distill='standard' (one "
+                             "loss, no steering): drop them, or use distill='vgs'")
         if self.steering_policy not in POLICIES:
             raise ValueError(f"steering_policy must be one of {POLICIES}, got {self.steering_policy!r}")
         if (self.steering_policy == "fixed") != (self.eta is not None):
@@ -90,8 +94,8 @@ class VGSGRPOTrainer(GRPOTrainer):
 
     Arguments as the parent's (``reward_funcs`` required), plus ``teacher_model`` (a VLM of the
     student's family: same vocabulary and vision ids); ``args`` is a :class:`VGSGRPOConfig`,
-    ``processing_class`` the VLM's processor, every prompt has an image. Attributes: ``steer``,
-    ``loss_fn`` as VGSDistillationTrainer's.
+    ``processing_class`` the VLM's processor, every prompt has an image. Attributes: ``method`` (the
+    row of trl.METHODS), ``loss_fn`` (its loss), ``steer`` (the hook; None for distill="standard").
     """
 
     _tag_names = ["trl", "grpo", "vgs"]
@@ -119,26 +123,24 @@ class VGSGRPOTrainer(GRPOTrainer):
         suppress = sorted(set(self.generation_kwargs.get("suppress_tokens") or []) | set(self.vision.ids().tolist()))
         self.generation_kwargs["suppress_tokens"] = suppress
         self.generation_config.suppress_tokens = suppress
-        self.loss_fn = FusedLinearVGSLoss(args.gamma, args.lam, args.lp_quantile, args.adaptive, reduction="token",
-                                          temperature=args.temperature, detach_prior=args.detach_prior,
-                                          monolithic=args.distill == "standard")
+        self.method = METHODS[DISTILL[args.distill]]
+        self.loss_fn = self.method.build(args)
         self.steer: Optional[GradientSteering] = None
         self._pending = None
         self._backward_kwargs: dict = {}
 
-    # VGSDistillationTrainer's pieces (none of them calls super()): the four passes and the loss,
-    # the routed backward, the logs; TRL's backbone pass of DistillationTrainer.
+    # VGSDistillationTrainer's pieces (none of them calls super()): the row's passes and loss, the
+    # routed backward, the steering logs; TRL's backbone pass of DistillationTrainer.
     _get_last_hidden_state = DistillationTrainer._get_last_hidden_state
     _distill_loss = VGSDistillationTrainer._compute_loss
     _needs_components = VGSDistillationTrainer._needs_components
     _steered_backward = VGSDistillationTrainer._steered_backward
-    _log_terms = VGSDistillationTrainer._log_terms
     _log_steering = VGSDistillationTrainer._log_steering
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
         inner = getattr(optimizer, "optimizer", optimizer)
-        if self.steer is None or self.steer.optimizer is not inner:
+        if self.method.steered and (self.steer is None or self.steer.optimizer is not inner):
             a, acc = self.args, self.accelerator
             backward = functools.partial(type(acc).backward, acc)
             self.steer = GradientSteering(inner, policy=a.steering_policy, eta=a.eta, every=a.eta_every,
@@ -147,10 +149,12 @@ class VGSGRPOTrainer(GRPOTrainer):
 
     def _generate_and_score_completions(self, inputs):
         out = super()._generate_and_score_completions(inputs)
-        if out.get("pixel_values") is None:
-            raise ValueError("a generation batch has no image: VGS needs an image in every prompt")
         if "tool_mask" in out:
             raise NotImplementedError("VGSGRPOTrainer does not support tools (multi-turn rollouts) yet")
+        if not self.method.text_only:
+            return out
+        if out.get("pixel_values") is None:
+            raise ValueError("a generation batch has no image: VGS needs an image in every prompt")
         # GRPO repeats each prompt num_generations times in `inputs`, in the order of the completions
         text, _ = text_only_batch(self.processing_class, [x["prompt"] for x in inputs], out["completion_ids"],
                                   out["completion_mask"], padding_side="split", chat_template=self.chat_template,
@@ -166,21 +170,28 @@ class VGSGRPOTrainer(GRPOTrainer):
         if self.model.training:
             n = n * self.current_gradient_accumulation_steps / self.args.steps_per_generation
         unwrapped = self.accelerator.unwrap_model(model)
-        self._forward_redirection(model, unwrapped, self._distill_loss, unwrapped, inputs, n)
+        distill, _, _ = self._forward_redirection(model, unwrapped, self._distill_loss, unwrapped, inputs, n)
+        if not self.method.steered:
+            self._pending = None
+            return (1.0 - self.args.alpha) * rl + self.args.alpha * distill
         self._pending = out = grpo_vgs_loss(rl, self._pending, self.args.alpha)
         return out.total
 
     def training_step(self, model, inputs, num_items_in_batch):
+        if not self.method.steered:
+            return super().training_step(model, inputs, num_items_in_batch)
         with self._steered_backward():
             return super().training_step(model, inputs, num_items_in_batch)
 
     def _clip_grad_norm(self, model):
-        self.steer.apply()  # clipping must see the steered gradient
+        if self.steer is not None:
+            self.steer.apply()  # clipping must see the steered gradient
         return super()._clip_grad_norm(model)
 
     def _get_grad_norm(self, model, grad_norm=None):
-        self.steer.apply()
-        self._log_steering()
+        if self.steer is not None:
+            self.steer.apply()
+            self._log_steering()
         return super()._get_grad_norm(model, grad_norm)
 
     def _save_checkpoint(self, model, trial):
