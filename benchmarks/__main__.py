@@ -5,6 +5,7 @@
     vgs-bench --suite steering --goal           # + the issue-3 case (~120 M params, 25 tensors)
     vgs-bench --suite fused-linear --goal       # the issue-7 case (N=2048, H=1024, V=151,936)
     vgs-bench --suite trl                       # VGSDistillationTrainer vs trl.DistillationTrainer (needs trl)
+    vgs-bench --suite trl-grpo                  # VGSGRPOTrainer (Eq. 22) vs trl.GRPOTrainer (needs trl)
     vgs-bench --suite loss -N 512,2048 -V 32000,151936 --modes fwd,bwd,fwdbwd --repeats 10
 
 Prints one markdown table per suite, writes results.csv, results.md and PNG plots to --out.
@@ -24,8 +25,8 @@ import torch
 
 from . import harness, report
 
-SUITES = ("loss", "steering", "step", "fused-linear", "trl")
-MICRO = SUITES[:4]  # "all": the microbenchmarks; "trl" (trainers, needs trl) is asked for by name
+SUITES = ("loss", "steering", "step", "fused-linear", "trl", "trl-grpo")
+MICRO = SUITES[:4]  # "all": the microbenchmarks; "trl", "trl-grpo" (trainers, need trl) are asked for by name
 DEFAULT_SUITES = ("loss", "steering", "step")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -163,6 +164,11 @@ def jobs(args: argparse.Namespace) -> List[Job]:
         from . import suite_trl
 
         out.append(Job("trl trainers", suite_trl.N_IMPLS, lambda: list(suite_trl.cases(args.preset.step_size, dev))))
+    if "trl-grpo" in args.suites:
+        from . import suite_trl_grpo
+
+        out.append(Job("trl grpo trainers", suite_trl_grpo.N_IMPLS,
+                       lambda: list(suite_trl_grpo.cases(args.preset.step_size, dev))))
     return out
 
 

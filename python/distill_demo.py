@@ -26,6 +26,13 @@ From the same student, the same prompts and the same sampling seeds, each method
     vgs-lam1      vgs-fixed with λ = 1
     vgs-pcgrad    GradientSteering(policy="pcgrad"): PCGrad (TorchJD's) of the three weighted terms
     vgs-attach    vgs-exact with the prior attached (Vis's gradient also reaches the text-only pass)
+    lang-steer    the paper's language-steering ablation (Sec. 7, Eq. 19-21): η_Lang·[Std + γ·Lang + λ·VP],
+                  exact η_Lang through GradientSteering(policy="vgs")
+    grpo          GRPO alone (no teacher): the clipped surrogate on a correctness reward (1 for the exact
+                  answer), ``--group`` rollouts per prompt, no KL penalty
+    grpo+opd      Eq. 22 with standard distillation: (1 − α)·GRPO + α·KL(p ‖ qa), α = ``--alpha``
+    grpo+vgs      Eq. 22: (1 − α)·GRPO + α·η·(Std + γ·Vis + λ·LP), exact η on the distillation part only
+                  (the GRPO gradient is a fixed-coefficient component of the hook)
 
 Responses are sampled from the current student at every step (on-policy). Reported: greedy accuracy
 with the image and with a blank image (how much the student looks), the four loss terms and η over
@@ -62,6 +69,7 @@ import synthetic_task as task  # noqa: E402
 from tiny_vlm import tiny_processor, tiny_vlm  # noqa: E402
 
 import vgs_kernels as vgs  # noqa: E402
+from vgs_kernels.grpo_vgs import group_advantages, grpo_surrogate, grpo_vgs_loss  # noqa: E402
 
 # How each method takes its step. policy: a GradientSteering policy (None: no hook); fixed: η = --eta
 # multiplies the VGS loss; lam: λ (None: --lam); adaptive: App. E's per-token γ_t.
@@ -76,6 +84,10 @@ METHODS = {
     "vgs-lam1": dict(fixed=True, lam=1.0),
     "vgs-pcgrad": dict(policy="pcgrad"),
     "vgs-attach": dict(policy="vgs", attach_prior=True),
+    "lang-steer": dict(policy="vgs", steer="language"),
+    "grpo": dict(grpo=True, alpha=0.0),
+    "grpo+opd": dict(grpo=True, monolithic=True),
+    "grpo+vgs": dict(grpo=True, policy="vgs"),
 }
 DEFAULT_METHODS = ("opd", "vgs-fixed", "vgs-auto", "vgs-exact")
 REGIMES = ("blind", "grounded", "aligned")
@@ -101,6 +113,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="let Vis's gradient reach the text-only pass u too (default: the prior is detached)")
     p.add_argument("--auto-every", type=int, default=10, help="vgs-auto: steps between exact η refreshes")
     p.add_argument("--max-new-tokens", type=int, default=7)
+    p.add_argument("--group", type=int, default=4, help="grpo*: rollouts per prompt (--batch of them per step)")
+    p.add_argument("--alpha", type=float, default=0.3, help="grpo+*: weight of the distillation loss (Eq. 22)")
     p.add_argument("--teacher-steps", type=int, default=2500, help="at most; stops at --teacher-target")
     p.add_argument("--teacher-target", type=float, default=0.95, help="teacher's held-out accuracy to reach")
     p.add_argument("--teacher-seed", type=int, default=0,
@@ -322,18 +336,22 @@ def distill(method: str, args, proc, teacher, student0, seed: int, eval_set, sta
     evaluation on ``eval_set`` if already made (the same for every method); regime: its task variant."""
     spec = METHODS[method]
     lam = spec.get("lam", args.lam)
+    grpo, alpha = spec.get("grpo", False), spec.get("alpha", args.alpha)
+    whole = grpo or spec.get("steer")  # the hook takes the weights from the loss output (steer.backward(out))
     student = copy.deepcopy(student0).train()
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr)
-    steer = (vgs.GradientSteering(opt, policy=spec["policy"], gamma=args.gamma, lam=lam, every=args.auto_every)
+    steer = (vgs.GradientSteering(opt, policy=spec["policy"], gamma=None if whole else args.gamma,
+                                  lam=None if whole else lam, every=args.auto_every)
              if spec.get("policy") else None)
     loss_fn = vgs.VGSLoss(gamma=args.gamma, lam=lam, adaptive=spec.get("adaptive", False),
                           eta=args.eta if spec.get("fixed") else None,
                           detach_prior=not (args.attach_prior or spec.get("attach_prior", False)),
-                          monolithic=spec.get("monolithic", False))
+                          monolithic=spec.get("monolithic", False), steer=spec.get("steer", "visual"))
     rng = np.random.default_rng(20_000 + seed)  # same prompts for every method
     log = {"step": [], "std": [], "vis": [], "lang": [], "vds": [], "eta": [], "std_descent": [], "t_train": [],
            "t_rollout": [],
-           "eval_step": [], "acc_image": [], "acc_blank": [], "acc_image_kind": [], "acc_blank_kind": []}
+           "eval_step": [], "acc_image": [], "acc_blank": [], "acc_image_kind": [], "acc_blank_kind": [],
+           "reward": []}
 
     def record_eval(step, acc=None):
         if acc is None:
@@ -348,29 +366,40 @@ def distill(method: str, args, proc, teacher, student0, seed: int, eval_set, sta
     record_eval(0, start)
     bar = tqdm(range(1, args.steps + 1), desc=f"{method} seed {seed}", leave=False, disable=None)
     for step in bar:
-        examples = task.sample(args.batch, rng, **REGIME_TASK[regime])
+        if grpo:  # --batch rollouts: --group per prompt
+            examples = [e for e in task.sample(max(1, args.batch // args.group), rng, **REGIME_TASK[regime])
+                        for _ in range(args.group)]
+        else:
+            examples = task.sample(args.batch, rng, **REGIME_TASK[regime])
         t0 = time.perf_counter()
         batch, rmask = rollout(student, proc, examples, 30_000 + 1000 * seed + step, new_tokens(args, regime))
         t1 = time.perf_counter()
         t_log = 0.0
-        if loss_fn.monolithic:  # the monolithic loss needs the two passes with the image only
-            with torch.no_grad():  # text-only logits for the log only: outside the timed step
+        if loss_fn.monolithic or alpha == 0.0:  # passes with the image only (GRPO alone: the student's)
+            with torch.no_grad():  # text-only logits (and grpo's teacher) for the log only: outside the timed step
                 text, tmask = vgs.strip_images(batch, rmask, vgs.VisionTokens.from_model(student))
                 tpos = vgs.response_positions(tmask)[0]
                 u, b = (vgs.response_logits(m, text, tpos) for m in (student, teacher))
+                pos, mask = vgs.response_positions(rmask)
+                a = vgs.response_logits(teacher, batch, pos) if alpha == 0.0 else None
             t_log = time.perf_counter() - t1
-            pos, mask = vgs.response_positions(rmask)
             s = vgs.response_logits(student, batch, pos)
-            with torch.no_grad():
-                a = vgs.response_logits(teacher, batch, pos)
+            if a is None:
+                with torch.no_grad():
+                    a = vgs.response_logits(teacher, batch, pos)
         else:
             s, u, a, b, mask = vgs.distill_logits(student, teacher, batch, rmask)
-        out = loss_fn(s, u, a, b, mask)
         opt.zero_grad(set_to_none=True)
-        if steer is None:
-            out.total.backward()
+        if grpo:
+            rl, reward = grpo_loss(s, batch, rmask, mask, examples, proc, args.group)
+            log["reward"].append(reward)
+            out = rl if alpha == 0.0 else grpo_vgs_loss(rl, loss_fn(s, u, a, b, mask), alpha)
         else:
-            steer.backward({"std": out.std, "vis": out.vis, "lp": out.lp})
+            out = loss_fn(s, u, a, b, mask)
+        if steer is not None:
+            steer.backward(out if whole else {"std": out.std, "vis": out.vis, "lp": out.lp})
+        else:
+            (out if alpha == 0.0 and grpo else out.total).backward()
         opt.step()
         t2 = time.perf_counter()
         terms = vgs.decomposed_kl(s.detach(), u.detach(), a, b, mask)  # this step's four terms, for the log
@@ -388,6 +417,17 @@ def distill(method: str, args, proc, teacher, student0, seed: int, eval_set, sta
     if steer is not None:
         steer.remove()
     return log, student.eval()
+
+
+def grpo_loss(s, batch, rmask, mask, examples, proc, group: int):
+    """−O_GRPO on a correctness reward (1 when the decoded response is the exact answer), group-normalised
+    advantages, one update per rollout batch; returns (loss, mean reward)."""
+    pos = vgs.response_positions(rmask)[0]
+    tokens = batch["input_ids"].gather(1, pos + 1)  # the sampled response tokens
+    texts = proc.batch_decode(torch.where(mask, tokens, proc.tokenizer.pad_token_id), skip_special_tokens=True)
+    rewards = torch.tensor([float(" ".join(t.split()) == e.answer) for t, e in zip(texts, examples)])
+    logps = s.float().log_softmax(-1).gather(-1, tokens[..., None])[..., 0]
+    return grpo_surrogate(logps, None, group_advantages(rewards, group), mask), float(rewards.mean())
 
 
 def probe(args, proc, teacher, student, seed: int, regime: str = "grounded") -> list:
@@ -543,6 +583,13 @@ def summary(runs: dict) -> str:
             out += ["", "Steered update against ∇Std (std_descent < 0), share of the hook's measured steps, all seeds: "
                     + ", ".join(f"{m} {np.mean(np.array(c) < 0):.0%} of {len(c)} (median cos {np.median(c):+.2f})"
                                 for m, c in uphill.items() if c) + "."]
+        rewarded = [m for m in _ordered(cells) if cells[m][0].get("reward")]
+        if rewarded:  # the GRPO rows: the mean correctness reward of each step's rollouts
+            out += ["", "| method | reward, first → last 10% of steps (mean over seeds) |", "|---|---|"]
+            for m in rewarded:
+                recs, tail = cells[m], max(1, len(cells[m][0]["reward"]) // 10)
+                out.append(f"| {m} | {np.mean([np.mean(r['reward'][:tail]) for r in recs]):.3f} → "
+                           f"{np.mean([np.mean(r['reward'][-tail:]) for r in recs]):.3f} |")
         out += ["", "Every seed, accuracy with the image / blank image at the end:", "",
                 "| method | " + " | ".join(f"seed {r['seed']}" for r in start) + " |", "|---" * (1 + len(start)) + "|"]
         if start:
@@ -577,7 +624,7 @@ def plot(runs: dict, out: str) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = dict(zip(METHODS, plt.get_cmap("tab10").colors))
+    colours = dict(zip(METHODS, plt.get_cmap("tab20").colors))  # more methods than tab10 has colours
     paths, rows = [], list(runs)
 
     fig, axes = plt.subplots(len(rows), 2, figsize=(10, 3.3 * len(rows)), dpi=80, sharey=True, squeeze=False)

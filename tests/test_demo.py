@@ -8,8 +8,9 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python"))
 import distill_demo  # noqa: E402
 
-# One method per code path: monolithic, fixed-η loss (adaptive γ_t), the hook (auto: exact then EMA).
-METHODS = ["opd", "vgs-adaptive", "vgs-auto"]
+# One method per code path: monolithic, fixed-η loss (adaptive γ_t), the hook (auto: exact then EMA), GRPO with
+# the hook's fixed component (Eq. 22), language steering (Eq. 19-21).
+METHODS = ["opd", "vgs-adaptive", "vgs-auto", "grpo+vgs", "lang-steer"]
 
 
 @pytest.mark.slow
@@ -31,6 +32,8 @@ def test_quick_demo_both_regimes(tmp_path):
             assert rec["probe"][-1]["bin"] == -1  # the whole-batch row closes the probe
         # every method starts from the same student: same accuracy before the first step
         assert len({cells[m][0]["acc_image"][0] for m in METHODS}) == 1
+    grpo = runs["grounded"]["grpo+vgs"][0]
+    assert len(grpo["reward"]) == 3 and all(0 <= r <= 1 for r in grpo["reward"]) and not runs["blind"]["opd"][0]["reward"]
     assert runs["blind"]["vgs-adaptive"][0]["eta"] == [0.41] * 3 and runs["blind"]["opd"][0]["eta"] == [1.0] * 3
     # the grounded student is the blind one trained further: it differs
     assert runs["grounded"]["start"][0]["probe"] != runs["blind"]["start"][0]["probe"]

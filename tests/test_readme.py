@@ -86,18 +86,19 @@ def _dataset(seed=0, n=4):
         "image": [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(n)]})
 
 
-def _small_trl_runs(monkeypatch, tmp_path):
+def _small_trl_runs(monkeypatch, tmp_path, name="VGSDistillationConfig", **extra):
     """The TRL block as written, with the run made CPU-test sized (2 steps, no bf16, no logging)."""
     trl_mod = pytest.importorskip("vgs_kernels.integrations.trl")
-    full = trl_mod.VGSDistillationConfig
+    full = getattr(trl_mod, name)
 
     class Small(full):
         def __init__(self, **kw):
             kw.update(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2,
-                      max_completion_length=4, bf16=False, report_to="none", save_strategy="no", logging_steps=1)
+                      max_completion_length=4, bf16=False, report_to="none", save_strategy="no", logging_steps=1,
+                      **extra)
             super().__init__(**kw)
 
-    monkeypatch.setattr(trl_mod, "VGSDistillationConfig", Small)
+    monkeypatch.setattr(trl_mod, name, Small)
 
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)), ids=[f"block{i}" for i in range(len(BLOCKS))])
@@ -107,6 +108,9 @@ def test_readme_block_runs(index, monkeypatch, tmp_path):
     if "VGSDistillationTrainer" in code:
         _small_trl_runs(monkeypatch, tmp_path)
         ns["ds"] = _dataset()
+    if "VGSGRPOTrainer" in code:  # GRPO: 2 rollouts per prompt, a gold answer column for the reward
+        _small_trl_runs(monkeypatch, tmp_path, "VGSGRPOConfig", num_generations=2)
+        ns["ds"] = _dataset().add_column("answer", ["it is red"] * 4)
     params = [p.detach().clone() for p in ns["student"].parameters()]
     if "deepspeed." in code:  # what a launcher sets
         pytest.importorskip("deepspeed")

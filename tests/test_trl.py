@@ -227,6 +227,37 @@ def test_sum_without_vgs_terms_equals_trl(setup, tmp_path):
     assert not all(torch.equal(p, q) for p, q in zip(vgs_model.parameters(), student.parameters()))
 
 
+def test_opd_equals_trl(setup, tmp_path):
+    """method='opd' is trl.DistillationTrainer(beta=1) step for step: accumulation, clipping engaged
+    (max_grad_norm below the measured norms), logit_scale and softcap from the configs, temperature != 1;
+    the loss, grad_norm and entropy TRL logs are equal too."""
+    proc, student, teacher, ds = setup
+    suppress = VisionTokens.from_model(student, proc).ids().tolist()
+    gen = {"do_sample": False, "suppress_tokens": suppress}
+    s, t = copy.deepcopy(student), copy.deepcopy(teacher)
+    s.config.text_config.final_logit_softcapping, t.config.text_config.logit_scale = 3.0, 1.5
+    runs = []
+    for cls, cfg_cls, kw in [(VGSDistillationTrainer, VGSDistillationConfig, dict(method="opd")),
+                             (trl.DistillationTrainer, trl.DistillationConfig, dict(beta=1.0))]:
+        args = config(tmp_path / cls.__name__, cfg_cls, generation_kwargs=gen, max_grad_norm=0.05,
+                      temperature=1.3, **kw)
+        tr = cls(model=copy.deepcopy(s), teacher_model=t, args=args, train_dataset=ds, processing_class=proc)
+        tr.train()
+        runs.append((tr, [(h["loss"], h["grad_norm"], h["entropy"]) for h in tr.state.log_history if "loss" in h]))
+    (ours, our_log), (ref, ref_log) = runs
+    assert ours.steer is None and len(our_log) == 3
+    for mine, theirs in zip(our_log, ref_log):
+        assert mine == pytest.approx(theirs, rel=1e-5)
+        assert mine[1] > 0.05  # clipping engaged
+    for (name, p), q in zip(ours.model.named_parameters(), ref.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    assert not all(torch.equal(p, q) for p, q in zip(ours.model.parameters(), s.parameters()))
+    with pytest.raises(ValueError, match="method='opd'.*reverse KL"):
+        config(tmp_path, method="opd", beta=0.5)
+    with pytest.raises(ValueError, match="method must be one of"):
+        config(tmp_path, method="nope")
+
+
 def test_resume_continues_bit_identically(setup, tmp_path):
     """auto (every=3) with AdamW: hook state (step count, eta EMA), optimizer and model restored mid-epoch;
     the resumed step is a combined one, made with the restored EMA."""

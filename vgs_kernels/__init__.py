@@ -21,3 +21,6 @@ from vgs_kernels import policies
 from vgs_kernels.steering import GradientSteering
 from vgs_kernels.health import SteeringConflictWarning, std_descent
 from vgs_kernels.vlm import FamilySpec, register_family, text_only_batch
+from vgs_kernels.grpo_vgs import group_advantages, grpo_surrogate, grpo_vgs_loss
+from vgs_kernels.opd import fused_chunked_divergence_loss
+from vgs_kernels.va_opd import VAOPDLoss, VAOPDOutput

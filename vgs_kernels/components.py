@@ -21,7 +21,7 @@ every GradScaler steers a hooked optimizer before unscaling it (steering.py).
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Mapping, Optional, Tuple
+from typing import Callable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -162,15 +162,20 @@ class ComponentSpec:
 
     gamma, lam, weights: what the hook was given (None: not given). A loss output brings its own
     weights; one given to the hook as well must agree, so gamma and lambda are set in one place.
+    fixed: names of fixed-coefficient components (policies.with_fixed), from the hook or the output.
     """
 
-    def __init__(self, gamma: Optional[float], lam: Optional[float], weights: Mapping[str, float]):
+    def __init__(self, gamma: Optional[float], lam: Optional[float], weights: Mapping[str, float],
+                 fixed: Sequence[str] = ()):
+        self.fixed = tuple(fixed)
         self.explicit = {**({"vis": float(gamma)} if gamma is not None else {}),
                          **({"lp": float(lam)} if lam is not None else {}), **weights}
         self.gamma = 2.0 if gamma is None else float(gamma)
         self.lam = 0.01 if lam is None else float(lam)
         self.weights = dict(weights)
         self.names: Optional[tuple] = None
+        self.fixed_idx: List[int] = []
+        self._device_mask: Optional[Tensor] = None
         self.w: List[float] = []
         self.std = self.vis = 0
         self._device_w: Optional[Tensor] = None
@@ -182,6 +187,11 @@ class ComponentSpec:
             raise ValueError("the loss output was scaled by the loss's own eta (VGSLoss(eta=...)); with "
                              "GradientSteering leave the loss's eta=None: the policy sets eta "
                              "(policy='fixed', eta=...)")
+        if out.fixed and tuple(out.fixed) != self.fixed:
+            if self.fixed or self.names is not None:
+                raise ValueError(f"the loss output fixes the components {tuple(out.fixed)} but the hook fixes "
+                                 f"{self.fixed}; give fixed= to one of them only")
+            self.fixed = tuple(out.fixed)
         if out.weights is None:
             return None
         adopted = dict(zip(self.names, self.w)) if self.names is not None else {}
@@ -217,13 +227,28 @@ class ComponentSpec:
     def set(self, names: tuple, weights: Optional[Mapping[str, float]] = None) -> None:
         if not 1 <= len(names) <= 4:
             raise ValueError(f"1 to 4 components can be steered, got {len(names)}: {names}")
-        self._device_w = None
+        unknown = set(self.fixed) - set(names)
+        if unknown:
+            raise ValueError(f"fixed names components {sorted(unknown)} that are not among {names}")
+        self._device_w = self._device_mask = None
         self.w, self.std, self.vis = policies.base_weights(
-            names, self.gamma, {**({"lp": self.lam} if "lp" in names else {}), **(weights or {}), **self.weights})
+            names, self.gamma, {**({"lp": self.lam} if "lp" in names else {}), **(weights or {}), **self.weights},
+            fixed=self.fixed)
         self.names = names
+        self.fixed_idx = [names.index(n) for n in self.fixed]
 
     def tensor(self, device: torch.device) -> Tensor:
         """w as a [k] float32 tensor on `device`, built once (a blocking host-to-device copy)."""
         if self._device_w is None or self._device_w.device != device:
             self._device_w = torch.tensor(self.w, dtype=torch.float32).to(device)
         return self._device_w
+
+    def fixed_mask(self, device: torch.device) -> Optional[Tensor]:
+        """[k] bool, True at the fixed components (None when there are none), built once."""
+        if not self.fixed_idx:
+            return None
+        if self._device_mask is None or self._device_mask.device != device:
+            mask = torch.zeros(len(self.names), dtype=torch.bool)
+            mask[self.fixed_idx] = True
+            self._device_mask = mask.to(device)
+        return self._device_mask

@@ -149,10 +149,12 @@ class _Config:
     """Everything but the tensors: the heads' transforms, temperature, chunking, backend."""
 
     def __init__(self, temperature, logit_scale, softcap, detach_prior, chunk_size, memory_budget,
-                 fp32_weight_grad, backend):
+                 fp32_weight_grad, backend, student_entropy: bool = False):
         self.inv_t, self.logit_scale, self.softcap = 1.0 / temperature, logit_scale, softcap
         self.detach_prior, self.chunk_size, self.memory_budget = detach_prior, chunk_size, memory_budget
         self.fp32_weight_grad, self.backend = fp32_weight_grad, backend
+        # monolithic mode only: the VDS row (undefined without b) carries H(softmax(s/T)) instead
+        self.student_entropy = student_entropy
 
     def setup(self, h_s, h_u, w_s, b_s, h_a, h_b, w_t, b_t):
         """(heads, chunk rows, logits for rows r) for these tensors."""
@@ -390,6 +392,9 @@ def _fused_vgs(h_s, h_u, w_s, b_s, h_a, h_b, w_t, b_t, rows, valid, weights, los
         s, u, a, b = logits(r)
         t, st = kl_forward(s, u, a, b, inv_t, backend=be)
         terms[:n_terms, r] = t[:n_terms]
+        if mono and cfg.student_entropy:  # H(p) = log V - KL(p ‖ uniform): one more read of s
+            flat = s.new_zeros(1, s.shape[1]).expand_as(s)
+            terms[3, r] = math.log(s.shape[1]) - kl_forward(s, None, flat, None, inv_t, backend=be)[0][0]
         for (c_std, c_vis, _), g in zip(coeffs, grads):  # one kl_backward per component
             if not g.active or (c_std == 0 and (c_vis == 0 or mono)):
                 continue
@@ -451,6 +456,9 @@ class FusedLinearVGSLoss(VGSLoss):
                  chunk_size: Optional[int] = None, memory_budget: Optional[int] = None,
                  fp32_weight_grad: bool = True, **kwargs):
         super().__init__(gamma, lam, lp_quantile, adaptive, eta, reduction, **kwargs)
+        if self.steer != "visual":
+            raise ValueError(f"steer={self.steer!r} is implemented on logits only (VGSLoss); "
+                             "FusedLinearVGSLoss computes the visual steering loss")
         if reduction == "none":
             raise ValueError("FusedLinearVGSLoss needs a scalar reduction ('sequence', 'token', "
                              "'sum'); use fused_linear_decomposed_kl for per-position terms")

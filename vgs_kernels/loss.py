@@ -27,6 +27,7 @@ Reductions (w_t is zero on masked positions):
 """
 from __future__ import annotations
 
+import functools
 from typing import Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
@@ -35,6 +36,7 @@ from torch import Tensor, nn
 from vgs_kernels.decomposed_kl import KLTerms, decomposed_kl, valid_mask
 
 REDUCTIONS = ("sequence", "token", "sum", "none")
+STEER = ("visual", "language")
 Number = Union[int, float]
 
 
@@ -55,20 +57,37 @@ class VGSLossOutput(_Reduced):
     weights are given once: ``weights`` ({"std": 1, "vis": γ, "lp": λ}; {"std": 1} for the
     monolithic loss), ``eta`` (the loss's own η or None) and ``components`` (False when only
     ``total`` is differentiable, e.g. ``FusedLinearVGSLoss(components=False)``).
+    Other methods' components ride in ``extra`` (read as attributes too: language steering's
+    ``out.lang``, ``out.vp``; GRPO + VGS's ``out.grpo``). ``fixed`` names the components whose
+    coefficient is their weight, never rescaled by a policy (policies.with_fixed), and ``steered``
+    is the part of ``total`` the policy's eta scales (``total`` minus the fixed components).
     """
 
     # Unknown (None) for an output built without them (e.g. by _make): the hook then uses its own.
     weights: Optional[Dict[str, float]] = None
     eta: Optional[Union[float, Tensor]] = None
     components: bool = True
+    extra: Dict[str, Tensor] = {}
+    fixed: Tuple[str, ...] = ()
+    steered: Optional[Tensor] = None
 
     def __new__(cls, total: Tensor, std: Tensor, vis: Tensor, lp: Tensor, vds: Optional[Tensor], *,
                 weights: Optional[Dict[str, float]] = None, eta: Optional[Union[float, Tensor]] = None,
-                components: bool = True) -> "VGSLossOutput":
+                components: bool = True, extra: Optional[Dict[str, Tensor]] = None,
+                fixed: Sequence[str] = (), steered: Optional[Tensor] = None) -> "VGSLossOutput":
         self = super().__new__(cls, total, std, vis, lp, vds)
         self.weights = dict(weights) if weights is not None else None
         self.eta, self.components = eta, components
+        self.extra, self.fixed = dict(extra or {}), tuple(fixed)
+        self.steered = total if steered is None else steered
         return self
+
+    def __getattr__(self, name: str) -> Tensor:
+        extra = self.__dict__.get("extra", {})
+        if name in extra:
+            return extra[name]
+        raise AttributeError(f"{type(self).__name__} has no component {name!r} (components: "
+                             f"{list(self.weights or ('std', 'vis', 'lp'))})")
 
     def losses(self) -> Dict[str, Tensor]:
         """The components by name, as GradientSteering.backward takes them."""
@@ -102,6 +121,17 @@ class VGSLoss(nn.Module):
     four logit sets; detach_prior: no gradient from Vis into u (DESIGN.md §1). monolithic: the
     standard loss η·Std only (also selected by passing u = b = None), through the op's fast
     Std-only mode; then vis = lp = 0 and vds = None. backend: forces the op's backend.
+
+    steer="language" is the paper's language-steering ablation (Sec. 7, Eq. 19-21), which steers
+    towards the language gradient instead: total = η_Lang·[Std + γ_Lang·Lang + λ·VP], with
+    Lang = KL(pu ‖ qb) on every token (not gated) and VP (Eq. 21) = 1[VDS > Q_lp_quantile]·
+    KL(pu ‖ q*), q* = softmax(u + a − b) as in Eq. 10. Eq. 21 writes the *text-only* student pu in
+    VP (the visual term of the text-only pass); it is implemented as written. VP is the op's Vis term
+    of a second call with s = u, so q* is detached like Vis's prior (detach_prior=False: the full
+    gradient through q* too). The components are std, lang, vp (out.vis = out.lp = 0, weights
+    {"std": 1, "lang": γ_Lang, "vp": λ}): the hook's "vgs" policy, which weighs the second
+    component against std, computes η_Lang = ‖∇Std‖ / ‖∇Std + γ_Lang ∇Lang‖ (Eq. 20).
+    gamma_lang: γ_Lang (default: gamma).
     """
 
     def __init__(self, gamma: float = 2.0, lam: float = 0.01, lp_quantile: float = 0.7,
@@ -109,11 +139,19 @@ class VGSLoss(nn.Module):
                  reduction: str = "sequence", *,
                  adaptive_quantiles: Tuple[float, float] = (0.4, 0.7), temperature: float = 1.0,
                  detach_prior: bool = True, monolithic: bool = False, backend: Optional[str] = None,
-                 check_finite: bool = False):
+                 check_finite: bool = False, steer: str = "visual", gamma_lang: Optional[float] = None):
         super().__init__()
+        if steer not in STEER:
+            raise ValueError(f"steer must be one of {STEER}, got {steer!r}")
+        if steer == "language" and (monolithic or adaptive):
+            raise ValueError("steer='language' needs the four passes and has no adaptive gamma (App. E is "
+                             "for Vis): drop monolithic= / adaptive=")
+        gamma_lang = gamma if gamma_lang is None else gamma_lang
+        if steer != "language" and gamma_lang != gamma:
+            raise ValueError("gamma_lang is the weight of Lang under steer='language'; set steer='language'")
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        for name, value in (("gamma", gamma), ("lam", lam)):
+        for name, value in (("gamma", gamma), ("lam", lam), ("gamma_lang", gamma_lang)):
             if not isinstance(value, (int, float)) or not value >= 0:
                 raise ValueError(f"{name} must be a number >= 0, got {value!r}")
         lo, hi = adaptive_quantiles
@@ -128,6 +166,7 @@ class VGSLoss(nn.Module):
         self.eta, self.reduction = eta, reduction
         self.temperature, self.detach_prior = temperature, detach_prior
         self.monolithic, self.backend, self.check_finite = monolithic, backend, check_finite
+        self.steer, self.gamma_lang = steer, float(gamma_lang)
 
     def extra_repr(self) -> str:
         if self.monolithic:
@@ -143,10 +182,28 @@ class VGSLoss(nn.Module):
         only. The VDS quantiles are taken over this call's valid tokens (under gradient
         accumulation the LP gate and γ_t follow each micro-batch, as in a per-batch quantile)."""
         mono = self.monolithic or (u is None and b is None)
-        terms = decomposed_kl(s, None if mono else u, a, None if mono else b, mask,
-                              self.temperature, self.detach_prior, backend=self.backend,
-                              check_finite=self.check_finite)
+        if mono and self.steer == "language":
+            raise ValueError("steer='language' needs the text-only logits u and b (got None)")
+        kl = functools.partial(decomposed_kl, mask=mask, temperature=self.temperature,
+                               detach_prior=self.detach_prior, backend=self.backend, check_finite=self.check_finite)
+        terms = kl(s, None if mono else u, a, None if mono else b)
+        if self.steer == "language":  # VP = the Vis term with the text-only student in place of p (Eq. 21)
+            return self.reduce_language(terms, kl(u, u, a, b).vis, mask, num_items_in_batch)
         return self.reduce(terms, mask, monolithic=mono, num_items_in_batch=num_items_in_batch)
+
+    def reduce_language(self, terms: KLTerms, vp: Tensor, mask: Optional[Tensor],
+                        num_items_in_batch: Optional[Union[Number, Tensor]] = None) -> VGSLossOutput:
+        """Language steering (Eq. 19-21) from per-position terms and KL(pu ‖ q*) per position."""
+        valid = valid_mask(mask, terms.std.shape, terms.std.device)
+        w = self.reduction_weights(valid, terms.std.dtype, num_items_in_batch)
+        red = (lambda x: w * x) if self.reduction == "none" else (lambda x: (w * x).sum())
+        vds = terms.vds.detach()
+        _, gate = self.vds_factors(vds, valid)
+        std, lang, vp = red(terms.std), red(terms.lang), red(gate * vp)
+        total = std + self.gamma_lang * lang + self.lam * vp
+        zero = torch.zeros_like(std)
+        return VGSLossOutput(total if self.eta is None else self.eta * total, std, zero, zero.clone(), vds,
+                             weights=self.weights(), eta=self.eta, extra={"lang": lang, "vp": vp})
 
     # ------------------------------------------------------------------ per-term cotangents
 
@@ -172,7 +229,11 @@ class VGSLoss(nn.Module):
 
     def weights(self, monolithic: bool = False) -> Dict[str, float]:
         """The components' weights in total = η Σ weight · component (η excluded)."""
-        return {"std": 1.0} if monolithic else {"std": 1.0, "vis": self.gamma, "lp": self.lam}
+        if monolithic:
+            return {"std": 1.0}
+        if self.steer == "language":
+            return {"std": 1.0, "lang": self.gamma_lang, "vp": self.lam}
+        return {"std": 1.0, "vis": self.gamma, "lp": self.lam}
 
     def vds_factors(self, vds: Tensor, valid: Tensor) -> Tuple[Optional[Tensor], Tensor]:
         """(f, g) from the detached VDS: the adaptive-γ factor f_t ∈ {0, 1/2, 1} (None when not
@@ -224,9 +285,10 @@ def vgs_loss(s: Tensor, u: Optional[Tensor], a: Tensor, b: Optional[Tensor],
              eta: Optional[Union[float, Tensor]] = None, reduction: str = "sequence",
              num_items_in_batch: Optional[Union[Number, Tensor]] = None,
              temperature: float = 1.0, detach_prior: bool = True, monolithic: bool = False,
-             backend: Optional[str] = None, check_finite: bool = False) -> VGSLossOutput:
+             backend: Optional[str] = None, check_finite: bool = False, steer: str = "visual",
+             gamma_lang: Optional[float] = None) -> VGSLossOutput:
     """Functional form of `VGSLoss` (same arguments; see its docstring)."""
     return VGSLoss(gamma, lam, lp_quantile, adaptive, eta, reduction,
                    adaptive_quantiles=adaptive_quantiles, temperature=temperature,
                    detach_prior=detach_prior, monolithic=monolithic, backend=backend,
-                   check_finite=check_finite)(s, u, a, b, mask, num_items_in_batch=num_items_in_batch)
+                   check_finite=check_finite, steer=steer, gamma_lang=gamma_lang)(s, u, a, b, mask, num_items_in_batch=num_items_in_batch)

@@ -23,6 +23,14 @@ each property on random Gram matrices):
     sum      the monolithic loss: c = w, d = the plain weighted gradient.
     fixed    a constant eta (the paper's practice): c = eta * w, needs no Gram (one combined backward)
 
+Fixed-coefficient components (GRPO + VGS, Eq. 22): a component named in ``fixed`` keeps c_i = w_i
+under every policy; the rule sees only the Gram matrix and weights of the other (steered)
+components (``with_fixed``). Eq. 22's update (1 - alpha) g_GRPO + alpha * eta (g_std + gamma g_vis +
+lambda g_lp) is then the components {grpo: 1 - alpha (fixed), std: alpha, vis: alpha gamma, lp:
+alpha lambda}: every rule above is homogeneous in the steered weights (vgs's eta does not change when
+they are all scaled by alpha), so the policy applies to the VGS part only and the GRPO gradient is
+added unchanged. The fallback of ``guard`` is w for all components, the fixed ones included.
+
 ``auto`` (exact eta every K steps, EMA in between) is stateful and lives in the hook
 (vgs_kernels/steering.py). A user policy is any callable (G, names) -> c.
 ``guard`` is the one fallback for zero or non-finite norms: no NaN ever reaches ``.grad``.
@@ -37,12 +45,18 @@ from torch import Tensor
 Policy = Callable[[Tensor, Sequence[str]], Tensor]
 
 
-def base_weights(names: Sequence[str], gamma: float = 2.0, weights: Optional[Mapping[str, float]] = None) -> Tuple[list, int, int]:
-    """(w, std, vis) for components `names`: std is ``"std"`` (else the first), vis is ``"vis"``
-    (else the second; -1 when k == 1); w[std] = 1, w[vis] = gamma, others weights.get(name, 1.0)."""
+def base_weights(names: Sequence[str], gamma: float = 2.0, weights: Optional[Mapping[str, float]] = None,
+                 fixed: Sequence[str] = ()) -> Tuple[list, int, int]:
+    """(w, std, vis) for components `names`: std is ``"std"`` (else the first that is not fixed),
+    vis is ``"vis"`` (else the next steered one; -1 when there is none); w[std] = 1, w[vis] = gamma,
+    others weights.get(name, 1.0). A fixed component is never std or vis."""
     names = list(names)
-    std = names.index("std") if "std" in names else 0
-    others = [i for i in range(len(names)) if i != std]
+    steered = [i for i, n in enumerate(names) if n not in fixed]
+    if not steered or "std" in fixed or "vis" in fixed:
+        raise ValueError(f"fixed components {tuple(fixed)} must leave 'std' (and 'vis') to the policy: "
+                         f"at least one of {names} must be steered")
+    std = names.index("std") if "std" in names else steered[0]
+    others = [i for i in steered if i != std]
     vis = names.index("vis") if "vis" in names else (others[0] if others else -1)
     extra = dict(weights or {})
     unknown = set(extra) - set(names)
@@ -123,9 +137,24 @@ def plain_sum(G: Tensor, w: Tensor, std: int = 0, vis: int = 1) -> Tensor:
     return w.to(device=G.device, dtype=torch.float32).clone()
 
 
-def fixed(w: Tensor, eta) -> Tensor:
-    """A constant eta: c = eta * w (eta a number or a 0-d tensor, e.g. an EMA)."""
-    return w * eta
+def fixed(w: Tensor, eta, fixed_mask: Optional[Tensor] = None) -> Tensor:
+    """A constant eta: c = eta * w (eta a number or a 0-d tensor, e.g. an EMA); c_i = w_i where
+    ``fixed_mask`` ([k] bool) is True."""
+    c = w * eta
+    return c if fixed_mask is None else torch.where(fixed_mask, w, c)
+
+
+def with_fixed(rule: Callable[..., Tensor], G: Tensor, w: Tensor, std: int, vis: int,
+               fixed_idx: Sequence[int]) -> Tensor:
+    """``rule(G', w', std', vis')`` on the steered components only (G' and w' without the rows and
+    columns of ``fixed_idx``), with c_i = w_i for the fixed ones. No fixed component: ``rule`` as is."""
+    if not fixed_idx:
+        return rule(G, w, std, vis)
+    keep = [i for i in range(G.shape[0]) if i not in set(fixed_idx)]
+    idx = torch.tensor(keep, device=G.device)
+    sub = rule(G.index_select(0, idx).index_select(1, idx), w.index_select(0, idx), keep.index(std),
+               keep.index(vis) if vis in keep else -1)
+    return w.to(device=G.device, dtype=torch.float32).clone().index_copy(0, idx, sub.to(torch.float32))
 
 
 BUILTIN: Dict[str, Callable[..., Tensor]] = {"vgs": vgs, "project": project, "pcgrad": pcgrad, "sum": plain_sum}

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Dict, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -114,6 +114,9 @@ class GradientSteering:
             (e.g. ``accelerator.backward``); default ``torch.autograd.backward``.
         patience: emit vgs.SteeringConflictWarning after this many consecutive measurements with
             std_descent < 0 (vgs_kernels/health.py); None: never.
+        fixed: names of fixed-coefficient components (e.g. ``("grpo",)``): coefficient = weight on
+            every step, outside the policy's Gram (policies.with_fixed). A loss output can bring
+            its own (GRPO + VGS does: vgs_kernels/grpo_vgs.py).
 
     Attributes:
         stats: after each step, the keys STAT_KEYS, every step: "step", "mode" ("exact" or
@@ -131,7 +134,7 @@ class GradientSteering:
                  every: int = 16, ema: float = 0.7, scaler: Optional[Any] = None,
                  process_group: Optional[Any] = None, backend: Optional[str] = None,
                  model: Optional[torch.nn.Module] = None, backward_fn: Optional[Callable[..., Any]] = None,
-                 patience: Optional[int] = 3):
+                 patience: Optional[int] = 3, fixed: Sequence[str] = ()):
         given, optimizer = optimizer, _unwrap(optimizer)
         if getattr(optimizer, "_vgs_steering", None) is not None:
             raise RuntimeError("this optimizer already has a GradientSteering hook; remove() it first")
@@ -144,7 +147,7 @@ class GradientSteering:
             raise ValueError("scaler= is the GradScaler of backward_fn's accelerator, whose backward already "
                              "scales every loss: the losses would be scaled twice; drop scaler=")
         self.optimizer, self.policy, self.scaler, self.backend, self.eta = optimizer, policy, scaler, backend, eta
-        self._spec, self._auto = ComponentSpec(gamma, lam, dict(weights or {})), AutoEta(every, ema)
+        self._spec, self._auto = ComponentSpec(gamma, lam, dict(weights or {}), fixed), AutoEta(every, ema)
         self.health = SteeringHealth(patience)
         self.step_count = 0
         self.stats: Dict[str, Any] = {}
@@ -206,9 +209,14 @@ class GradientSteering:
             self._open, self._done = True, False
         self._sync.before_backward(names, self._grads.params, self._split)
         if not self._split:
-            c = self._fixed_coeffs(comps[names[0]].device)
-            loss = (c[self._spec.std] / self._spec.w[self._spec.std]) * total if total is not None else \
-                sum(c[i] * comps[n] for i, n in enumerate(names))
+            c, spec = self._fixed_coeffs(comps[names[0]].device), self._spec
+            if total is not None:  # eta scales the steered part; fixed components keep their weight
+                steered = out.steered if out.steered is not None else total
+                loss = (c[spec.std] / spec.w[spec.std]) * steered
+                for i in spec.fixed_idx:
+                    loss = loss + c[i] * comps[names[i]]
+            else:
+                loss = sum(c[i] * comps[n] for i, n in enumerate(names))
             self._run_backward(loss, retain_graph)
             return
         if out is not None and not out.components:
@@ -235,7 +243,7 @@ class GradientSteering:
 
     def _fixed_coeffs(self, device: torch.device) -> Tensor:
         eta = self.eta if self.policy == "fixed" else self._auto.value.to(device)
-        return policies.fixed(self._spec.tensor(device), eta)
+        return policies.fixed(self._spec.tensor(device), eta, self._spec.fixed_mask(device))
 
     def _before_step(self) -> None:
         """The optimizer's step pre-hook: steer, and refuse gradients that bypassed the hook."""
@@ -290,16 +298,20 @@ class GradientSteering:
             G = G / scale.to(G).square()
         w = spec.tensor(device)
         policy = "vgs" if self.policy == "auto" else self.policy
-        raw = self._call_policy(G) if callable(policy) else policies.BUILTIN[policy](G, w, spec.std, spec.vis)
+        rule = (lambda G_, w_, *_: self._call_policy(G_)) if callable(policy) else policies.BUILTIN[policy]
+        raw = policies.with_fixed(rule, G, w, spec.std, spec.vis, spec.fixed_idx)
         coeffs, fell_back = policies.guard(G, raw, w)
         combine(out, comps, coeffs, backend=self.backend)
         self._sync.combined(out)
         self._record("exact", device, coeffs, G, fell_back)
 
     def _call_policy(self, G: Tensor) -> Tensor:
-        """A user policy's coefficients, checked: k numbers (a [k] tensor or a sequence)."""
-        name, k = getattr(self.policy, "__name__", repr(self.policy)), len(self.names)
-        c = self.policy(G, self.names)
+        """A user policy's coefficients, checked: k numbers (a [k] tensor or a sequence); it sees the
+        steered components only (not the fixed ones)."""
+        fixed = set(self._spec.fixed_idx)
+        names = tuple(n for i, n in enumerate(self.names) if i not in fixed)
+        name, k = getattr(self.policy, "__name__", repr(self.policy)), len(names)
+        c = self.policy(G, names)
         if not isinstance(c, Tensor):
             try:
                 c = torch.as_tensor(c, dtype=torch.float32)
@@ -308,7 +320,7 @@ class GradientSteering:
                                 f"got {type(c).__name__}: {e}") from None
         if c.shape != (k,) or c.is_complex():
             raise ValueError(f"policy {name} must return a [k] = [{k}] tensor of coefficients for the "
-                             f"components {self.names}, got shape {tuple(c.shape)}")
+                             f"components {names}, got shape {tuple(c.shape)}")
         return c.to(device=G.device, dtype=torch.float32)
 
     def _record(self, mode: str, device: torch.device, coeffs: Tensor, G: Optional[Tensor] = None,
@@ -341,14 +353,19 @@ class GradientSteering:
 
     def state_dict(self) -> Dict[str, Any]:
         return {"step_count": self.step_count, "eta_ema": self._auto.value, "names": self.names,
-                "retry": bool(self._auto.retry)}
+                "retry": bool(self._auto.retry), "weights": list(self._spec.w) if self.names else None,
+                "fixed": self._spec.fixed}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.step_count = int(state["step_count"])
         self._auto.value, self._auto.retry = state["eta_ema"], bool(state.get("retry", False))
         saved = tuple(state["names"]) if state.get("names") is not None else None
         if saved is not None and self.names is None:
-            self._spec.set(saved)
+            # the weights and fixed components come back with the names: a resumed run checks the loss
+            # output's weights against the saved ones (not against defaults, e.g. gamma=2)
+            self._spec.fixed = tuple(state.get("fixed") or self._spec.fixed)
+            weights = state.get("weights")
+            self._spec.set(saved, dict(zip(saved, weights)) if weights is not None else None)
         elif saved is not None and saved != self.names:
             raise ValueError(f"saved components {saved} differ from {self.names}")
 

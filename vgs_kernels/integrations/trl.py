@@ -25,9 +25,29 @@ Accelerate, checkpoints, TRL's metrics — is the parent's):
 * checkpoints: the hook's state rides in the optimizer's state_dict; the model is saved in the
   format ``resume_from_checkpoint`` reloads (``save_original_format=False``).
 
+GRPO with VGS as its regulariser (Eq. 22), ``VGSGRPOTrainer`` / ``VGSGRPOConfig`` on ``trl.GRPOTrainer``,
+is importable from here too (it lives in trl_grpo.py and reuses this module's pieces).
+
 A plain ``transformers.Trainer`` user has no on-policy rollouts, no teacher and no text-only batch
 to build: serving one means writing those three parts, so there is no mixin here (the raw-loop
 way in the README is the route).
+
+Methods are rows of one table, ``METHODS`` (``VGSDistillationConfig(method=...)``), each with its loss
+in its own module; a new method (GRPO + VGS, ...) adds a row, not branches. A row (:class:`Method`)
+provides:
+
+* ``passes``: the hidden-state passes it needs, named from :data:`PASSES` ("student" / "teacher":
+  with the image; "student_text" / "teacher_text": the text-only batch, built with the rollout
+  only when a row asks for it);
+* ``steered``: whether Trainer's backward goes through the :class:`GradientSteering` hook (created
+  with the optimizer) or is Accelerate's plain one;
+* ``build(args) -> loss_fn``: the loss module, configured once (``trainer.loss_fn``);
+* ``loss(trainer, hidden, heads, mask, num_items_in_batch) -> (total, entropy_sum, out)``: hidden
+  is {pass name: [B, C, H] on the heads' device}, heads a :class:`Heads` (weights, biases,
+  logit scales, softcaps of student and teacher), mask the [B, C] loss mask; entropy_sum is the
+  student entropy TRL logs (None: not computed, TRL's ``entropy`` metric is dropped), out what
+  ``log`` and, for a steered row, the hook's ``backward`` get;
+* ``log(metrics, out, mask, num_items_in_batch)``: the row's own metrics into TRL's ``_metrics``.
 """
 from __future__ import annotations
 
@@ -35,18 +55,98 @@ import contextlib
 import functools
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 import transformers.trainer
+from torch import Tensor
 from trl import DistillationConfig, DistillationTrainer
 
 from vgs_kernels.fused_linear import FusedLinearVGSLoss
+from vgs_kernels.opd import fused_chunked_divergence_loss
 from vgs_kernels.steering import GradientSteering
 from vgs_kernels.vlm import VisionTokens, check_processor, text_only_batch
 from vgs_kernels.vlm.plumbing import _vocab_size
 
 POLICIES = ("vgs", "fixed", "auto", "pcgrad", "sum")
+PASSES = ("student", "student_text", "teacher", "teacher_text")
+
+
+class Heads(NamedTuple):
+    """The two LM heads as the losses take them: weights [V, H], biases [V] or None, and the
+    (student, teacher) logit_scale and final_logit_softcapping pairs of the model configs."""
+
+    w_s: Tensor
+    b_s: Optional[Tensor]
+    w_t: Tensor
+    b_t: Optional[Tensor]
+    logit_scale: Tuple[float, float]
+    softcap: Tuple[Optional[float], Optional[float]]
+
+
+LossResult = Tuple[Tensor, Optional[Tensor], Any]
+
+
+class Method(NamedTuple):
+    """A row of METHODS (module docstring)."""
+
+    passes: Tuple[str, ...]
+    steered: bool
+    build: Callable[["VGSDistillationConfig"], Any]
+    loss: Callable[..., LossResult]
+    log: Callable[[dict, Any, Tensor, Any], None]
+
+    @property
+    def text_only(self) -> bool:
+        """Whether the row needs the text-only batch (and so an image in every prompt)."""
+        return bool({"student_text", "teacher_text"} & set(self.passes))
+
+
+def _vgs_build(args) -> FusedLinearVGSLoss:
+    return FusedLinearVGSLoss(args.gamma, args.lam, args.lp_quantile, args.adaptive, reduction="token",
+                              temperature=args.temperature, detach_prior=args.detach_prior)
+
+
+def _vgs_loss(trainer, hidden, heads: Heads, mask, num_items_in_batch) -> LossResult:
+    fn = trainer.loss_fn
+    fn.components = trainer._needs_components()
+    fn.logit_scale = heads.logit_scale
+    fn.softcap = None if heads.softcap == (None, None) else heads.softcap
+    out = fn(hidden["student"], hidden["student_text"], heads.w_s, hidden["teacher"], hidden["teacher_text"],
+             heads.w_t, mask.bool(), bias_student=heads.b_s, bias_teacher=heads.b_t,
+             num_items_in_batch=num_items_in_batch)
+    return out.total, None, out
+
+
+def _vgs_log(m: dict, out, loss_mask, num_items_in_batch) -> None:
+    """Per-token means of this micro-batch's terms (out.* are sums / num_items_in_batch)."""
+    valid = loss_mask.bool()
+    n = valid.sum().clamp(min=1)
+    scale = (num_items_in_batch if num_items_in_batch is not None else n) / n
+    for name, value in (("std", out.std), ("vis", out.vis), ("lang", out.lp)):
+        m[f"vgs/{name}"].append(float(value.detach() * scale))
+    m["vgs/vds"].append(float(out.vds.reshape(valid.shape)[valid].mean()) if bool(valid.any()) else math.nan)
+
+
+def _opd_build(args) -> Callable[..., Tuple[Tensor, Tensor, Tensor]]:
+    return functools.partial(fused_chunked_divergence_loss, temperature=args.temperature)
+
+
+def _opd_loss(trainer, hidden, heads: Heads, mask, num_items_in_batch) -> LossResult:
+    loss, entropy_sum, _ = trainer.loss_fn(
+        hidden["student"], hidden["teacher"], heads.w_s, heads.w_t, mask, 1.0, num_items_in_batch,
+        student_lm_head_bias=heads.b_s, teacher_lm_head_bias=heads.b_t, student_logit_scale=heads.logit_scale[0],
+        teacher_logit_scale=heads.logit_scale[1], student_final_logit_softcapping=heads.softcap[0],
+        teacher_final_logit_softcapping=heads.softcap[1])
+    return loss, entropy_sum, None
+
+
+METHODS: Dict[str, Method] = {
+    # VGS (DESIGN.md §1): four passes, FusedLinearVGSLoss, the steering hook
+    "vgs": Method(("student", "student_text", "teacher", "teacher_text"), True, _vgs_build, _vgs_loss, _vgs_log),
+    # plain OPD = trl.DistillationTrainer(beta=1): two passes, vgs_kernels.opd, Accelerate's backward
+    "opd": Method(("student", "teacher"), False, _opd_build, _opd_loss, lambda *_: None),
+}
 
 
 @dataclass
@@ -70,9 +170,12 @@ class VGSDistillationConfig(DistillationConfig):
     detach_prior: bool = field(default=True, metadata={"help": "No gradient from Vis into the text-only pass."})
     steering_patience: Optional[int] = field(default=3, metadata={
         "help": "SteeringConflictWarning after this many uphill measurements in a row (None: never)."})
+    method: str = field(default="vgs", metadata={"help": f"Distillation method, one of {tuple(METHODS)}."})
 
     def __post_init__(self):
         super().__post_init__()
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {tuple(METHODS)}, got {self.method!r}")
         if self.steering_policy not in POLICIES:
             raise ValueError(f"steering_policy must be one of {POLICIES}, got {self.steering_policy!r}")
         if self.steering_policy == "fixed" and self.eta is None:
@@ -81,21 +184,24 @@ class VGSDistillationConfig(DistillationConfig):
             raise ValueError(f"eta= is the constant of steering_policy='fixed'; with {self.steering_policy!r} "
                              "it would be ignored: drop it or use steering_policy='fixed'")
         if self.beta != 1.0:
-            raise ValueError(f"beta={self.beta}: VGS decomposes the reverse KL (beta=1.0); set beta=1.0")
+            raise ValueError(f"beta={self.beta}: method={self.method!r} trains on the reverse KL (beta=1.0; VGS "
+                             "decomposes it, 'opd' is it); forward KL / JSD are not in the kernel yet: set beta=1.0")
         if not (isinstance(self.eta_every, int) and self.eta_every >= 1):
             raise ValueError(f"eta_every must be an int >= 1, got {self.eta_every!r}")
-        if self.fp16:
+        if self.fp16 and METHODS[self.method].steered:
             raise ValueError("fp16=True (a GradScaler) is not supported by VGSDistillationTrainer; use bf16=True")
 
 
 class VGSDistillationTrainer(DistillationTrainer):
-    """A ``trl.DistillationTrainer`` that trains with Visual Gradient Steering (module docstring).
+    """A ``trl.DistillationTrainer`` that trains with Visual Gradient Steering, or another row of
+    ``METHODS`` (``args.method``; module docstring).
 
     Same arguments and datasets as the parent; ``args`` is a :class:`VGSDistillationConfig`, the
     model and teacher are VLMs of one family (same vocabulary and vision placeholder ids),
     ``processing_class`` is their processor and every training example has an image
     (``image`` / ``images`` column). Attributes: ``steer`` (the :class:`GradientSteering` hook,
-    created with the optimizer), ``loss_fn`` (the :class:`FusedLinearVGSLoss`).
+    created with the optimizer; None for a method that is not steered), ``method`` (the row of
+    METHODS), ``loss_fn`` (the row's loss, e.g. the :class:`FusedLinearVGSLoss`).
     """
 
     _tag_names = ["trl", "distillation", "vgs"]
@@ -105,7 +211,8 @@ class VGSDistillationTrainer(DistillationTrainer):
         if not isinstance(args, VGSDistillationConfig):
             raise TypeError(f"args must be a VGSDistillationConfig, got {type(args).__name__}")
         columns = getattr(train_dataset, "column_names", None)
-        if train_dataset is not None and columns is not None and not {"image", "images"} & set(columns):
+        if (METHODS[args.method].text_only and train_dataset is not None and columns is not None
+                and not {"image", "images"} & set(columns)):
             raise ValueError(f"train_dataset has columns {columns} but no 'image' or 'images' column: VGS "
                              "splits the visual from the language part of the loss and needs an image per prompt")
         processor = kwargs.get("processing_class", rest[1] if len(rest) > 1 else None)
@@ -120,9 +227,8 @@ class VGSDistillationTrainer(DistillationTrainer):
         suppress = sorted(set(self.generation_kwargs.get("suppress_tokens") or []) | set(self.vision.ids().tolist()))
         self.generation_kwargs["suppress_tokens"] = suppress
         self.generation_config.suppress_tokens = suppress
-        self.loss_fn = FusedLinearVGSLoss(args.gamma, args.lam, args.lp_quantile, args.adaptive,
-                                          reduction="token", temperature=args.temperature,
-                                          detach_prior=args.detach_prior)
+        self.method = METHODS[args.method]
+        self.loss_fn = self.method.build(args)
         self.steer: Optional[GradientSteering] = None
         self._pending = None  # the VGSLossOutput of the micro-batch whose backward comes next
         self._backward_kwargs: dict = {}  # Trainer's kwargs of that backward (DeepSpeed, LOMO)
@@ -137,7 +243,7 @@ class VGSDistillationTrainer(DistillationTrainer):
                 "VGSDistillationTrainer with DeepSpeed is not supported yet (the per-component backward of the "
                 "student fails inside ZeRO's gradient hooks in this trainer); train with FSDP2 or DDP, or steer a "
                 "DeepSpeed engine directly: vgs.GradientSteering(optimizer, model=engine) (README, DeepSpeed)")
-        if self.steer is None or self.steer.optimizer is not inner:
+        if self.method.steered and (self.steer is None or self.steer.optimizer is not inner):
             a, acc = self.args, self.accelerator
             # gamma / lam come with the loss output; every backward the hook runs is Accelerate's
             backward = functools.partial(type(acc).backward, acc)
@@ -155,10 +261,12 @@ class VGSDistillationTrainer(DistillationTrainer):
 
     def _generate_and_score_completions(self, inputs):
         out = super()._generate_and_score_completions(inputs)
-        if out.get("pixel_values") is None:
-            raise ValueError("a generation batch has no image: VGS needs an image in every prompt")
         if "tool_mask" in out:
             raise NotImplementedError("VGSDistillationTrainer does not support tools (multi-turn rollouts) yet")
+        if not self.method.text_only:
+            return out
+        if out.get("pixel_values") is None:
+            raise ValueError("a generation batch has no image: VGS needs an image in every prompt")
         # [text prompt | the same completion block]: the last C positions align with the image batch's
         text, _ = text_only_batch(self.processing_class, [x["prompt"] for x in inputs], out["completion_ids"],
                                   out["completion_mask"], padding_side="split", chat_template=self.chat_template,
@@ -175,48 +283,43 @@ class VGSDistillationTrainer(DistillationTrainer):
         keep = completion_ids.size(1)
         full = (torch.cat([inputs["prompt_ids"], completion_ids], 1),
                 torch.cat([inputs["prompt_mask"], completion_mask], 1), keep)
-        text = (inputs["text_input_ids"], inputs["text_attention_mask"], keep)
+        text = (inputs.get("text_input_ids"), inputs.get("text_attention_mask"), keep)
         vision = {k: inputs[k] for k in ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes",
                                          "image_sizes", "token_type_ids", "mm_token_type_ids",
                                          "image_position_ids") if k in inputs}
         text_side = {k: inputs[f"text_{k}"] for k in ("token_type_ids", "mm_token_type_ids") if f"text_{k}" in inputs}
-        h_s = self._get_last_hidden_state(unwrapped_student, *full, **vision)
-        h_u = self._get_last_hidden_state(unwrapped_student, *text, **text_side)
+        views = {"student": (full, vision), "student_text": (text, text_side), "teacher": (full, vision),
+                 "teacher_text": (text, text_side)}
         self.teacher_model.eval()
         teacher = self.accelerator.unwrap_model(self.teacher_model)
-        with torch.no_grad():
-            h_a = self._forward_redirection(self.teacher_model, teacher, self._get_last_hidden_state, teacher,
-                                            *full, **vision)
-            h_b = self._forward_redirection(self.teacher_model, teacher, self._get_last_hidden_state, teacher, *text,
-                                            **text_side)
         head_s, head_t = unwrapped_student.get_output_embeddings(), teacher.get_output_embeddings()
         dev = head_s.weight.device
+        hidden = {}
+        for name in self.method.passes:
+            args, kwargs = views[name]
+            if name.startswith("student"):
+                hidden[name] = self._get_last_hidden_state(unwrapped_student, *args, **kwargs).to(dev)
+            else:
+                with torch.no_grad():
+                    hidden[name] = self._forward_redirection(self.teacher_model, teacher, self._get_last_hidden_state,
+                                                             teacher, *args, **kwargs).to(dev)
         cfg_s, cfg_t = unwrapped_student.config.get_text_config(), teacher.config.get_text_config()
-        self.loss_fn.components = self._needs_components()
-        self.loss_fn.logit_scale = (_attr(cfg_s, "logit_scale", 1.0), _attr(cfg_t, "logit_scale", 1.0))
-        caps = (_attr(cfg_s, "final_logit_softcapping"), _attr(cfg_t, "final_logit_softcapping"))
-        self.loss_fn.softcap = None if caps == (None, None) else caps
-        out = self.loss_fn(h_s.to(dev), h_u.to(dev), head_s.weight, h_a.to(dev), h_b.to(dev), head_t.weight,
-                           loss_mask.to(dev).bool(), bias_student=head_s.bias, bias_teacher=head_t.bias,
-                           num_items_in_batch=num_items_in_batch)
+        heads = Heads(head_s.weight, head_s.bias, head_t.weight, head_t.bias,
+                      (_attr(cfg_s, "logit_scale", 1.0), _attr(cfg_t, "logit_scale", 1.0)),
+                      (_attr(cfg_s, "final_logit_softcapping"), _attr(cfg_t, "final_logit_softcapping")))
+        loss_mask = loss_mask.to(dev)
+        total, entropy_sum, out = self.method.loss(self, hidden, heads, loss_mask, num_items_in_batch)
         self._pending = out
-        self._log_terms(out, loss_mask, num_items_in_batch)
-        n_valid = loss_mask.sum()
-        return out.total, torch.full((), math.nan, device=dev), n_valid
-
-    def _log_terms(self, out, loss_mask, num_items_in_batch) -> None:
-        """Per-token means of this micro-batch's terms (out.* are sums / num_items_in_batch)."""
-        valid = loss_mask.bool()
-        n = valid.sum().clamp(min=1)
-        scale = (num_items_in_batch if num_items_in_batch is not None else n) / n
-        m = self._metrics["train" if self.model.training else "eval"]
-        for name, value in (("std", out.std), ("vis", out.vis), ("lang", out.lp)):
-            m[f"vgs/{name}"].append(float(value.detach() * scale))
-        m["vgs/vds"].append(float(out.vds.reshape(valid.shape)[valid].mean()) if bool(valid.any()) else math.nan)
+        self.method.log(self._metrics["train" if self.model.training else "eval"], out, loss_mask,
+                        num_items_in_batch)
+        entropy_sum = torch.full((), math.nan, device=dev) if entropy_sum is None else entropy_sum.detach()
+        return total, entropy_sum, loss_mask.sum()
 
     # ------------------------------------------------------------------ backward, clipping, logging
 
     def training_step(self, model, inputs, num_items_in_batch):
+        if not self.method.steered:
+            return super().training_step(model, inputs, num_items_in_batch)
         with self._steered_backward():
             return super().training_step(model, inputs, num_items_in_batch)
 
@@ -246,12 +349,14 @@ class VGSDistillationTrainer(DistillationTrainer):
             del acc.backward
 
     def _clip_grad_norm(self, model):
-        self.steer.apply()  # clipping must see the steered gradient
+        if self.steer is not None:
+            self.steer.apply()  # clipping must see the steered gradient
         return super()._clip_grad_norm(model)
 
     def _get_grad_norm(self, model, grad_norm=None):
-        self.steer.apply()
-        self._log_steering()
+        if self.steer is not None:
+            self.steer.apply()
+            self._log_steering()
         return super()._get_grad_norm(model, grad_norm)
 
     def _log_steering(self) -> None:
@@ -273,7 +378,9 @@ class VGSDistillationTrainer(DistillationTrainer):
                     m[f"vgs/cos_{a}_{names[j]}"].append(cos[i][j])
 
     def log(self, logs: dict, start_time: Optional[float] = None) -> None:
-        self._metrics["train" if self.model.training else "eval"].pop("entropy", None)  # not computed here
+        m = self._metrics["train" if self.model.training else "eval"]
+        if any(math.isnan(x) for x in m.get("entropy", ())):  # a method whose loss does not compute it
+            m.pop("entropy")
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------ checkpoints
@@ -324,3 +431,11 @@ def _check_models(student, teacher, processor) -> None:
 def _attr(cfg: Any, name: str, default: Any = None) -> Any:
     value = getattr(cfg, name, None)
     return default if value is None else value
+
+
+def __getattr__(name: str):
+    """VGSGRPOTrainer / VGSGRPOConfig (Eq. 22) live in trl_grpo.py, which builds on this module's pieces."""
+    if name in ("VGSGRPOTrainer", "VGSGRPOConfig"):
+        from vgs_kernels.integrations import trl_grpo
+        return getattr(trl_grpo, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

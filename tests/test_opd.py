@@ -1,0 +1,101 @@
+"""fused_chunked_divergence_loss against TRL's own _chunked_divergence_loss (beta=1) and a plain-torch reference."""
+import pytest
+import torch
+
+import vgs_kernels as vgs
+from vgs_kernels.fused_linear import head_logits
+
+trl_dt = pytest.importorskip("trl.trainer.distillation_trainer")
+
+
+def inputs(B=3, K=7, H=16, Ht=24, V=1001, bias=False, dtype=torch.float32, pad=0.3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hs = torch.randn(B, K, H, generator=g).to(dtype).requires_grad_()
+    ht = torch.randn(B, K, Ht, generator=g).to(dtype)
+    ws = (torch.randn(V, H, generator=g) / H ** 0.5).requires_grad_()
+    wt = torch.randn(V, Ht, generator=g) / Ht ** 0.5
+    bs = torch.randn(V, generator=g).requires_grad_() if bias else None
+    bt = torch.randn(V, generator=g) if bias else None
+    mask = (torch.rand(B, K, generator=g) >= pad).long()
+    return hs, ht, ws, wt, mask, bs, bt
+
+
+def run(fn, hs, ht, ws, wt, mask, bs, bt, grad_out=1.7, **kw):
+    loss, ent, n = fn(hs, ht, ws, wt, mask, 1.0, student_lm_head_bias=bs, teacher_lm_head_bias=bt, **kw)
+    wrt = [x for x in (hs, ws, bs) if x is not None]
+    grads = torch.autograd.grad(loss * grad_out, wrt, allow_unused=True)  # None: nothing reached it (zero)
+    return loss.detach(), ent, n, [torch.zeros_like(x) if g is None else g for x, g in zip(wrt, grads)]
+
+
+TRANSFORMS = [{}, dict(temperature=0.7), dict(student_logit_scale=0.8, teacher_logit_scale=1.25),
+              dict(student_final_logit_softcapping=4.0, teacher_final_logit_softcapping=6.0, temperature=1.5)]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("kw", TRANSFORMS)
+@pytest.mark.parametrize("num_items", [None, 13])
+def test_matches_trl(bias, kw, num_items):
+    x = inputs(bias=bias)
+    ref = run(trl_dt._chunked_divergence_loss, *x, num_items_in_batch=num_items, **kw)
+    ours = run(vgs.fused_chunked_divergence_loss, *x, num_items_in_batch=num_items, **kw)
+    for a, b in zip(ref[:3], ours[:3]):
+        torch.testing.assert_close(b, a.to(b.dtype), rtol=1e-5, atol=1e-6)
+    assert ours[2].dtype == ref[2].dtype
+    for a, b in zip(ref[3], ours[3]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_qwen_vocabulary_bf16_and_chunks():
+    """V = 151,936, bf16 hidden states (heads in bf16, fp32 accumulation), several chunks."""
+    x = inputs(B=2, K=5, H=32, Ht=32, V=151_936, dtype=torch.bfloat16)
+    ref = run(trl_dt._chunked_divergence_loss, *x, num_items_in_batch=9)
+    ours = run(vgs.fused_chunked_divergence_loss, *x, num_items_in_batch=9, chunk_size=3)
+    torch.testing.assert_close(ours[0], ref[0], rtol=2e-2, atol=1e-3)
+    torch.testing.assert_close(ours[1], ref[1], rtol=2e-2, atol=1e-2)
+    for a, b in zip(ref[3], ours[3]):
+        torch.testing.assert_close(b.float(), a.float(), rtol=5e-2, atol=5e-3)
+
+
+def test_float64_gradcheck():
+    hs, ht, ws, wt, mask, bs, bt = inputs(B=2, K=3, H=4, Ht=5, V=11, bias=True)
+    hs, ht, ws, wt, bs, bt = (t.detach().double().requires_grad_(t.requires_grad) for t in (hs, ht, ws, wt, bs, bt))
+
+    def f(hs, ws, bs):
+        return vgs.fused_chunked_divergence_loss(hs, ht, ws, wt, mask, 1.0, student_lm_head_bias=bs,
+                                                 teacher_lm_head_bias=bt, student_final_logit_softcapping=3.0,
+                                                 temperature=1.3)[0]
+
+    assert torch.autograd.gradcheck(f, (hs, ws, bs))
+    s = head_logits(hs, ws, bs, softcap=3.0) / 1.3
+    a = head_logits(ht, wt, bt) / 1.3
+    kl = (s.log_softmax(-1).exp() * (s.log_softmax(-1) - a.log_softmax(-1))).sum(-1)
+    torch.testing.assert_close(f(hs, ws, bs), kl[mask.bool()].mean())
+
+
+def test_all_masked_gives_zero_loss_and_zero_grads():
+    hs, ht, ws, wt, mask, bs, bt = inputs(bias=True)
+    for n in (None, 5):
+        loss, ent, cnt, grads = run(vgs.fused_chunked_divergence_loss, hs, ht, ws, wt, torch.zeros_like(mask), bs, bt,
+                                    num_items_in_batch=n)
+        assert float(loss) == 0 and float(ent) == 0 and int(cnt) == 0
+        assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+
+
+def test_bad_input_names_the_argument():
+    hs, ht, ws, wt, mask, bs, bt = inputs()
+    f = vgs.fused_chunked_divergence_loss
+    with pytest.raises(ValueError, match="beta"):
+        f(hs, ht, ws, wt, mask, 0.5)
+    with pytest.raises(ValueError, match="vocabularies differ"):
+        f(hs, ht, ws, wt[:-1], mask, 1.0)
+    with pytest.raises(ValueError, match="h_s must be"):
+        f(hs, ht, ws[:, :-1], wt, mask, 1.0)
+    with pytest.raises(ValueError, match="h_a must be"):
+        f(hs, ht[..., :-1], ws, wt, mask, 1.0)
+    with pytest.raises(ValueError, match="completion_mask"):
+        f(hs, ht, ws, wt, mask[:, :-1], 1.0)
+    for bad in (0, -3, torch.tensor(0.0)):
+        with pytest.raises(ValueError, match="num_items_in_batch"):
+            f(hs, ht, ws, wt, mask, 1.0, bad)
+    with pytest.raises(ValueError, match="mask"):
+        f(hs, ht, ws, wt, mask * 2, 1.0)

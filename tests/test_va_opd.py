@@ -1,0 +1,122 @@
+"""VAOPDLoss (from logits and from hidden states) against a plain-torch, loop-per-rollout reference."""
+import math
+
+import pytest
+import torch
+
+import vgs_kernels as vgs
+from vgs_kernels.fused_linear import head_logits
+
+
+def reference(s, a, aw, tokens, mask, groups, top_frac=0.2, lam=0.5, tau=1.0, T=1.0):
+    """The issue's definition, written out rollout by rollout."""
+    ls, la, lw = (x.double().div(T).log_softmax(-1) for x in (s, a, aw))
+    B = s.shape[0]
+    losses, means, vas = [], [], torch.zeros(tokens.shape, dtype=torch.float64)
+    for k in range(B):
+        idx = [t for t in range(tokens.shape[1]) if mask[k, t]]
+        va = {t: max(float(la[k, t, tokens[k, t]] - lw[k, t, tokens[k, t]]), 0.0) for t in idx}
+        for t in idx:
+            vas[k, t] = va[t]
+        kl = {t: (ls[k, t].exp() * (ls[k, t] - la[k, t])).sum() for t in idx}
+        means.append(sum(va.values()) / len(idx) if idx else 0.0)
+        if not idx:
+            losses.append(torch.zeros((), dtype=torch.float64))
+            continue
+        n_high = max(math.floor(top_frac * len(idx)), 1)
+        high = sorted(idx, key=lambda t: (-va[t], t))[:n_high]
+        low = [t for t in idx if t not in high]
+        loss = lam * sum(kl[t] for t in high) / len(high)
+        if low:
+            loss = loss + (1 - lam) * sum(kl[t] for t in low) / len(low)
+        losses.append(loss)
+    weights, total, prompts = torch.zeros(B, dtype=torch.float64), 0.0, sorted(set(groups.tolist()))
+    for p in prompts:
+        ks = [k for k in range(B) if groups[k] == p]
+        m = torch.tensor([means[k] for k in ks], dtype=torch.float64)
+        z = (m - m.mean()) / (m.std(unbiased=False) + 1e-6)
+        w = (z / tau).softmax(0)
+        weights[ks] = w
+        total = total + sum(w[i] * losses[k] for i, k in enumerate(ks))
+    return total / len(prompts), vas, weights
+
+
+def data(B=6, T=9, V=37, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(B, T, V, generator=g).to(dtype).requires_grad_()
+    a = torch.randn(B, T, V, generator=g).to(dtype)
+    aw = (a.float() + 0.7 * torch.randn(B, T, V, generator=g)).to(dtype)
+    tokens = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.rand(B, T, generator=g) > 0.3
+    mask[1] = False  # a rollout with no valid token
+    aw[2] = a[2] + 5.0  # a rollout whose VA is all 0 (shifted logits, the same softmax) ...
+    aw[2, :, 0] -= 50  # ... but for token 0, made worse, so VA > 0 stays possible only there
+    tokens[2] = 1
+    groups = torch.tensor([7, 7, 7, 3, 3, 9])[:B]  # prompt 9 has one rollout: weight 1
+    return s, a, aw, tokens, mask, groups
+
+
+@pytest.mark.parametrize("kw", [{}, dict(top_frac=0.5, lam=0.3, tau=0.5, temperature=1.7)])
+def test_matches_reference(kw):
+    s, a, aw, tokens, mask, groups = data()
+    T = kw.get("temperature", 1.0)
+    ref, ref_va, ref_w = reference(s, a, aw, tokens, mask, groups, kw.get("top_frac", 0.2), kw.get("lam", 0.5),
+                                   kw.get("tau", 1.0), T)
+    out = vgs.VAOPDLoss(**kw)(s, a, aw, tokens, mask.long(), groups)
+    torch.testing.assert_close(out.total.double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.va.double(), ref_va, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.weights.double(), ref_w, rtol=1e-5, atol=1e-6)
+    assert out.weights[5] == 1 and float(out.va[2].abs().max()) == 0 and not out.high[1].any()
+    g_ours, = torch.autograd.grad(out.total * 1.3, s)
+    g_ref, = torch.autograd.grad(ref * 1.3, s)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-4, atol=1e-7)
+    assert g_ours[1].abs().max() == 0 and g_ours[~mask].abs().max() == 0
+
+
+def test_ties_go_to_the_earlier_position():
+    B, T, V = 1, 10, 5
+    s, a = torch.randn(B, T, V), torch.zeros(B, T, V)
+    aw = torch.zeros(B, T, V)
+    tokens = torch.zeros(B, T, dtype=torch.long)
+    aw[0, :, 0] = -1.0  # every token has the same VA > 0
+    out = vgs.VAOPDLoss()(s, a, aw, tokens, None, torch.zeros(1))
+    assert out.high[0].tolist() == [True, True] + [False] * 8  # ⌊0.2·10⌋ = 2, the first two
+
+
+def test_fused_linear_matches_logits_path():
+    g = torch.Generator().manual_seed(1)
+    B, T, H, Ht, V = 4, 6, 8, 12, 53
+    hs = torch.randn(B, T, H, generator=g, requires_grad=True)
+    ha, hw = torch.randn(B, T, Ht, generator=g), torch.randn(B, T, Ht, generator=g)
+    ws, wt = torch.randn(V, H, generator=g, requires_grad=True), torch.randn(V, Ht, generator=g)
+    bs, bt = torch.randn(V, generator=g, requires_grad=True), torch.randn(V, generator=g)
+    tokens, mask = torch.randint(0, V, (B, T), generator=g), torch.rand(B, T, generator=g) > 0.2
+    groups = torch.tensor([0, 0, 1, 1])
+    fn = vgs.VAOPDLoss(temperature=1.3)
+    fused = fn.fused_linear(hs, ws, ha, hw, wt, tokens, mask, groups, bias_student=bs, bias_teacher=bt,
+                            softcap=(4.0, None), chunk_size=5)
+    s = head_logits(hs, ws, bs, softcap=4.0)
+    ref = fn(s, head_logits(ha, wt, bt), head_logits(hw, wt, bt), tokens, mask, groups)
+    torch.testing.assert_close(fused.total, ref.total, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused.va, ref.va, rtol=1e-5, atol=1e-6)
+    for x, y in zip(torch.autograd.grad(fused.total, (hs, ws, bs)), torch.autograd.grad(ref.total, (hs, ws, bs))):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+
+
+def test_bad_input_and_all_masked():
+    s, a, aw, tokens, mask, groups = data()
+    fn = vgs.VAOPDLoss()
+    out = fn(s, a, aw, tokens, torch.zeros_like(mask), groups)
+    assert float(out.total) == 0
+    g, = torch.autograd.grad(out.total, s)
+    assert g.abs().max() == 0
+    with pytest.raises(ValueError, match="group_ids"):
+        fn(s, a, aw, tokens, mask, groups[:-1])
+    with pytest.raises(ValueError, match="tokens"):
+        fn(s, a, aw, tokens.float(), mask, groups)
+    with pytest.raises(ValueError, match="a_weak"):
+        fn(s, a, aw[:, :-1], tokens, mask, groups)
+    with pytest.raises(ValueError, match="mask"):
+        fn(s, a, aw, tokens, mask.long() * 2, groups)
+    with pytest.raises(ValueError, match="top_frac"):
+        vgs.VAOPDLoss(top_frac=0)

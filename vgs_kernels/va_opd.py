@@ -1,0 +1,150 @@
+"""VA-OPD: Visual-Advantage on-policy distillation (arXiv 2605.21924), on our KL kernels.
+
+The paper's code is not public; this is its definition as this library implements it:
+
+* passes: student with the image (logits s), teacher with the image (a), teacher with a weakened
+  view (ã): the image shrunk to 10 % of its size (bilinear) and enlarged back (nearest), so the
+  number of visual tokens is unchanged, or, cheaper, the text-only prompt (b);
+* per token t of rollout k, on the sampled token y_t:
+  VA_t = max(log softmax(a/T)[y_t] − log softmax(ã/T)[y_t], 0) (0 on padding);
+* rollout weight: the rollout's mean VA over its valid tokens (0 without any), z-scored among the
+  rollouts of its prompt (population std, z = (m − μ) / (σ + 1e-6)), then w_k = softmax over the
+  prompt's rollouts of z_k / τ; no gradient through the weights;
+* token groups: in each rollout the top ⌊top_frac · n⌋ of its n valid tokens by VA (at least one;
+  ties to the earlier position) form H, the rest L; loss_k = λ · mean_H KL_t + (1 − λ) · mean_L KL_t
+  with KL_t = KL(softmax(s/T) ‖ softmax(a/T)) over the full vocabulary (the Std term); an empty L
+  contributes 0, a rollout without a valid token has loss 0;
+* loss = Σ_k w_k · loss_k within each prompt, averaged over the prompts.
+
+`VAOPDLoss.forward` takes logits; `VAOPDLoss.fused_linear` takes hidden states and LM heads (KL_t
+through `fused_linear_decomposed_kl`, no [N, V] logits; VA from the teachers' LSE per chunk).
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor, nn
+
+from vgs_kernels.decomposed_kl import decomposed_kl, kl_forward, valid_mask
+from vgs_kernels.fused_linear import Pair, _Heads, chunk_rows, fused_linear_decomposed_kl
+
+
+class VAOPDOutput(NamedTuple):
+    """total: scalar loss; va [B, T] float32 (0 on padding); weights [B] rollout weights (detached);
+    kl [B, T] per-token reverse KL (differentiable); high [B, T] bool, the H group."""
+
+    total: Tensor
+    va: Tensor
+    weights: Tensor
+    kl: Tensor
+    high: Tensor
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
+    """log softmax(logits / T)[tokens]: [..., V], [...] -> [...] float32, no gradient (LSE by our kernel)."""
+    rows = logits.detach().reshape(-1, logits.shape[-1])
+    lse = kl_forward(rows, None, rows, None, 1.0 / temperature)[1][0]
+    picked = rows.gather(1, tokens.reshape(-1, 1).clamp(0, rows.shape[1] - 1))  # padding ids may be anything
+    picked = picked.squeeze(1).to(lse.dtype) / temperature
+    return (picked - lse).reshape(tokens.shape)
+
+
+class VAOPDLoss(nn.Module):
+    """VA-OPD (module docstring). top_frac: share of each rollout's tokens in H; lam: λ, the weight of
+    H's mean KL; tau: τ of the rollout softmax; temperature: T of every softmax."""
+
+    def __init__(self, top_frac: float = 0.2, lam: float = 0.5, tau: float = 1.0, temperature: float = 1.0,
+                 eps: float = 1e-6):
+        super().__init__()
+        if not 0 < top_frac <= 1:
+            raise ValueError(f"top_frac must be in (0, 1], got {top_frac!r}")
+        if not 0 <= lam <= 1:
+            raise ValueError(f"lam must be in [0, 1], got {lam!r}")
+        for name, x in (("tau", tau), ("temperature", temperature)):
+            if not 0 < x < math.inf:
+                raise ValueError(f"{name} must be a finite number > 0, got {x!r}")
+        self.top_frac, self.lam, self.tau, self.temperature, self.eps = top_frac, lam, tau, temperature, eps
+
+    def forward(self, s: Tensor, a: Tensor, a_weak: Tensor, tokens: Tensor, mask: Optional[Tensor],
+                group_ids: Tensor) -> VAOPDOutput:
+        """s, a, a_weak: [B, T, V] logits (student, teacher, teacher on the weak view); tokens [B, T]
+        sampled ids; mask [B, T] bool or 0/1 (None: all valid); group_ids [B], one id per prompt."""
+        if s.dim() != 3 or a.shape != s.shape or a_weak.shape != s.shape:
+            raise ValueError(f"s, a and a_weak must be [B, T, V] logits of one shape, got {tuple(s.shape)}, "
+                             f"{tuple(a.shape)}, {tuple(a_weak.shape)}")
+        valid = self._check(tokens, mask, group_ids, s.shape[:2], s.shape[2], s.device)
+        kl = decomposed_kl(s, None, a, None, valid, self.temperature).std
+        va = (token_logprobs(a, tokens, self.temperature) - token_logprobs(a_weak, tokens, self.temperature))
+        return self.combine(kl, va, valid, group_ids)
+
+    def fused_linear(self, h_s: Tensor, w_student: Tensor, h_a: Tensor, h_weak: Tensor, w_teacher: Tensor,
+                     tokens: Tensor, mask: Optional[Tensor], group_ids: Tensor, *,
+                     bias_student: Optional[Tensor] = None, bias_teacher: Optional[Tensor] = None,
+                     logit_scale: Pair = 1.0, softcap: Optional[Pair] = None,
+                     chunk_size: Optional[int] = None) -> VAOPDOutput:
+        """The same from hidden states: h_s [B, T, H_s], h_a / h_weak [B, T, H_t], heads [V, H_*] (the
+        logit transforms of `fused_linear_decomposed_kl`). Differentiable w.r.t. h_s, w_student,
+        bias_student. Cost: the OPD loss's four head products plus two teacher ones (a's LSE, ã)."""
+        if h_weak.shape != h_a.shape:
+            raise ValueError(f"h_weak must match h_a {tuple(h_a.shape)}, got {tuple(h_weak.shape)}")
+        valid = self._check(tokens, mask, group_ids, h_s.shape[:2], w_student.shape[0], h_s.device)
+        kl = fused_linear_decomposed_kl(h_s, None, w_student, h_a, None, w_teacher, valid,
+                                        bias_student=bias_student, bias_teacher=bias_teacher,
+                                        temperature=self.temperature, logit_scale=logit_scale, softcap=softcap,
+                                        chunk_size=chunk_size).std
+        heads = _Heads(w_student, bias_student, w_teacher, bias_teacher, (h_s.dtype, h_a.dtype), logit_scale, softcap)
+        n, flat_tok = tokens.numel(), tokens.reshape(-1)
+        chunk = chunk_size or chunk_rows(n, w_teacher.shape[0], h_a.element_size(), device=h_a.device)
+        lp = torch.zeros(2, n, device=h_s.device)
+        with torch.no_grad():
+            for k, h in enumerate((h_a, h_weak)):
+                h = h.reshape(n, -1)
+                for i in range(0, n, chunk):
+                    lp[k, i:i + chunk] = token_logprobs(heads.logits(h[i:i + chunk], 1), flat_tok[i:i + chunk],
+                                                        self.temperature)
+        return self.combine(kl, (lp[0] - lp[1]).reshape(tokens.shape), valid, group_ids)
+
+    def combine(self, kl: Tensor, va_raw: Tensor, valid: Tensor, group_ids: Tensor) -> VAOPDOutput:
+        """From per-token KL [B, T] (differentiable) and log-prob gaps [B, T] to the loss (definition)."""
+        va = torch.where(valid, va_raw.detach().float().clamp(min=0), 0.0)
+        count = valid.sum(1)
+        mean_va = va.sum(1) / count.clamp(min=1)
+        _, g = torch.unique(group_ids, return_inverse=True)
+        n_groups = int(g.max()) + 1 if g.numel() else 0
+        size = torch.zeros(n_groups, device=va.device).index_add_(0, g, torch.ones_like(mean_va))
+        mu = torch.zeros_like(size).index_add_(0, g, mean_va) / size
+        var = torch.zeros_like(size).index_add_(0, g, (mean_va - mu[g]).square()) / size
+        z = (mean_va - mu[g]) / (var.sqrt()[g] + self.eps) / self.tau
+        e = (z - torch.full_like(size, -math.inf).scatter_reduce(0, g, z, "amax")[g]).exp()
+        weights = e / torch.zeros_like(size).index_add_(0, g, e)[g]
+        # H: the top ⌊top_frac·n⌋ (>= 1) valid tokens by VA; a stable descending sort keeps ties in position order
+        order = torch.where(valid, va, -math.inf).sort(dim=1, descending=True, stable=True).indices
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(va.shape[1], device=va.device).expand_as(order))
+        n_high = (count.double() * self.top_frac).floor().long().clamp(min=1)
+        high = valid & (rank < n_high[:, None])
+        low = valid & ~high
+        kl = torch.where(valid, kl, 0.0)
+
+        def group_mean(sel: Tensor) -> Tensor:
+            return (kl * sel).sum(1) / sel.sum(1).clamp(min=1)
+
+        loss_k = self.lam * group_mean(high) + (1 - self.lam) * group_mean(low)
+        total = torch.zeros(n_groups, dtype=loss_k.dtype, device=va.device).index_add_(0, g, weights * loss_k)
+        return VAOPDOutput(total.sum() / max(n_groups, 1), va, weights, kl, high)
+
+    @staticmethod
+    def _check(tokens, mask, group_ids, lead, vocab, device) -> Tensor:
+        if not isinstance(tokens, Tensor) or tokens.shape != lead or tokens.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"tokens must be integer ids of shape {tuple(lead)}, got "
+                             f"{tuple(tokens.shape) if isinstance(tokens, Tensor) else tokens!r}")
+        valid = valid_mask(mask, tuple(lead), device)
+        if valid.shape != lead:
+            raise ValueError(f"mask must have shape {tuple(lead)}, got {tuple(valid.shape)}")
+        if bool(((tokens < 0) | (tokens >= vocab))[valid].any()):
+            raise ValueError(f"tokens must be ids in [0, {vocab}) at the valid positions")
+        if not isinstance(group_ids, Tensor) or group_ids.shape != lead[:1]:
+            raise ValueError(f"group_ids must have shape ({lead[0]},) (one prompt id per rollout), got "
+                             f"{tuple(group_ids.shape) if isinstance(group_ids, Tensor) else group_ids!r}")
+        return valid
