@@ -9,7 +9,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import distill_demo  # noqa: E402
 
 # One method per code path: monolithic, fixed-η loss (adaptive γ_t), the hook (auto: exact then EMA).
-METHODS = ["opd", "vgs-adaptive", "vgs-auto"]
+METHODS = ["opd", "va-opd", "vgs-adaptive", "vgs-auto"]
 
 
 @pytest.mark.slow
