@@ -96,6 +96,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="size preset (tiny: seconds, for smoke tests)")
     p.add_argument("-N", type=_ints, default=None, help="loss suite: comma-separated N (positions)")
     p.add_argument("-V", type=_ints, default=None, help="loss suite: comma-separated V (vocabulary)")
+    p.add_argument("-H", type=_ints, default=None,
+                   help="opd suite: comma-separated hidden sizes (with -N: replaces the preset's cases, --dtype, "
+                        "--pad; default H 1024)")
+    p.add_argument("--pad", type=float, default=0.0, help="opd suite with -N: share of padding positions")
     p.add_argument("--modes", default=None, help="loss suite: comma-separated from fwd,bwd,fwdbwd")
     p.add_argument("--steering-scale", type=int, default=None,
                    help="steering suite: divide Qwen3-VL-2B widths and depths by this (1 = full 2.1 B)")
@@ -174,7 +178,9 @@ def jobs(args: argparse.Namespace) -> List[Job]:
     if "opd" in args.suites:
         from . import suite_opd
 
-        sizes = list(args.preset.opd) + ([GOAL_OPD] if args.goal and GOAL_OPD not in args.preset.opd else [])
+        sizes = ([(n, h, (args.V or [151936])[0], args.dtype, args.pad) for n in args.N for h in args.H or [1024]]
+                 if args.N else list(args.preset.opd))
+        sizes += [GOAL_OPD] if args.goal and GOAL_OPD not in sizes else []
         for n, h, v, dt, pad in sizes:
             out.append(Job(f"opd N={n} H={h} V={v} {dt} pad={pad}", suite_opd.N_IMPLS,
                            lambda c=(n, h, v, dt, dev, pad): suite_opd.cases(*c)))
