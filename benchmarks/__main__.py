@@ -6,6 +6,8 @@
     vgs-bench --suite fused-linear --goal       # the issue-7 case (N=2048, H=1024, V=151,936)
     vgs-bench --suite trl                       # VGSDistillationTrainer vs trl.DistillationTrainer (needs trl)
     vgs-bench --suite trl-grpo                  # VGSGRPOTrainer (Eq. 22) vs trl.GRPOTrainer (needs trl)
+    vgs-bench --suite opd --goal                # plain OPD loss vs TRL's _chunked_divergence_loss + the
+                                                # four-matmul floor, + N=4096 H=1024 V=151,936 fp32 (needs trl)
     vgs-bench --suite loss -N 512,2048 -V 32000,151936 --modes fwd,bwd,fwdbwd --repeats 10
 
 Prints one markdown table per suite, writes results.csv, results.md and PNG plots to --out.
@@ -25,8 +27,8 @@ import torch
 
 from . import harness, report
 
-SUITES = ("loss", "steering", "step", "fused-linear", "trl", "trl-grpo")
-MICRO = SUITES[:4]  # "all": the microbenchmarks; "trl", "trl-grpo" (trainers, need trl) are asked for by name
+SUITES = ("loss", "steering", "step", "fused-linear", "trl", "opd", "trl-grpo")
+MICRO = SUITES[:4]  # "all": the microbenchmarks; "trl", "opd", "trl-grpo" (need trl) are asked for by name
 DEFAULT_SUITES = ("loss", "steering", "step")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -49,6 +51,7 @@ class Preset:
     fused_linear: List[tuple]         # (N, H, V)
     repeats: int
     warmup: int
+    opd: List[tuple] = ()             # (N, H, V, dtype, padding share)
 
 
 ALL_MODES = ("fwd", "bwd", "fwdbwd")
@@ -57,18 +60,23 @@ PRESETS = {
     ("cpu", "default"): Preset([(128, 8192, ALL_MODES), (128, 32000, ("fwdbwd",)),
                                 (128, 151936, ("fwdbwd",)), (2048, 32000, ("fwdbwd",))],
                                steering_scale=8, step_size="small", fused_linear=[(512, 512, 151936)],
-                               repeats=3, warmup=1),
+                               repeats=3, warmup=1,
+                               opd=[(1024, 512, 151936, torch.float32, 0.0), (1024, 512, 151936, torch.float32, 0.3),
+                                    (1024, 512, 151936, torch.bfloat16, 0.0), (1024, 1024, 151936, torch.float32, 0.0)]),
     ("cpu", "tiny"): Preset([(16, 1000, ALL_MODES), (32, 1000, ("fwdbwd",)), (16, 3001, ("fwdbwd",))],
                             steering_scale=64, step_size="tiny", fused_linear=[(16, 32, 1000)],
-                            repeats=1, warmup=1),
+                            repeats=1, warmup=1, opd=[(16, 32, 1000, torch.float32, 0.3)]),
     ("cuda", "default"): Preset([(n, v, ALL_MODES) for n, v in ((2048, 32000), (8192, 32000),
                                                                   (1024, 151936), (4096, 151936),
                                                                   (8192, 151936))],
                                 steering_scale=2, step_size="small", fused_linear=[(4096, 2048, 151936)],
-                                repeats=20, warmup=3),
+                                repeats=20, warmup=3,
+                                opd=[(n, h, 151936, dt, pad) for n in (1024, 4096) for h in (512, 1024)
+                                     for dt in (torch.float32, torch.bfloat16) for pad in (0.0, 0.3)]),
 }
 PRESETS[("cuda", "tiny")] = PRESETS[("cpu", "tiny")]
 GOAL_FUSED_LINEAR = {"cpu": (2048, 1024, 151936), "cuda": (8192, 2048, 151936)}
+GOAL_OPD = (4096, 1024, 151936, torch.float32, 0.0)  # the issue-19 goal case (CUDA's preset has it)
 
 
 def _ints(text: str) -> List[int]:
@@ -89,6 +97,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="size preset (tiny: seconds, for smoke tests)")
     p.add_argument("-N", type=_ints, default=None, help="loss suite: comma-separated N (positions)")
     p.add_argument("-V", type=_ints, default=None, help="loss suite: comma-separated V (vocabulary)")
+    p.add_argument("-H", type=_ints, default=None,
+                   help="opd suite: comma-separated hidden sizes (with -N: replaces the preset's cases, --dtype, "
+                        "--pad; default H 1024)")
+    p.add_argument("--pad", type=float, default=0.0, help="opd suite with -N: share of padding positions")
     p.add_argument("--modes", default=None, help="loss suite: comma-separated from fwd,bwd,fwdbwd")
     p.add_argument("--steering-scale", type=int, default=None,
                    help="steering suite: divide Qwen3-VL-2B widths and depths by this (1 = full 2.1 B)")
@@ -169,6 +181,15 @@ def jobs(args: argparse.Namespace) -> List[Job]:
 
         out.append(Job("trl grpo trainers", suite_trl_grpo.N_IMPLS,
                        lambda: list(suite_trl_grpo.cases(args.preset.step_size, dev))))
+    if "opd" in args.suites:
+        from . import suite_opd
+
+        sizes = ([(n, h, (args.V or [151936])[0], args.dtype, args.pad) for n in args.N for h in args.H or [1024]]
+                 if args.N else list(args.preset.opd))
+        sizes += [GOAL_OPD] if args.goal and GOAL_OPD not in sizes else []
+        for n, h, v, dt, pad in sizes:
+            out.append(Job(f"opd N={n} H={h} V={v} {dt} pad={pad}", suite_opd.N_IMPLS,
+                           lambda c=(n, h, v, dt, dev, pad): suite_opd.cases(*c)))
     return out
 
 

@@ -66,6 +66,8 @@ def steps(out: str, py: str = sys.executable, bench: str = "benchmarks") -> List
         Step("steering", b + ["--suite", "steering,fused-linear,step", "--goal", "--steering-scale", "1",
                               "--repeats", "10", "--out", os.path.join(out, "bench_steering")], 180,
              ("tqdm", "transformers")),
+        Step("opd", b + ["--suite", "opd", "--repeats", "10", "--out", os.path.join(out, "bench_opd")], 180,
+             ("tqdm", "trl")),
     ]
 
 
@@ -198,7 +200,7 @@ def markdown(s: Dict, out: str) -> str:
         reached = {None: "not measured", True: "yes", False: "**no**"}[g["reached"]]
         lines.append(f"| {g['workload']} | {g['case']} | {g['median_ms'] or '–'} | {g['gbps'] or '–'} | "
                      f"{g['copy_gbps'] or '–'} | {fr} | {g['goal']:.0%} | {reached} |")
-    for sub in ("bench_loss", "bench_steering"):
+    for sub in ("bench_loss", "bench_steering", "bench_opd"):
         path = os.path.join(out, sub, "results.md")
         if os.path.exists(path):
             lines += ["", f"#### {sub}/results.md", "", open(path).read().strip()]

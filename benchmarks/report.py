@@ -200,4 +200,9 @@ def headline(results: Sequence[Result]) -> str:
     if fused:
         p = fused[0].params
         add(fused, f"fused-linear loss step N={p['N']} H={p['H']} V={p['V']} {p['dtype']}")
+    opd = largest("opd", lambda r: (r.params["N"] * r.params["H"], r.params["dtype"] == "float32"),
+                  lambda r: not r.params["pad"])
+    if opd:
+        p = opd[0].params
+        add(opd, f"OPD loss vs TRL N={p['N']} H={p['H']} V={p['V']} {p['dtype']}")
     return "\n".join(lines)

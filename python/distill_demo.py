@@ -13,6 +13,8 @@ from one of two regimes (``--regime``, see ``build``):
 From the same student, the same prompts and the same sampling seeds, each method (``METHODS``) distils:
 
     opd           monolithic on-policy distillation: KL(student ‖ teacher), both with the image
+    va-opd        VA-OPD (arXiv 2605.21924, vgs.VAOPDLoss): rollouts weighted by the teacher's visual
+                  advantage over a degraded image, top-20% tokens by VA weighted λ = 0.5 (2 rollouts a prompt)
     vgs-fixed     VGS loss η·[Std + γ·Vis + λ·LP] with a hand-fixed η (the paper's practice), one backward
     vgs-auto      VGS through vgs.GradientSteering(policy="auto"): exact η refreshed every few steps
     vgs-exact     VGS through vgs.GradientSteering(policy="vgs"): exact η every step (two backwards)
@@ -65,11 +67,14 @@ from tiny_vlm import tiny_processor, tiny_vlm  # noqa: E402
 
 import vgs_kernels as vgs  # noqa: E402
 from vgs_kernels.grpo_vgs import group_advantages, grpo_surrogate, grpo_vgs_loss  # noqa: E402
+from vgs_kernels.va_opd import degrade_image  # noqa: E402
 
 # How each method takes its step. policy: a GradientSteering policy (None: no hook); fixed: η = --eta
-# multiplies the VGS loss; lam: λ (None: --lam); adaptive: App. E's per-token γ_t.
+# multiplies the VGS loss; lam: λ (None: --lam); adaptive: App. E's per-token γ_t; va: VA-OPD
+# (vgs.VAOPDLoss, the degraded-image teacher pass, 2 rollouts per prompt of half the batch's prompts).
 METHODS = {
     "opd": dict(monolithic=True),
+    "va-opd": dict(monolithic=True, va=True),
     "vgs-fixed": dict(fixed=True),
     "vgs-auto": dict(policy="auto"),
     "vgs-exact": dict(policy="vgs"),
@@ -288,6 +293,7 @@ def distill(method: str, args, proc, teacher, student0, seed: int, eval_set, sta
     loss_fn = vgs.VGSLoss(gamma=args.gamma, lam=lam, adaptive=spec.get("adaptive", False),
                           eta=args.eta if spec.get("fixed") else None, detach_prior=not args.attach_prior,
                           monolithic=spec.get("monolithic", False), steer=spec.get("steer", "visual"))
+    va_fn = vgs.VAOPDLoss()
     rng = np.random.default_rng(20_000 + seed)  # same prompts for every method
     log = {"step": [], "std": [], "vis": [], "lang": [], "vds": [], "eta": [], "t_train": [], "t_rollout": [],
            "eval_step": [], "acc_image": [], "acc_blank": [], "acc_image_kind": [], "acc_blank_kind": [],
@@ -310,6 +316,8 @@ def distill(method: str, args, proc, teacher, student0, seed: int, eval_set, sta
             examples = [e for e in task.sample(max(1, args.batch // args.group), rng) for _ in range(args.group)]
         else:
             examples = task.sample(args.batch, rng)
+        if spec.get("va"):  # the same number of rollouts: half the prompts, two rollouts each
+            examples = [e for e in examples[:max(1, args.batch // 2)] for _ in range(2)]
         t0 = time.perf_counter()
         batch, rmask = rollout(student, proc, examples, 30_000 + 1000 * seed + step, args.max_new_tokens)
         t1 = time.perf_counter()
@@ -328,12 +336,19 @@ def distill(method: str, args, proc, teacher, student0, seed: int, eval_set, sta
                     a = vgs.response_logits(teacher, batch, pos)
         else:
             s, u, a, b, mask = vgs.distill_logits(student, teacher, batch, rmask)
+        if spec.get("va"):
+            weak = task.prompts(proc, examples, images=[degrade_image(e.image) for e in examples])
+            with torch.no_grad():
+                a_weak = vgs.response_logits(teacher, {**batch, "pixel_values": weak["pixel_values"]}, pos)
+            tokens = batch["input_ids"].gather(1, pos + 1)
+            groups = torch.arange(len(examples)) // 2
+            out = va_fn(s, a, a_weak, tokens, mask, groups)
         opt.zero_grad(set_to_none=True)
         if grpo:
             rl, reward = grpo_loss(s, batch, rmask, mask, examples, proc, args.group)
             log["reward"].append(reward)
             out = rl if alpha == 0.0 else grpo_vgs_loss(rl, loss_fn(s, u, a, b, mask), alpha)
-        else:
+        elif not spec.get("va"):
             out = loss_fn(s, u, a, b, mask)
         if steer is not None:
             steer.backward(out if whole else {"std": out.std, "vis": out.vis, "lp": out.lp})

@@ -8,9 +8,9 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python"))
 import distill_demo  # noqa: E402
 
-# One method per code path: monolithic, fixed-η loss (adaptive γ_t), the hook (auto: exact then EMA), GRPO with
-# the hook's fixed component (Eq. 22), language steering (Eq. 19-21).
-METHODS = ["opd", "vgs-adaptive", "vgs-auto", "grpo+vgs", "lang-steer"]
+# One method per code path: monolithic, fixed-η loss (adaptive γ_t), the hook (auto: exact then EMA), VA-OPD, GRPO
+# with the hook's fixed component (Eq. 22), language steering (Eq. 19-21).
+METHODS = ["opd", "va-opd", "vgs-adaptive", "vgs-auto", "grpo+vgs", "lang-steer"]
 
 
 @pytest.mark.slow

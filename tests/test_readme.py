@@ -111,10 +111,13 @@ def test_readme_block_runs(index, monkeypatch, tmp_path):
     if "VGSGRPOTrainer" in code:  # GRPO: 2 rollouts per prompt, a gold answer column for the reward
         _small_trl_runs(monkeypatch, tmp_path, "VGSGRPOConfig", num_generations=2)
         ns["ds"] = _dataset().add_column("answer", ["it is red"] * 4)
+    if "_chunked_divergence_loss" in code:  # the block patches TRL: restored after the test
+        td = pytest.importorskip("trl.trainer.distillation_trainer")
+        monkeypatch.setattr(td, "_chunked_divergence_loss", td._chunked_divergence_loss)
     params = [p.detach().clone() for p in ns["student"].parameters()]
     with process_group("DDP(" in code), fresh_accelerate():
         exec(compile(code, f"README.md python block {index}", "exec"), ns)
-    if "steer" in ns or "trainer" in ns:  # a training block: it stepped
+    if "steer" in ns or "trainer" in ns or "run" in ns:  # a training block: it stepped
         assert any(not torch.equal(p, q) for p, q in zip(ns["student"].parameters(), params))
     if "steer" in ns:
         assert torch.isfinite(ns["steer"].stats["eta"])

@@ -239,6 +239,47 @@ def test_opd_equals_trl(setup, tmp_path):
         config(tmp_path, method="nope")
 
 
+def test_va_opd_update_matches_the_definition(setup, tmp_path):
+    """method='va_opd' (text-only weak view, 2 rollouts per prompt, sampled): the first step's gradient is
+    the gradient of the definition's loss (tests/test_va_opd.reference) over the whole generation batch,
+    although a prompt's rollouts land in different micro-batches; VA metrics are logged."""
+    from test_va_opd import reference
+    proc, student, teacher, ds = setup
+    args = config(tmp_path, method="va_opd", num_generations=2, va_view="text", max_steps=1, max_grad_norm=1e9,
+                  generation_kwargs={"do_sample": True})
+    tr = recording(VGSDistillationTrainer)(model=copy.deepcopy(student), teacher_model=teacher, args=args,
+                                           train_dataset=ds, processing_class=proc)
+    tr.train()
+    batch = {k: torch.cat([m[k] for m in tr.micro[0]]) for k in ("prompt_ids", "prompt_mask", "completion_ids",
+                                                               "completion_mask", "va_group", "mm_token_type_ids")}
+    batch["pixel_values"] = torch.cat([m["pixel_values"] for m in tr.micro[0]])
+    batch["image_grid_thw"] = torch.cat([m["image_grid_thw"] for m in tr.micro[0]])
+    assert sorted(torch.bincount(batch["va_group"]).tolist()) == [2, 2]
+    model, K = tr.before[0], batch["completion_ids"].size(1)
+    drop = set(VisionTokens.from_model(teacher, proc).ids().tolist())
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    attn = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    vis_in = {k: batch[k] for k in ("pixel_values", "image_grid_thw", "mm_token_type_ids")}
+    tp, tm = text_only(batch["prompt_ids"], batch["prompt_mask"], drop, proc.tokenizer.pad_token_id)
+    model.train()
+    s = model(input_ids=ids, attention_mask=attn, **vis_in).logits[:, -K - 1:-1]
+    with torch.no_grad():
+        a = teacher(input_ids=ids, attention_mask=attn, **vis_in).logits[:, -K - 1:-1]
+        b = teacher(input_ids=torch.cat([tp, batch["completion_ids"]], 1),
+                    attention_mask=torch.cat([tm, batch["completion_mask"]], 1)).logits[:, -K - 1:-1]
+    total, _, _ = reference(s, a, b, batch["completion_ids"], batch["completion_mask"].bool(), batch["va_group"])
+    params = [p for p in model.parameters() if p.requires_grad]
+    want = flat(torch.autograd.grad(total.float(), params))
+    torch.testing.assert_close(tr.grads[0], want, rtol=1e-4, atol=1e-6)
+    h = tr.state.log_history[0]
+    assert h["loss"] == pytest.approx(float(total), rel=1e-4)
+    assert 0 <= h["va/positive"] <= 1 and h["va/mean"] >= 0 and "entropy" not in h and tr.steer is None
+    with pytest.raises(ValueError, match="num_generations"):
+        config(tmp_path, method="va_opd", num_generations=3)
+    with pytest.raises(ValueError, match="va_view"):
+        config(tmp_path, method="va_opd", va_view="blur")
+
+
 def test_resume_continues_bit_identically(setup, tmp_path):
     """auto (every=3) with AdamW: hook state (step count, eta EMA), optimizer and model restored mid-epoch;
     the resumed step is a combined one, made with the restored EMA."""

@@ -120,3 +120,19 @@ def test_bad_input_and_all_masked():
         fn(s, a, aw, tokens, mask.long() * 2, groups)
     with pytest.raises(ValueError, match="top_frac"):
         vgs.VAOPDLoss(top_frac=0)
+
+
+def test_degraded_view_keeps_the_size_and_the_visual_tokens():
+    from PIL import Image
+
+    from vgs_kernels.testing import tiny_processor
+    from vgs_kernels.va_opd import degrade_image
+    img = Image.fromarray((torch.rand(60, 40, 3) * 255).byte().numpy())
+    weak = degrade_image(img)
+    assert weak.size == img.size
+    want = img.resize((4, 6), Image.BILINEAR).resize((40, 60), Image.NEAREST)
+    assert list(weak.getdata()) == list(want.getdata())
+    assert len(set(weak.getdata())) <= 24  # 4 x 6 blocks: the detail is gone
+    proc = tiny_processor("qwen2_vl", ["a", "b"])
+    grid = [proc.image_processor(images=[x], return_tensors="pt")["image_grid_thw"] for x in (img, weak)]
+    assert torch.equal(*grid)

@@ -22,13 +22,13 @@ through `fused_linear_decomposed_kl`, no [N, V] logits; VA from the teachers' LS
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from vgs_kernels.decomposed_kl import decomposed_kl, kl_forward, valid_mask
-from vgs_kernels.fused_linear import Pair, _Heads, chunk_rows, fused_linear_decomposed_kl
+from vgs_kernels.fused_linear import Pair, _Heads, _pair, chunk_rows, fused_linear_decomposed_kl
 
 
 class VAOPDOutput(NamedTuple):
@@ -42,6 +42,16 @@ class VAOPDOutput(NamedTuple):
     high: Tensor
 
 
+def degrade_image(image, factor: float = 0.1):
+    """VA-OPD's weak view of a PIL image: shrunk to `factor` of its size (bilinear), enlarged back
+    (nearest), so its size and the number of visual tokens are unchanged."""
+    from PIL import Image
+
+    w, h = image.size
+    small = image.resize((max(1, round(w * factor)), max(1, round(h * factor))), Image.BILINEAR)
+    return small.resize((w, h), Image.NEAREST)
+
+
 def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
     """log softmax(logits / T)[tokens]: [..., V], [...] -> [...] float32, no gradient (LSE by our kernel)."""
     rows = logits.detach().reshape(-1, logits.shape[-1])
@@ -49,6 +59,20 @@ def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> 
     picked = rows.gather(1, tokens.reshape(-1, 1).clamp(0, rows.shape[1] - 1))  # padding ids may be anything
     picked = picked.squeeze(1).to(lse.dtype) / temperature
     return (picked - lse).reshape(tokens.shape)
+
+
+@torch.no_grad()
+def head_token_logprobs(h: Tensor, w: Tensor, tokens: Tensor, bias: Optional[Tensor] = None,
+                        temperature: float = 1.0, logit_scale: float = 1.0, softcap: Optional[float] = None,
+                        chunk_size: Optional[int] = None) -> Tensor:
+    """`token_logprobs` of the head's logits (h [..., H], w [V, H], tokens [...]), a chunk of rows at a time."""
+    heads = _Heads(w, bias, w, bias, (h.dtype, h.dtype), logit_scale, softcap)
+    n, flat_tok, rows = tokens.numel(), tokens.reshape(-1), h.reshape(-1, h.shape[-1])
+    chunk = chunk_size or chunk_rows(n, w.shape[0], h.element_size(), device=h.device)
+    out = torch.zeros(n, device=h.device)
+    for i in range(0, n, chunk):
+        out[i:i + chunk] = token_logprobs(heads.logits(rows[i:i + chunk], 0), flat_tok[i:i + chunk], temperature)
+    return out.reshape(tokens.shape)
 
 
 class VAOPDLoss(nn.Module):
@@ -94,23 +118,25 @@ class VAOPDLoss(nn.Module):
                                         bias_student=bias_student, bias_teacher=bias_teacher,
                                         temperature=self.temperature, logit_scale=logit_scale, softcap=softcap,
                                         chunk_size=chunk_size).std
-        heads = _Heads(w_student, bias_student, w_teacher, bias_teacher, (h_s.dtype, h_a.dtype), logit_scale, softcap)
-        n, flat_tok = tokens.numel(), tokens.reshape(-1)
-        chunk = chunk_size or chunk_rows(n, w_teacher.shape[0], h_a.element_size(), device=h_a.device)
-        lp = torch.zeros(2, n, device=h_s.device)
-        with torch.no_grad():
-            for k, h in enumerate((h_a, h_weak)):
-                h = h.reshape(n, -1)
-                for i in range(0, n, chunk):
-                    lp[k, i:i + chunk] = token_logprobs(heads.logits(h[i:i + chunk], 1), flat_tok[i:i + chunk],
-                                                        self.temperature)
-        return self.combine(kl, (lp[0] - lp[1]).reshape(tokens.shape), valid, group_ids)
+        gap = [head_token_logprobs(h, w_teacher, tokens, bias_teacher, self.temperature, _pair(logit_scale, "")[1],
+                                   _pair(softcap, "")[1], chunk_size) for h in (h_a, h_weak)]
+        return self.combine(kl, gap[0] - gap[1], valid, group_ids)
 
     def combine(self, kl: Tensor, va_raw: Tensor, valid: Tensor, group_ids: Tensor) -> VAOPDOutput:
         """From per-token KL [B, T] (differentiable) and log-prob gaps [B, T] to the loss (definition)."""
-        va = torch.where(valid, va_raw.detach().float().clamp(min=0), 0.0)
-        count = valid.sum(1)
-        mean_va = va.sum(1) / count.clamp(min=1)
+        va = self.visual_advantage(va_raw, valid)
+        weights, n_groups = self.rollout_weights(va, valid, group_ids)
+        loss_k, high = self.rollout_losses(kl, va, valid)
+        return VAOPDOutput((weights * loss_k).sum() / max(n_groups, 1), va, weights, torch.where(valid, kl, 0.0), high)
+
+    @staticmethod
+    def visual_advantage(gap: Tensor, valid: Tensor) -> Tensor:
+        """VA_t = max(gap_t, 0), 0 on padding: [B, T] float32, detached."""
+        return torch.where(valid, gap.detach().float().clamp(min=0), 0.0)
+
+    def rollout_weights(self, va: Tensor, valid: Tensor, group_ids: Tensor) -> Tuple[Tensor, int]:
+        """(w [B], number of prompts): softmax over each prompt's rollouts of the z-scored mean VA / τ."""
+        mean_va = va.sum(1) / valid.sum(1).clamp(min=1)
         _, g = torch.unique(group_ids, return_inverse=True)
         n_groups = int(g.max()) + 1 if g.numel() else 0
         size = torch.zeros(n_groups, device=va.device).index_add_(0, g, torch.ones_like(mean_va))
@@ -118,21 +144,22 @@ class VAOPDLoss(nn.Module):
         var = torch.zeros_like(size).index_add_(0, g, (mean_va - mu[g]).square()) / size
         z = (mean_va - mu[g]) / (var.sqrt()[g] + self.eps) / self.tau
         e = (z - torch.full_like(size, -math.inf).scatter_reduce(0, g, z, "amax")[g]).exp()
-        weights = e / torch.zeros_like(size).index_add_(0, g, e)[g]
+        return e / torch.zeros_like(size).index_add_(0, g, e)[g], n_groups
+
+    def rollout_losses(self, kl: Tensor, va: Tensor, valid: Tensor) -> Tuple[Tensor, Tensor]:
+        """(loss_k [B], H [B, T] bool): λ · mean_H KL + (1 − λ) · mean_L KL per rollout."""
+        count = valid.sum(1)
         # H: the top ⌊top_frac·n⌋ (>= 1) valid tokens by VA; a stable descending sort keeps ties in position order
         order = torch.where(valid, va, -math.inf).sort(dim=1, descending=True, stable=True).indices
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(va.shape[1], device=va.device).expand_as(order))
-        n_high = (count.double() * self.top_frac).floor().long().clamp(min=1)
-        high = valid & (rank < n_high[:, None])
+        high = valid & (rank < (count.double() * self.top_frac).floor().long().clamp(min=1)[:, None])
         low = valid & ~high
         kl = torch.where(valid, kl, 0.0)
 
         def group_mean(sel: Tensor) -> Tensor:
             return (kl * sel).sum(1) / sel.sum(1).clamp(min=1)
 
-        loss_k = self.lam * group_mean(high) + (1 - self.lam) * group_mean(low)
-        total = torch.zeros(n_groups, dtype=loss_k.dtype, device=va.device).index_add_(0, g, weights * loss_k)
-        return VAOPDOutput(total.sum() / max(n_groups, 1), va, weights, kl, high)
+        return self.lam * group_mean(high) + (1 - self.lam) * group_mean(low), high
 
     @staticmethod
     def _check(tokens, mask, group_ids, lead, vocab, device) -> Tensor:

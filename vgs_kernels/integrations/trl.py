@@ -35,13 +35,18 @@ Methods are rows of one table, ``METHODS`` (``VGSDistillationConfig(method=...)`
 in its own module; a new method (GRPO + VGS, ...) adds a row, not branches. A row (:class:`Method`)
 provides:
 
-* ``passes``: the hidden-state passes it needs, named from :data:`PASSES` ("student" / "teacher":
-  with the image; "student_text" / "teacher_text": the text-only batch, built with the rollout
-  only when a row asks for it);
+* ``passes``: the hidden-state passes of the loss (with gradient for the student's), named from
+  :data:`PASSES` ("student" / "teacher": with the image; "student_text" / "teacher_text": the
+  text-only batch, built with the rollout only when a row asks for it);
+* ``rollouts(trainer, inputs, out)``: extra per-rollout tensors added to the generation batch
+  ``out`` (dict of [B_gen, ...] tensors, split and shuffled into micro-batches by TRL with the rest):
+  what must see the whole generation batch (VA-OPD's rollout weights over a prompt's rollouts) or
+  is computed once per rollout (rewards); None: nothing;
 * ``steered``: whether Trainer's backward goes through the :class:`GradientSteering` hook (created
   with the optimizer) or is Accelerate's plain one;
 * ``build(args) -> loss_fn``: the loss module, configured once (``trainer.loss_fn``);
-* ``loss(trainer, hidden, heads, mask, num_items_in_batch) -> (total, entropy_sum, out)``: hidden
+* ``loss(trainer, inputs, hidden, heads, mask, num_items_in_batch) -> (total, entropy_sum, out)``:
+  inputs is the micro-batch (with the row's ``rollouts`` keys), hidden
   is {pass name: [B, C, H] on the heads' device}, heads a :class:`Heads` (weights, biases,
   logit scales, softcaps of student and teacher), mask the [B, C] loss mask; entropy_sum is the
   student entropy TRL logs (None: not computed, TRL's ``entropy`` metric is dropped), out what
@@ -59,15 +64,18 @@ from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 from trl import DistillationConfig, DistillationTrainer
+from trl.trainer.utils import RepeatSampler
 
-from vgs_kernels.fused_linear import FusedLinearVGSLoss
+from vgs_kernels.fused_linear import FusedLinearVGSLoss, fused_linear_decomposed_kl
 from vgs_kernels.opd import fused_chunked_divergence_loss
+from vgs_kernels.va_opd import VAOPDLoss, degrade_image, head_token_logprobs
 from vgs_kernels.steering import GradientSteering
 from vgs_kernels.vlm import VisionTokens, check_processor, text_only_batch
 from vgs_kernels.vlm.plumbing import _vocab_size
 
 POLICIES = ("vgs", "fixed", "auto", "pcgrad", "sum")
 PASSES = ("student", "student_text", "teacher", "teacher_text")
+VA_VIEWS = ("degraded", "text")
 
 
 class Heads(NamedTuple):
@@ -93,6 +101,7 @@ class Method(NamedTuple):
     build: Callable[["VGSDistillationConfig"], Any]
     loss: Callable[..., LossResult]
     log: Callable[[dict, Any, Tensor, Any], None]
+    rollouts: Optional[Callable[[Any, list, dict], None]] = None
 
     @property
     def text_only(self) -> bool:
@@ -105,7 +114,7 @@ def _vgs_build(args) -> FusedLinearVGSLoss:
                               temperature=args.temperature, detach_prior=args.detach_prior)
 
 
-def _vgs_loss(trainer, hidden, heads: Heads, mask, num_items_in_batch) -> LossResult:
+def _vgs_loss(trainer, inputs, hidden, heads: Heads, mask, num_items_in_batch) -> LossResult:
     fn = trainer.loss_fn
     fn.components = trainer._needs_components()
     fn.logit_scale = heads.logit_scale
@@ -130,7 +139,7 @@ def _opd_build(args) -> Callable[..., Tuple[Tensor, Tensor, Tensor]]:
     return functools.partial(fused_chunked_divergence_loss, temperature=args.temperature)
 
 
-def _opd_loss(trainer, hidden, heads: Heads, mask, num_items_in_batch) -> LossResult:
+def _opd_loss(trainer, inputs, hidden, heads: Heads, mask, num_items_in_batch) -> LossResult:
     loss, entropy_sum, _ = trainer.loss_fn(
         hidden["student"], hidden["teacher"], heads.w_s, heads.w_t, mask, 1.0, num_items_in_batch,
         student_lm_head_bias=heads.b_s, teacher_lm_head_bias=heads.b_t, student_logit_scale=heads.logit_scale[0],
@@ -139,12 +148,69 @@ def _opd_loss(trainer, hidden, heads: Heads, mask, num_items_in_batch) -> LossRe
     return loss, entropy_sum, None
 
 
+def _va_build(args) -> VAOPDLoss:
+    return VAOPDLoss(args.va_top_frac, args.va_lam, args.va_tau, args.temperature)
+
+
+def _va_rollouts(trainer, inputs: list, out: dict) -> None:
+    """VA_t and the rollout weights over the whole generation batch (a prompt's rollouts may land in
+    different micro-batches): two no-grad teacher passes, with the image and with the weak view."""
+    args, fn = trainer.args, trainer.loss_fn
+    ids, mask = out["completion_ids"], out["completion_mask"]
+    valid = (mask if "tool_mask" not in out else mask * out["tool_mask"]).bool()
+    full = (torch.cat([out["prompt_ids"], ids], 1), torch.cat([out["prompt_mask"], mask], 1), ids.size(1))
+    vision = {k: out[k] for k in _VISION_KEYS if k in out}
+    if args.va_view == "degraded":
+        weak = (full, {**vision, "pixel_values": trainer._degraded_pixels(inputs, out["pixel_values"])})
+    else:
+        text, _ = text_only_batch(trainer.processing_class, [x["prompt"] for x in inputs], ids, mask,
+                                  padding_side="split", chat_template=trainer.chat_template,
+                                  **trainer.chat_template_kwargs)
+        text = {k: v.to(ids.device) for k, v in text.items()}
+        weak = ((text["input_ids"], text["attention_mask"], ids.size(1)),
+                {k: text[k] for k in ("token_type_ids", "mm_token_type_ids") if k in text})
+    gap = []
+    for view_args, view_kwargs in ((full, vision), weak):
+        h, heads = trainer._teacher_hidden(view_args, view_kwargs)
+        gap.append(head_token_logprobs(h, heads.w_t, ids.to(h.device), heads.b_t, args.temperature,
+                                       heads.logit_scale[1], heads.softcap[1]).to(ids.device))
+    va = fn.visual_advantage(gap[0] - gap[1], valid)
+    group_ids = torch.arange(ids.shape[0], device=ids.device) // args.num_generations
+    weights, n_prompts = fn.rollout_weights(va, valid, group_ids)
+    out["va"], out["va_weight"], out["va_group"] = va, weights / max(n_prompts, 1), group_ids
+    m = trainer._metrics["train" if trainer.model.training else "eval"]
+    n = valid.sum().clamp(min=1)
+    m["va/mean"].append(float(va.sum() / n))
+    m["va/positive"].append(float(((va > 0) & valid).sum() / n))
+    m["va/weight_max"].append(float(weights.max()) if weights.numel() else math.nan)
+
+
+def _va_loss(trainer, inputs, hidden, heads: Heads, mask, num_items_in_batch) -> LossResult:
+    valid = mask.bool()
+    kl = fused_linear_decomposed_kl(hidden["student"], None, heads.w_s, hidden["teacher"], None, heads.w_t, valid,
+                                    bias_student=heads.b_s, bias_teacher=heads.b_t,
+                                    temperature=trainer.args.temperature, logit_scale=heads.logit_scale,
+                                    softcap=None if heads.softcap == (None, None) else heads.softcap).std
+    loss_k, high = trainer.loss_fn.rollout_losses(kl, inputs["va"].to(kl.device), valid)
+    return (inputs["va_weight"].to(loss_k.device) * loss_k).sum(), None, (kl.detach(), high, valid)
+
+
+def _va_log(m: dict, out, loss_mask, num_items_in_batch) -> None:
+    kl, high, valid = out
+    m["va/kl"].append(float(kl[valid].mean()) if bool(valid.any()) else math.nan)
+    m["va/kl_high"].append(float(kl[high].mean()) if bool(high.any()) else math.nan)
+
+
 METHODS: Dict[str, Method] = {
     # VGS (DESIGN.md §1): four passes, FusedLinearVGSLoss, the steering hook
     "vgs": Method(("student", "student_text", "teacher", "teacher_text"), True, _vgs_build, _vgs_loss, _vgs_log),
     # plain OPD = trl.DistillationTrainer(beta=1): two passes, vgs_kernels.opd, Accelerate's backward
     "opd": Method(("student", "teacher"), False, _opd_build, _opd_loss, lambda *_: None),
+    # VA-OPD (arXiv 2605.21924): weights from the generation batch, vgs_kernels.va_opd, plain backward
+    "va_opd": Method(("student", "teacher"), False, _va_build, _va_loss, _va_log, _va_rollouts),
 }
+_VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
+                "token_type_ids", "mm_token_type_ids", "image_position_ids")
 
 
 @dataclass
@@ -167,11 +233,27 @@ class VGSDistillationConfig(DistillationConfig):
     eta_every: int = field(default=16, metadata={"help": "Steps between exact eta measurements ('auto')."})
     detach_prior: bool = field(default=True, metadata={"help": "No gradient from Vis into the text-only pass."})
     method: str = field(default="vgs", metadata={"help": f"Distillation method, one of {tuple(METHODS)}."})
+    num_generations: int = field(default=1, metadata={"help": "Rollouts per prompt (va_opd groups them)."})
+    va_view: str = field(default="degraded", metadata={"help": f"va_opd's weak teacher view, one of {VA_VIEWS}."})
+    va_top_frac: float = field(default=0.2, metadata={"help": "va_opd: share of each rollout's tokens in H."})
+    va_lam: float = field(default=0.5, metadata={"help": "va_opd: weight of H's mean KL (lambda)."})
+    va_tau: float = field(default=1.0, metadata={"help": "va_opd: temperature of the rollout softmax (tau)."})
 
     def __post_init__(self):
         super().__post_init__()
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {tuple(METHODS)}, got {self.method!r}")
+        if self.va_view not in VA_VIEWS:
+            raise ValueError(f"va_view must be one of {VA_VIEWS}, got {self.va_view!r}")
+        per_process = self.per_device_train_batch_size * self.gradient_accumulation_steps
+        if not (isinstance(self.num_generations, int) and self.num_generations >= 1
+                and per_process % self.num_generations == 0):
+            raise ValueError(f"num_generations must be an int >= 1 dividing per_device_train_batch_size * "
+                             f"gradient_accumulation_steps = {per_process} (a prompt's rollouts on one process), "
+                             f"got {self.num_generations!r}")
+        if self.num_generations > 1 and self.method != "va_opd":
+            raise ValueError(f"num_generations={self.num_generations} groups rollouts for method='va_opd'; "
+                             f"method={self.method!r} would train on repeated prompts: drop it")
         if self.steering_policy not in POLICIES:
             raise ValueError(f"steering_policy must be one of {POLICIES}, got {self.steering_policy!r}")
         if self.steering_policy == "fixed" and self.eta is None:
@@ -252,6 +334,8 @@ class VGSDistillationTrainer(DistillationTrainer):
         out = super()._generate_and_score_completions(inputs)
         if "tool_mask" in out:
             raise NotImplementedError("VGSDistillationTrainer does not support tools (multi-turn rollouts) yet")
+        if self.method.rollouts is not None:
+            self.method.rollouts(self, inputs, out)
         if not self.method.text_only:
             return out
         if out.get("pixel_values") is None:
@@ -264,6 +348,42 @@ class VGSDistillationTrainer(DistillationTrainer):
             out[f"text_{key}"] = value.to(out["completion_ids"].device)
         return out
 
+    def _get_train_sampler(self, dataset=None):
+        sampler, g = super()._get_train_sampler(dataset), self.args.num_generations
+        if g == 1:
+            return sampler
+        # each prompt num_generations times in a row: rollouts of one prompt are consecutive (group = index // g)
+        return RepeatSampler(data_source=sampler.data_source, mini_repeat_count=g, batch_size=sampler.batch_size // g,
+                             repeat_count=sampler.repeat_count, shuffle=sampler.shuffle, seed=sampler.seed)
+
+    def _teacher_hidden(self, args, kwargs) -> Tuple[Tensor, Heads]:
+        """The teacher's last hidden states [B, C, H_t] (no grad) for (input_ids, attention_mask, keep)."""
+        teacher = self.accelerator.unwrap_model(self.teacher_model)
+        self.teacher_model.eval()
+        with torch.no_grad():
+            h = self._forward_redirection(self.teacher_model, teacher, self._get_last_hidden_state, teacher,
+                                          *args, **kwargs)
+        student = self.accelerator.unwrap_model(self.model)
+        return h, self._heads(student, teacher)
+
+    def _degraded_pixels(self, inputs: list, pixel_values: Tensor) -> Tensor:
+        """pixel_values of the generation batch's images, each degraded (`degrade_image`)."""
+        images = [img for x in inputs for img in (x.get("images") or [x.get("image")]) if img is not None]
+        weak = self.processing_class.image_processor(images=[degrade_image(i) for i in images],
+                                                     return_tensors="pt")["pixel_values"]
+        if weak.shape != pixel_values.shape:
+            raise ValueError(f"va_view='degraded': the degraded images give pixel_values {tuple(weak.shape)}, the "
+                             f"rollouts' are {tuple(pixel_values.shape)}; use va_view='text'")
+        return weak.to(pixel_values.device, pixel_values.dtype)
+
+    @staticmethod
+    def _heads(student, teacher) -> Heads:
+        head_s, head_t = student.get_output_embeddings(), teacher.get_output_embeddings()
+        cfg_s, cfg_t = student.config.get_text_config(), teacher.config.get_text_config()
+        return Heads(head_s.weight, head_s.bias, head_t.weight, head_t.bias,
+                     (_attr(cfg_s, "logit_scale", 1.0), _attr(cfg_t, "logit_scale", 1.0)),
+                     (_attr(cfg_s, "final_logit_softcapping"), _attr(cfg_t, "final_logit_softcapping")))
+
     # ------------------------------------------------------------------ the loss
 
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
@@ -273,9 +393,7 @@ class VGSDistillationTrainer(DistillationTrainer):
         full = (torch.cat([inputs["prompt_ids"], completion_ids], 1),
                 torch.cat([inputs["prompt_mask"], completion_mask], 1), keep)
         text = (inputs.get("text_input_ids"), inputs.get("text_attention_mask"), keep)
-        vision = {k: inputs[k] for k in ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes",
-                                         "image_sizes", "token_type_ids", "mm_token_type_ids",
-                                         "image_position_ids") if k in inputs}
+        vision = {k: inputs[k] for k in _VISION_KEYS if k in inputs}
         text_side = {k: inputs[f"text_{k}"] for k in ("token_type_ids", "mm_token_type_ids") if f"text_{k}" in inputs}
         views = {"student": (full, vision), "student_text": (text, text_side), "teacher": (full, vision),
                  "teacher_text": (text, text_side)}
@@ -292,12 +410,9 @@ class VGSDistillationTrainer(DistillationTrainer):
                 with torch.no_grad():
                     hidden[name] = self._forward_redirection(self.teacher_model, teacher, self._get_last_hidden_state,
                                                              teacher, *args, **kwargs).to(dev)
-        cfg_s, cfg_t = unwrapped_student.config.get_text_config(), teacher.config.get_text_config()
-        heads = Heads(head_s.weight, head_s.bias, head_t.weight, head_t.bias,
-                      (_attr(cfg_s, "logit_scale", 1.0), _attr(cfg_t, "logit_scale", 1.0)),
-                      (_attr(cfg_s, "final_logit_softcapping"), _attr(cfg_t, "final_logit_softcapping")))
+        heads = self._heads(unwrapped_student, teacher)
         loss_mask = loss_mask.to(dev)
-        total, entropy_sum, out = self.method.loss(self, hidden, heads, loss_mask, num_items_in_batch)
+        total, entropy_sum, out = self.method.loss(self, inputs, hidden, heads, loss_mask, num_items_in_batch)
         self._pending = out
         self.method.log(self._metrics["train" if self.model.training else "eval"], out, loss_mask,
                         num_items_in_batch)
