@@ -133,6 +133,7 @@ class VGSGRPOTrainer(GRPOTrainer):
     # routed backward, the steering logs; TRL's backbone pass of DistillationTrainer.
     _get_last_hidden_state = DistillationTrainer._get_last_hidden_state
     _distill_loss = VGSDistillationTrainer._compute_loss
+    _heads = staticmethod(VGSDistillationTrainer._heads)
     _needs_components = VGSDistillationTrainer._needs_components
     _steered_backward = VGSDistillationTrainer._steered_backward
     _log_steering = VGSDistillationTrainer._log_steering
@@ -151,6 +152,8 @@ class VGSGRPOTrainer(GRPOTrainer):
         out = super()._generate_and_score_completions(inputs)
         if "tool_mask" in out:
             raise NotImplementedError("VGSGRPOTrainer does not support tools (multi-turn rollouts) yet")
+        if self.method.rollouts is not None:
+            self.method.rollouts(self, inputs, out)
         if not self.method.text_only:
             return out
         if out.get("pixel_values") is None:
