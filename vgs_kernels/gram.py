@@ -13,8 +13,9 @@ take the fast path as flat views; any other layout is handled correctly by the r
 
 Backends (vgs_kernels._backend.resolve): C++ on CPU (csrc/multi_tensor.cpp: chunks over all
 parameters, at::parallel_for, vectorised fp32 lanes summed in double), Triton on CUDA (this file:
-one launch per dtype (and 16-byte alignment) over a device table of (pointers, numel) rows, cached
-by content; persistent programs keep fp32 partials, a [programs, k, k] sum on the device; no host
+one launch per dtype (and 16-byte alignment) over a device table of (pointers, numel) rows, built
+by the C++ op vgs_kernels::pointer_table from the CPU kernels' own classification and cached by
+content; persistent programs keep fp32 partials, a [programs, k, k] sum on the device; no host
 synchronisation), and a plain-torch reference (float64). This file also holds the table helpers
 that vgs_kernels/combine.py shares. Minimal traffic: k reads per element.
 """
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
