@@ -121,6 +121,8 @@ def recording(into: List[Launch], case: Callable[[], str]) -> Iterator[None]:
 
 
 def _kl_call(dtype_s, dtype_t, v, mono, mask, detach, misaligned=False, n=16):
+    """One decomposed_kl forward + backward. `mask`: False (none), True (bool) or a mask dtype (0/1
+    numbers: the wrapper turns every mask into a bool row mask, so they share its launches)."""
     import vgs_kernels as vgs
 
     def rows(dtype, grad):
@@ -129,7 +131,7 @@ def _kl_call(dtype_s, dtype_t, v, mono, mask, detach, misaligned=False, n=16):
 
     s, a = rows(dtype_s, True), rows(dtype_t, False)
     u, b = (None, None) if mono else (rows(dtype_s, True), rows(dtype_t, False))
-    m = torch.arange(n) % 3 != 0 if mask else None
+    m = None if mask is False else (torch.arange(n) % 3 != 0).to(torch.bool if mask is True else mask)
     t = vgs.decomposed_kl(s, u, a, b, m, detach_prior=detach, backend="triton")
     (t.std.sum() + t.vis.sum() + t.lang.sum()).backward()
 
@@ -153,13 +155,18 @@ def _dtype_name(d: torch.dtype) -> str:
 
 
 def _kl_label(ds, dt, v, mono, mask, detach, misaligned) -> str:
+    mask_word = "" if mask is False else " mask" if mask is True else f" mask={_dtype_name(mask)}"
     return (f"decomposed_kl s={_dtype_name(ds)} t={_dtype_name(dt)} V={v}{' mono' if mono else ''}"
-            f"{' mask' if mask else ''}{'' if detach else ' detach_prior=False'}{' misaligned' if misaligned else ''}")
+            f"{mask_word}{'' if detach else ' detach_prior=False'}{' misaligned' if misaligned else ''}")
+
+
+MASK_DTYPES = (torch.int64, torch.int32, torch.uint8, torch.float32, torch.bfloat16, torch.float16)
 
 
 def calls(full: bool, n_params: int) -> Iterator[Tuple[str, Callable[[], None]]]:
     """(label, call) pairs: the wrapper calls whose launches are compiled. The default set has every
-    kernel, each flag both ways, every dtype, odd V, misaligned rows, KP = 2 and 4, every k of
+    kernel, each flag both ways, every student x teacher dtype mix (fp32 / bf16 / fp16 each) at the
+    largest tile, masks of every dtype, fp8, odd V, misaligned rows, KP = 2 and 4, every k of
     combine and the estimates' cases; `full` is the whole matrix (dtype pairs x V x flags x
     alignment; k x dtype x table size x alignment)."""
     f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
@@ -171,9 +178,14 @@ def calls(full: bool, n_params: int) -> Iterator[Tuple[str, Callable[[], None]]]
                  for detach in ((True,) if mono else (True, False))]
         kl = [(ds, dt, v, *f, mis) for ds, dt in pairs for v in (V_EST, 1000, 1001, 32000) for f in flags
               for mis in (False, True)]
-    else:
-        kl = [(bf16, bf16, V_EST, False, False, True, False), (f16, f32, 1001, True, True, True, False),
-              (bf16, e4, V_EST, False, True, False, False), (f32, f32, 1000, False, False, True, True)]
+    else:  # every student x teacher dtype mix the wrappers accept, at the widest tile (V_EST), four-term
+        # (4 rows: the register-heavy case) with and without a mask; monolithic per dtype; masks of every dtype (they share the bool launches)
+        mixes = [(s, t) for s in (f32, bf16, f16) for t in (f32, bf16, f16)]
+        kl = [(ds, dt, V_EST, mono, mask, True, False) for ds, dt in mixes
+              for mono, mask in ((False, False), (False, True), (True, False)) if ds == dt or not mono]
+        kl += [(bf16, bf16, V_EST, False, m, True, False) for m in MASK_DTYPES]
+        kl += [(f16, f32, 1001, True, True, True, False), (bf16, e4, V_EST, False, True, False, False),
+               (f32, f32, 1000, False, False, True, True)]
     for a in kl:
         yield _kl_label(*a), (lambda a=a: _kl_call(*a))
     # Tables: one tensor, a few, the Qwen3-VL-2B list (n_params tensors), thousands.

@@ -232,7 +232,7 @@ bool fast_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16
 // ops), a parameter that is not a fast flat range is left out (numel 0) and its index appended to
 // *rest; without it, such tensors are copied contiguous (and float64 raises).
 Table make_table(const c10::List<std::optional<at::Tensor>>& tensors, int64_t k, at::TensorList out,
-                 std::vector<int64_t>* rest = nullptr) {
+                 std::vector<int64_t>* rest = nullptr, at::Device dev = at::kCPU) {
   TORCH_CHECK(k >= 1 && k <= kMaxK, "vgs_kernels: k must be 1..4, got ", k);
   TORCH_CHECK(tensors.size() % k == 0, "vgs_kernels: tensors holds ", tensors.size(),
               " entries, not a multiple of k = ", k);
@@ -249,8 +249,8 @@ Table make_table(const c10::List<std::optional<at::Tensor>>& tensors, int64_t k,
     at::Tensor ref;  // the first tensor of the parameter (out, else a component): shape and strides to share
     bool flat = true;
     if (!out.empty()) {
-      TORCH_CHECK(out[j].device().is_cpu(), "vgs_kernels.combine_: out[", j, "] is on ", out[j].device(),
-                  "; the C++ kernels take CPU tensors");
+      TORCH_CHECK(out[j].device() == dev, "vgs_kernels.combine_: out[", j, "] is on ", out[j].device(),
+                  dev.is_cpu() ? "; the C++ kernels take CPU tensors" : "; expected the gradients' device");
       t.numel[j] = out[j].numel();
       t.dtype[j] = out[j].scalar_type();
       ref = out[j];
@@ -259,8 +259,8 @@ Table make_table(const c10::List<std::optional<at::Tensor>>& tensors, int64_t k,
       std::optional<at::Tensor> o = tensors.get(i * t.n_params + j);
       if (!o.has_value() || !o->defined()) continue;
       const at::Tensor& g = *o;
-      TORCH_CHECK(g.device().is_cpu(), "vgs_kernels: component ", i, " of parameter ", j, " is on ",
-                  g.device(), "; the C++ kernels take CPU tensors");
+      TORCH_CHECK(g.device() == dev, "vgs_kernels: component ", i, " of parameter ", j, " is on ",
+                  g.device(), dev.is_cpu() ? "; the C++ kernels take CPU tensors" : "; expected ", dev);
       if (t.numel[j] < 0) {
         t.numel[j] = g.numel();
         t.dtype[j] = g.scalar_type();
@@ -391,13 +391,82 @@ void combine_run(at::TensorList out, const Table& t, const at::Tensor& coeffs) {
     if (t.numel[j] > 0 && !dst[j].is_same(out[j])) out[j].copy_(dst[j]);
 }
 
+// The Triton kernels' pointer tables (gram.py, combine.py), from the same classification as the
+// C++ kernels (make_table with `rest`): rows [data_ptr of each component (0 = None), 0 up to
+// `width`, out's data_ptr (when out is given), numel, first chunk of the row's launch], grouped
+// by (dtype, all 16-byte aligned) since each group is one launch. groups: [n_groups, 4] rows of
+// (first row, rows, chunks, index of the group's first parameter). rest: parameters the kernels
+// cannot read as flat ranges (the caller takes the reference for them). Device-agnostic: it reads
+// metadata only, so it serves CUDA tensors (and CPU ones under the Triton interpreter).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pointer_table(const c10::List<std::optional<at::Tensor>>& tensors,
+                                                             int64_t k, at::TensorList out, int64_t width) {
+  std::optional<at::Device> dev;
+  for (const auto& o : out) { dev = o.device(); break; }
+  for (size_t i = 0; !dev && i < tensors.size(); ++i) {
+    std::optional<at::Tensor> o = tensors.get(i);
+    if (o.has_value() && o->defined()) dev = o->device();
+  }
+  TORCH_CHECK(width >= k, "vgs_kernels.pointer_table: width ", width, " < k = ", k);
+  std::vector<int64_t> rest;
+  Table t = make_table(tensors, k, out, &rest, dev.value_or(at::kCPU));
+  const int64_t cols = width + (out.empty() ? 0 : 1) + 2;
+  // Group key: dtype and alignment, in order of first appearance (as the launches run).
+  std::vector<std::pair<int, int64_t>> keys;  // (dtype * 2 + aligned, first parameter)
+  std::vector<int> group(t.n_params, -1);
+  for (int64_t j = 0; j < t.n_params; ++j) {
+    if (t.numel[j] <= 0) continue;
+    bool aligned = out.empty() || reinterpret_cast<uintptr_t>(out[j].data_ptr()) % 16 == 0;
+    for (int64_t i = 0; i < k; ++i) {
+      const at::Tensor& g = t.in[i * t.n_params + j];
+      if (g.defined()) aligned = aligned && reinterpret_cast<uintptr_t>(g.data_ptr()) % 16 == 0;
+    }
+    int key = int(t.dtype[j]) * 2 + aligned, gi = 0;
+    while (gi < int(keys.size()) && keys[gi].first != key) ++gi;
+    if (gi == int(keys.size())) keys.emplace_back(key, j);
+    group[j] = gi;
+  }
+  std::vector<int64_t> count(keys.size(), 0);
+  for (int g : group) if (g >= 0) ++count[g];
+  std::vector<int64_t> next(keys.size(), 0), chunks(keys.size(), 0);
+  at::Tensor groups = at::empty({int64_t(keys.size()), 4}, at::kLong);
+  int64_t* gp = groups.data_ptr<int64_t>();
+  for (size_t g = 0, row = 0; g < keys.size(); row += count[g], ++g) {
+    next[g] = int64_t(row);
+    gp[g * 4] = int64_t(row);
+    gp[g * 4 + 1] = count[g];
+    gp[g * 4 + 3] = keys[g].second;
+  }
+  at::Tensor table = at::zeros({int64_t(next.empty() ? 0 : next.back() + count.back()), cols}, at::kLong);
+  int64_t* tp = table.data_ptr<int64_t>();
+  for (int64_t j = 0; j < t.n_params; ++j) {
+    int g = group[j];
+    if (g < 0) continue;
+    int64_t* r = tp + next[g]++ * cols;
+    for (int64_t i = 0; i < k; ++i) {
+      const at::Tensor& x = t.in[i * t.n_params + j];
+      r[i] = x.defined() ? int64_t(reinterpret_cast<uintptr_t>(x.data_ptr())) : 0;
+    }
+    if (!out.empty()) r[width] = int64_t(reinterpret_cast<uintptr_t>(out[j].data_ptr()));
+    r[cols - 2] = t.numel[j];
+    r[cols - 1] = chunks[g];
+    chunks[g] += (t.numel[j] + kChunk - 1) / kChunk;
+  }
+  for (size_t g = 0; g < keys.size(); ++g) gp[g * 4 + 2] = chunks[g];
+  return {table, groups, rest_tensor(rest)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(vgs_kernels, m) {
+  m.def("pointer_table(Tensor?[] tensors, int k, Tensor[] out, int width) -> (Tensor, Tensor, Tensor)");
   m.def("gram(Tensor?[] tensors, int k) -> Tensor");
   m.def("combine_(Tensor(a!)[] out, Tensor?[] tensors, Tensor coeffs) -> ()");
   m.def("gram_checked(Tensor?[] tensors, int k) -> (Tensor, Tensor)");
   m.def("combine_checked_(Tensor(a!)[] out, Tensor?[] tensors, Tensor coeffs) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(vgs_kernels, CompositeExplicitAutograd, m) {
+  m.impl("pointer_table", &pointer_table);
 }
 
 TORCH_LIBRARY_IMPL(vgs_kernels, CPU, m) {

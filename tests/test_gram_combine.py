@@ -292,3 +292,47 @@ def test_gram_kernel_does_not_spill():
     if not found:
         pytest.skip(out)
     assert all(v == "0" for v in found.values()), out
+
+
+@pytest.mark.skipif(not (HAS_CPP and HAS_TRITON), reason="needs the C++ extension and triton")
+def test_triton_pointer_table_comes_from_the_cpp_classification():
+    """vgs_kernels::pointer_table (the Triton path's table) classifies as the C++ kernels do: rows
+    grouped by dtype and 16-byte alignment, odd layouts handed back, None as a 0 pointer."""
+    x = lambda *s, d=torch.float32: torch.randn(*s).to(d)  # noqa: E731
+    odd = x(9)[1:]  # 4-byte aligned only
+    a = [x(3, 5), x(4, 6).t(), x(9, 8)[:, ::2], x(7, d=torch.bfloat16), None, odd, x(5).double()]
+    b = [x(3, 5), x(4, 6).t(), x(9, 8)[:, ::2], x(7, d=torch.bfloat16), x(2), x(9)[1:], x(5).double()]
+    table, groups, rest = torch.ops.vgs_kernels.pointer_table(a + b, 2, [], 2)
+    assert rest.tolist() == [2, 6]  # strided, float64
+    assert groups.tolist() == [[0, 3, 3, 0], [3, 1, 1, 3], [4, 1, 1, 5]]  # fp32 aligned, bf16, fp32 misaligned
+    rows = table.tolist()
+    assert rows[0] == [a[0].data_ptr(), b[0].data_ptr(), 15, 0]
+    assert rows[1] == [a[1].data_ptr(), b[1].data_ptr(), 24, 1]
+    assert rows[2] == [0, b[4].data_ptr(), 2, 2]
+    assert rows[4] == [a[5].data_ptr(), b[5].data_ptr(), 8, 0]
+    out = [torch.empty_like(t) for t in b]
+    table, groups, rest = torch.ops.vgs_kernels.pointer_table(a + b, 2, out, 2)  # combine: + out pointer
+    assert rest.tolist() == [2, 6] and table.shape == (5, 5) and table[0, 2] == out[0].data_ptr()
+
+
+@pytest.mark.skipif(not (HAS_CPP and HAS_TRITON), reason="needs the C++ extension and triton")
+def test_triton_path_does_no_python_work_per_tensor(monkeypatch):
+    """gram / combine on the Triton path read no tensor's pointer from Python: the count of
+    Python-level data_ptr calls (the interpreter's own, for the kernel arguments) does not grow
+    with the number of tensors."""
+    calls = []
+    real = torch.Tensor.data_ptr
+    monkeypatch.setattr(torch.Tensor, "data_ptr", lambda self: calls.append(1) or real(self))
+
+    def count(n):
+        lists = make_lists(2, [((5,), torch.float32, "c")] * n, seed=n)
+        calls.clear()
+        G = gram(lists, backend="triton")
+        out = [torch.empty_like(t) for t in lists[0]]
+        combine(out, lists, torch.tensor([0.5, 2.0]), backend="triton")
+        assert_gram_close(G, gram_reference(lists))
+        for o, g0, g1 in zip(out, *lists):
+            torch.testing.assert_close(o, 0.5 * g0 + 2.0 * g1)
+        return len(calls)
+
+    assert count(3) == count(40)

@@ -2,8 +2,9 @@
 gfx942) without spilling, checked on a CPU-only machine (benchmarks/compile_report.py).
 
 The compile itself runs in a subprocess: the suite sets TRITON_INTERPRET=1 (conftest.py), under
-which @triton.jit gives interpreter functions that cannot be compiled. Representative subset by
-default (~45 s of CPU); VGS_COMPILE_FULL=1 compiles the whole matrix (minutes). The report goes to
+which @triton.jit gives interpreter functions that cannot be compiled. Default set: every dtype mix of
+student and teacher (fp32 / bf16 / fp16), masks of every dtype, every flag, fp8, odd V and misaligned
+rows (WALL s on the 2-core VM); VGS_COMPILE_FULL=1 compiles the whole matrix (minutes). The report goes to
 bench_out/compile/ (or $VGS_COMPILE_OUT) so its figures are visible next to the benchmarks.
 """
 import importlib
@@ -43,6 +44,22 @@ def test_every_launched_specialisation_compiles_for_sm80_sm90_gfx942_without_spi
         assert r["status"] in ("ok", "rejected"), r
         if r["status"] == "ok":
             assert r["registers"] > 0 and r["spill_bytes"] == 0 and r["loads_total"] > 0, r
+    # Every student x teacher dtype mix, four-term with and without a mask (monolithic per dtype), was
+    # compiled for every target (the spill check above covers them: an fp32 student with an fp16
+    # teacher once spilled on sm_80 with a tile sized for 2-byte rows).
+    names = ("float32", "bfloat16", "float16")
+    for kern in ("_kl_forward_kernel", "_kl_backward_kernel"):
+        for tgt in cr.TARGET_SPECS:
+            cases = {c for r in results if r["kernel"] == kern and r["target"] == tgt for c in r["cases"]}
+            for s in names:
+                for te in names:
+                    base = f"decomposed_kl s={s} t={te} V={cr.V_EST}"
+                    assert {base, base + " mask"} | ({base + " mono"} if s == te else set()) <= cases, (kern, tgt, base)
+    # Masks of every dtype reach the kernels as the bool row mask: one specialisation for all.
+    mask_case = f"decomposed_kl s=bfloat16 t=bfloat16 V={cr.V_EST} mask"
+    for r in results:
+        if mask_case in r["cases"]:
+            assert {f"{mask_case}={str(d).replace('torch.', '')}" for d in cr.MASK_DTYPES} <= set(r["cases"]), r
     # The fp8 rule of vgs_kernels.triton_targets agrees with the compiler: float8_e4m3fn logits fail
     # to compile for sm_80 (and decomposed_kl rejects them there) but compile for sm_90 and gfx942.
     fp8 = [r for r in results if "fp8e4nv" in r["specialisation"]]

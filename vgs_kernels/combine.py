@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 
 from vgs_kernels._backend import HAS_CPP, HAS_TRITON, resolve
-from vgs_kernels.gram import (GradList, check_lists, device_table, launch_groups, n_programs, pointer_rows,
-                              on_device, quick_lists, search_steps, split_fast, _pow2)
+from vgs_kernels.gram import (GradList, check_lists, fast_backend, launch_tables, n_programs, on_device,
+                              quick_lists, search_steps, _pow2)
 
 
 def _check(out_tensors: Sequence[Tensor], grad_lists: Sequence[GradList],
@@ -85,17 +85,18 @@ if HAS_TRITON:
                 tl.store(out + s + offs, y.to(dtype_ref.dtype.element_ty), mask=s + offs < end)
 
 
-def _combine_triton(columns: List[List[Optional[Tensor]]], k: int, c: Tensor, device: torch.device) -> None:
+def _combine_triton(out: List[Tensor], flat: List[Optional[Tensor]], k: int, c: Tensor,
+                    device: torch.device) -> Tensor:
+    """out[j] = sum_i c_i flat[i * T + j] over the parameters the kernel reads as flat ranges, one
+    launch per (dtype, alignment) group; returns the indices left for the reference."""
     kp = _pow2(max(k, 2))
-    for (_, is_aligned), cols in launch_groups(columns).items():  # col = (g_0 .. g_{k-1}, out)
-        # rows: [KP input pointers, out pointer, numel, first chunk]
-        rows = pointer_rows([list(col[:-1]) + [None] * (kp - k) + [col[-1]] for col in cols], kp + 1)
-        chunks, progs = n_programs([r[-2] for r in rows], device)
-        table = device_table(rows, device)
+    launches, rest = launch_tables(flat, k, out, kp, device)  # rows: [KP inputs, out, numel, first chunk]
+    for table, n_rows, chunks, is_aligned, first in launches:
         with on_device(device):
-            _combine_kernel[(progs,)](table, len(rows), chunks, c, cols[0][-1], K=k, KP=kp, ROW=kp + 3,
-                                      STEPS=search_steps(len(rows)), ALIGNED=is_aligned, BLOCK=2048 // kp,
-                                      num_warps=4)
+            _combine_kernel[(n_programs(chunks, device),)](
+                table, n_rows, chunks, c, out[first], K=k, KP=kp, ROW=kp + 3, STEPS=search_steps(n_rows),
+                ALIGNED=is_aligned, BLOCK=2048 // kp, num_warps=4)
+    return rest
 
 
 if HAS_CPP:
@@ -120,33 +121,28 @@ def combine(out_tensors: Sequence[Tensor], grad_lists: Sequence[GradList],
             or k numbers.
         backend: None (global choice), "auto", "cpp", "triton" or "reference".
     """
-    flat, k = quick_lists(grad_lists)
-    if flat is not None and resolve(torch.device("cpu"), backend) == "cpp":
-        out = out_tensors if type(out_tensors) is list else list(out_tensors)
-        c = coeffs if isinstance(coeffs, Tensor) else torch.as_tensor(coeffs)
-        if c.shape == (k,) and c.is_floating_point() and len(out) * k == len(flat):
-            c = c.to(device="cpu", dtype=torch.float32)
-            try:  # every check in C++: no Python work per tensor (issue 14)
-                rest = torch.ops.vgs_kernels.combine_checked_(out, flat, c)
-            except (RuntimeError, TypeError, ValueError):
-                _check(out_tensors, grad_lists, coeffs)  # raises the error that names the argument
-                raise
-            if rest.numel():
-                n, rest = len(out), rest.tolist()
-                combine_reference([out[j] for j in rest], [[flat[i * n + j] for j in rest] for i in range(k)], c)
+    flat, k, device = quick_lists(grad_lists)
+    name = flat is not None and fast_backend(device, backend)
+    out = out_tensors if type(out_tensors) is list else list(out_tensors)
+    c = coeffs if isinstance(coeffs, Tensor) else torch.as_tensor(coeffs)
+    if name and c.shape == (k,) and c.is_floating_point() and len(out) * k == len(flat):
+        c = c.to(device=device, dtype=torch.float32)
+    else:  # the checked Python path (odd inputs, the reference backend, no extension)
+        out, lists, c, device = _check(out_tensors, grad_lists, coeffs)
+        name = resolve(device, backend)
+        if name == "reference" or not HAS_CPP:
+            return combine_reference(out, lists, c)
+        flat = [t for lst in lists for t in lst]
+        if not out:  # no parameters: nothing to write (and no tensor for the dispatcher)
             return
-    out, lists, c, device = _check(out_tensors, grad_lists, coeffs)
-    k = len(lists)
-    name = resolve(device, backend)
-    if name == "reference":
-        return combine_reference(out, lists, c)
-    columns = [[lst[j] for lst in lists] + [out[j]] for j in range(len(out))]
-    fast_idx, fast, rest = split_fast(columns)
-    if fast:
+    try:  # every check in C++: no Python work per tensor (issue 14)
         if name == "cpp":
-            flat = [col[i] for i in range(k) for col in fast]  # component-major
-            torch.ops.vgs_kernels.combine_([col[-1] for col in fast], flat, c)
+            rest = torch.ops.vgs_kernels.combine_checked_(out, flat, c)
         else:
-            _combine_triton(fast, k, c, device)
-    if rest:
-        combine_reference([out[j] for j in rest], [[lst[j] for j in rest] for lst in lists], c)
+            rest = _combine_triton(out, flat, k, c, device)
+    except (RuntimeError, TypeError, ValueError):
+        _check(out_tensors, grad_lists, coeffs)  # raises the error that names the argument
+        raise
+    if rest.numel():
+        n, rest = len(out), rest.tolist()
+        combine_reference([out[j] for j in rest], [[flat[i * n + j] for j in rest] for i in range(k)], c)

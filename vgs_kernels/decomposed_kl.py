@@ -478,9 +478,11 @@ def _ftz(x: Tensor) -> bool:
 
 
 def _triton_launch(x: Tensor, v: int, mono: bool, forward: bool, itemsize: int = 4):
-    """(device context, BLOCK, num_warps, K) for one row per program over V. Forward: K = 16 B of
-    the narrowest input per thread and per running max (ld.global.v4; 128 registers, no spills on
-    sm_80 / sm_90 / gfx942 at 8 warps)."""
+    """(device context, BLOCK, num_warps, K) for one row per program over V. Forward: K elements
+    per thread and per running max, K = 16 B of the *widest* input row (`itemsize`): a tile sized
+    for 2-byte rows holding a 4-byte row (fp32 student, fp16 teacher, K 8) spills on sm_80; sized
+    by the widest row, every dtype mix fits 128 registers at 8 warps on sm_80 / sm_90 / gfx942
+    (tests/test_triton_compile.py)."""
     ctx = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
     if forward:
         k = 8 if itemsize <= 2 else 4
@@ -511,7 +513,7 @@ if triton is not None:
         if n == 0:
             return terms, stats
         u, b = (s, a) if mono else (u, b)  # unread placeholders in monolithic mode
-        itemsize = min(x.element_size() for x in (s, u, a, b))
+        itemsize = max(x.element_size() for x in (s, u, a, b))
         ctx, block, warps, k = _triton_launch(s, v, mono, forward=True, itemsize=itemsize)
         with ctx:
             _kl_forward_kernel[(n,)](s, u, a, b, s if mask is None else mask, terms, stats,

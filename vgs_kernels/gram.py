@@ -13,8 +13,9 @@ take the fast path as flat views; any other layout is handled correctly by the r
 
 Backends (vgs_kernels._backend.resolve): C++ on CPU (csrc/multi_tensor.cpp: chunks over all
 parameters, at::parallel_for, vectorised fp32 lanes summed in double), Triton on CUDA (this file:
-one launch per dtype (and 16-byte alignment) over a device table of (pointers, numel) rows, cached
-by content; persistent programs keep fp32 partials, a [programs, k, k] sum on the device; no host
+one launch per dtype (and 16-byte alignment) over a device table of (pointers, numel) rows, built
+by the C++ op vgs_kernels::pointer_table from the CPU kernels' own classification and cached by
+content; persistent programs keep fp32 partials, a [programs, k, k] sum on the device; no host
 synchronisation), and a plain-torch reference (float64). This file also holds the table helpers
 that vgs_kernels/combine.py shares. Minimal traffic: k reads per element.
 """
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -83,20 +84,27 @@ def check_lists(grad_lists: Sequence[GradList], name: str = "grad_lists") -> Tup
     return lists, device if device is not None else torch.device("cpu")
 
 
-def quick_lists(grad_lists: Sequence[GradList]) -> Tuple[Optional[List[Optional[Tensor]]], int]:
-    """(component-major flat list, k) when grad_lists may go straight to the C++ ops: k lists of
-    one length, whose first present tensor is on the CPU (the op checks every tensor). Otherwise
-    (None, k): the caller takes the checked Python path. O(k) Python work, not O(tensors)."""
+def quick_lists(grad_lists: Sequence[GradList]) -> Tuple[Optional[List[Optional[Tensor]]], int, Optional[torch.device]]:
+    """(component-major flat list, k, device of the first present tensor) when grad_lists may go
+    straight to the C++ ops (the kernels, or the Triton pointer table): k lists of one length
+    whose first present tensor is a tensor (the op checks every tensor). Otherwise (None, k, None):
+    the caller takes the checked Python path. O(k) Python work, not O(tensors)."""
     if isinstance(grad_lists, Tensor) or not isinstance(grad_lists, Sequence) or not HAS_CPP:
-        return None, 0
+        return None, 0, None
     lists = [g if type(g) is list else list(g) for g in grad_lists]
     k = len(lists)
     if not 1 <= k <= MAX_K or any(len(lst) != len(lists[0]) for lst in lists):
-        return None, k
+        return None, k, None
     first = next((t for t in lists[0] if t is not None), None)  # usually the very first
-    if not isinstance(first, Tensor) or first.device.type != "cpu":
-        return None, k
-    return [t for lst in lists for t in lst], k
+    if not isinstance(first, Tensor):
+        return None, k, None
+    return [t for lst in lists for t in lst], k, first.device
+
+
+def fast_backend(device: torch.device, backend: Optional[str]) -> Optional[str]:
+    """"cpp" or "triton" when the call can take the C++-checked path on `device`, else None."""
+    name = resolve(device, backend)
+    return name if (name == "cpp" and device.type == "cpu") or (name == "triton" and HAS_CPP) else None
 
 
 def _dense(t: Tensor) -> bool:
@@ -170,55 +178,48 @@ _TABLES: "OrderedDict[tuple, Tensor]" = OrderedDict()
 _TABLES_MAX = 32
 
 
-def device_table(rows: Sequence[Sequence[int]], device: torch.device) -> Tensor:
-    """An int64 [len(rows), len(row)] table on `device` (a non-blocking copy from pinned memory)."""
-    key = (device, tuple(tuple(r) for r in rows))
-    table = _TABLES.get(key)
-    if table is None:
-        table = torch.tensor(rows, dtype=torch.int64)
-        if device.type == "cuda":
-            table = table.pin_memory().to(device, non_blocking=True)
-        _TABLES[key] = table
+def device_table(table: Tensor, device: torch.device) -> Tensor:
+    """`table` (int64, CPU) on `device`, cached by content (a non-blocking copy from pinned memory)."""
+    key = (device, tuple(table.shape), table.numpy().tobytes())
+    cached = _TABLES.get(key)
+    if cached is None:
+        cached = table.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else table
+        _TABLES[key] = cached
         if len(_TABLES) > _TABLES_MAX:
             _TABLES.popitem(last=False)
     else:
         _TABLES.move_to_end(key)
-    return table
+    return cached
 
 
-def n_programs(numel: Sequence[int], device: torch.device) -> Tuple[int, int]:
-    """(chunks, persistent programs): enough programs to fill the GPU, never more than chunks."""
-    chunks = sum(-(-n // CHUNK) for n in numel)
+def launch_tables(flat: List[Optional[Tensor]], k: int, out: List[Tensor], width: int, device: torch.device):
+    """([(device table, rows, chunks, aligned, first parameter)] one per launch, rest indices).
+
+    The C++ op vgs_kernels::pointer_table classifies the parameters as the C++ kernels do (flat
+    ranges, fast dtypes, shapes and dtypes checked) and writes the rows [component pointers
+    (0 = None) padded to `width`, out pointer (combine), numel, first chunk], grouped by dtype and
+    16-byte alignment: no Python work per tensor. rest: parameters for the reference."""
+    table, groups, rest = torch.ops.vgs_kernels.pointer_table(flat, k, out, width)
+    launches = []
+    for row0, n_rows, chunks, first in groups.tolist():
+        rows = table[row0:row0 + n_rows]
+        aligned = bool((rows[:, :-2] % 16 == 0).all())  # 0 (None) is aligned
+        launches.append((device_table(rows, device), n_rows, chunks, aligned, first))
+    return launches, rest
+
+
+def n_programs(chunks: int, device: torch.device) -> int:
+    """Persistent programs for `chunks` work items: enough to fill the GPU, never more than chunks."""
     if device.type == "cuda":
         slots = 4 * torch.cuda.get_device_properties(device).multi_processor_count
     else:  # the interpreter runs programs one after another
         slots = 4
-    return chunks, max(1, min(chunks, slots))
+    return max(1, min(chunks, slots))
 
 
 def search_steps(n_rows: int) -> int:
     """Binary-search steps that locate a chunk among n_rows rows."""
     return max(1, (n_rows - 1).bit_length())
-
-
-def launch_groups(columns: Sequence[Sequence[Optional[Tensor]]]) -> Dict[Tuple[torch.dtype, bool], list]:
-    """Columns grouped by dtype (the pointer type is a compile-time constant) and by whether all
-    their tensors are 16-byte aligned (then the loads are vectorised): one launch per group."""
-    groups: Dict[Tuple[torch.dtype, bool], list] = {}
-    for col in columns:
-        present = [t for t in col if t is not None]
-        groups.setdefault((present[0].dtype, all(t.data_ptr() % 16 == 0 for t in present)), []).append(col)
-    return groups
-
-
-def pointer_rows(columns: Sequence[Sequence[Optional[Tensor]]], width: int) -> List[List[int]]:
-    """Rows [data_ptr of each tensor (0 = None), padded with 0 to `width`, numel, first chunk]."""
-    rows, first = [], 0
-    for col in columns:
-        numel = next(t.numel() for t in col if t is not None)
-        rows.append([0 if t is None else t.data_ptr() for t in col] + [0] * (width - len(col)) + [numel, first])
-        first += -(-numel // CHUNK)
-    return rows
 
 
 if HAS_TRITON:
@@ -296,21 +297,21 @@ def on_device(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _gram_triton(columns: List[List[Optional[Tensor]]], k: int, device: torch.device) -> Tensor:
+def _gram_triton(flat: List[Optional[Tensor]], k: int, device: torch.device) -> Tuple[Tensor, Tensor]:
+    """(G, rest) from the component-major flat list: one launch per (dtype, alignment) group."""
     G = torch.zeros(k, k, dtype=torch.float32, device=device)
-    kp = _pow2(max(k, 2))
-    for (_, is_aligned), cols in launch_groups(columns).items():
-        rows = pointer_rows(cols, kp)
-        chunks, progs = n_programs([r[-2] for r in rows], device)
-        table = device_table(rows, device)
+    kp, n = _pow2(max(k, 2)), len(flat) // k
+    launches, rest = launch_tables(flat, k, [], kp, device)
+    for table, n_rows, chunks, is_aligned, first in launches:
+        progs = n_programs(chunks, device)
         partial = torch.empty(progs, kp, kp, dtype=torch.float32, device=device)
-        ref = next(t for t in cols[0] if t is not None)
+        ref = next(flat[i * n + first] for i in range(k) if flat[i * n + first] is not None)
         with on_device(device):
-            _gram_kernel[(progs,)](table, len(rows), chunks, partial, ref, KP=kp, ROW=kp + 2,
-                                   STEPS=search_steps(len(rows)), ALIGNED=is_aligned,
+            _gram_kernel[(progs,)](table, n_rows, chunks, partial, ref, KP=kp, ROW=kp + 2,
+                                   STEPS=search_steps(n_rows), ALIGNED=is_aligned,
                                    BLOCK=4096 // (kp * kp), num_warps=NUM_WARPS)
         G += partial.sum(0)[:k, :k]
-    return G
+    return G, rest
 
 
 # ----------------------------------------------------------------------------- public op
@@ -341,27 +342,25 @@ def gram(grad_lists: Sequence[GradList], *, backend: Optional[str] = None) -> Te
     Returns:
         G: [k, k] float32 on the gradients' device, G[a, b] = sum_j <g_a[j], g_b[j]>.
     """
-    flat, k = quick_lists(grad_lists)
-    if flat is not None and resolve(torch.device("cpu"), backend) == "cpp":
-        try:  # every check in C++: no Python work per tensor (issue 14)
+    flat, k, device = quick_lists(grad_lists)
+    name = flat is not None and fast_backend(device, backend)
+    if not name:  # the checked Python path (odd inputs, the reference backend, no extension)
+        lists, device = check_lists(grad_lists)
+        name = resolve(device, backend)
+        if name == "reference" or not HAS_CPP:
+            return gram_reference(lists)
+        flat = [t for lst in lists for t in lst]
+        if all(t is None for t in flat):  # no tensor for the dispatcher to route by
+            return torch.zeros(k, k, device=device)
+    try:  # every check in C++: no Python work per tensor (issue 14)
+        if name == "cpp":
             G, rest = torch.ops.vgs_kernels.gram_checked(flat, k)
-        except (RuntimeError, TypeError, ValueError):
-            check_lists(grad_lists)  # raises the error that names the argument
-            raise
-        if rest.numel():
-            n, rest = len(flat) // k, rest.tolist()
-            G = G + gram_reference([[flat[i * n + j] for j in rest] for i in range(k)])
-        return G
-    lists, device = check_lists(grad_lists)
-    name = resolve(device, backend)
-    if name == "reference":
-        return gram_reference(lists)
-    _, fast, rest = split_fast(list(zip(*lists)))
-    if name == "cpp":
-        flat = [col[i] for i in range(k) for col in fast]  # component-major
-        G = torch.ops.vgs_kernels.gram(flat, k) if fast else torch.zeros(k, k)
-    else:
-        G = _gram_triton(fast, k, device)
-    if rest:
-        G = G + gram_reference([[lst[j] for j in rest] for lst in lists])
+        else:
+            G, rest = _gram_triton(flat, k, device)
+    except (RuntimeError, TypeError, ValueError):
+        check_lists(grad_lists)  # raises the error that names the argument
+        raise
+    if rest.numel():
+        n, rest = len(flat) // k, rest.tolist()
+        G = G + gram_reference([[flat[i * n + j] for j in rest] for i in range(k)]).to(G.device)
     return G
