@@ -342,22 +342,7 @@ class VGSDistillationTrainer(DistillationTrainer):
     # ------------------------------------------------------------------ rollouts
 
     def _generate_and_score_completions(self, inputs):
-        out = super()._generate_and_score_completions(inputs)
-        if "tool_mask" in out:
-            raise NotImplementedError("VGSDistillationTrainer does not support tools (multi-turn rollouts) yet")
-        if self.method.rollouts is not None:
-            self.method.rollouts(self, inputs, out)
-        if not self.method.text_only:
-            return out
-        if out.get("pixel_values") is None:
-            raise ValueError("a generation batch has no image: VGS needs an image in every prompt")
-        # [text prompt | the same completion block]: the last C positions align with the image batch's
-        text, _ = text_only_batch(self.processing_class, [x["prompt"] for x in inputs], out["completion_ids"],
-                                  out["completion_mask"], padding_side="split", chat_template=self.chat_template,
-                                  **self.chat_template_kwargs)
-        for key, value in text.items():
-            out[f"text_{key}"] = value.to(out["completion_ids"].device)
-        return out
+        return add_rollout_inputs(self, inputs, super()._generate_and_score_completions(inputs))
 
     def _get_train_sampler(self, dataset=None):
         sampler, g = super()._get_train_sampler(dataset), self.args.num_generations
@@ -554,3 +539,24 @@ def __getattr__(name: str):
         from vgs_kernels.integrations import trl_grpo
         return getattr(trl_grpo, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def add_rollout_inputs(trainer, inputs, out: dict) -> dict:
+    """What a method row adds to a TRL generation batch ``out`` (VGSDistillationTrainer and VGSGRPOTrainer):
+    the row's rollouts hook, then, where the row needs it, the text-only batch as ``text_*`` keys."""
+    if "tool_mask" in out:
+        raise NotImplementedError(f"{type(trainer).__name__} does not support tools (multi-turn rollouts) yet")
+    if trainer.method.rollouts is not None:
+        trainer.method.rollouts(trainer, inputs, out)
+    if not trainer.method.text_only:
+        return out
+    if out.get("pixel_values") is None:
+        raise ValueError("a generation batch has no image: VGS needs an image in every prompt")
+    # [text prompt | the same completion block]: the last C positions align with the image batch's; GRPO
+    # repeats each prompt num_generations times in `inputs`, in the order of the completions
+    text, _ = text_only_batch(trainer.processing_class, [x["prompt"] for x in inputs], out["completion_ids"],
+                              out["completion_mask"], padding_side="split", chat_template=trainer.chat_template,
+                              **trainer.chat_template_kwargs)
+    for key, value in text.items():
+        out[f"text_{key}"] = value.to(out["completion_ids"].device)
+    return out

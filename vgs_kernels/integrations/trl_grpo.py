@@ -36,9 +36,10 @@ from trl.models import prepare_deepspeed
 from trl.models.utils import _ForwardRedirection
 
 from vgs_kernels.grpo_vgs import grpo_vgs_loss
-from vgs_kernels.integrations.trl import METHODS, POLICIES, VGSDistillationConfig, VGSDistillationTrainer, _check_models
+from vgs_kernels.integrations.trl import (METHODS, POLICIES, VGSDistillationConfig, VGSDistillationTrainer, _check_models,
+                                        add_rollout_inputs)
 from vgs_kernels.steering import GradientSteering
-from vgs_kernels.vlm import VisionTokens, text_only_batch
+from vgs_kernels.vlm import VisionTokens
 
 DISTILL = {"vgs": "vgs", "standard": "opd"}  # distill= -> the row of trl.METHODS
 
@@ -149,22 +150,7 @@ class VGSGRPOTrainer(GRPOTrainer):
         return optimizer
 
     def _generate_and_score_completions(self, inputs):
-        out = super()._generate_and_score_completions(inputs)
-        if "tool_mask" in out:
-            raise NotImplementedError("VGSGRPOTrainer does not support tools (multi-turn rollouts) yet")
-        if self.method.rollouts is not None:
-            self.method.rollouts(self, inputs, out)
-        if not self.method.text_only:
-            return out
-        if out.get("pixel_values") is None:
-            raise ValueError("a generation batch has no image: VGS needs an image in every prompt")
-        # GRPO repeats each prompt num_generations times in `inputs`, in the order of the completions
-        text, _ = text_only_batch(self.processing_class, [x["prompt"] for x in inputs], out["completion_ids"],
-                                  out["completion_mask"], padding_side="split", chat_template=self.chat_template,
-                                  **self.chat_template_kwargs)
-        for key, value in text.items():
-            out[f"text_{key}"] = value.to(out["completion_ids"].device)
-        return out
+        return add_rollout_inputs(self, inputs, super()._generate_and_score_completions(inputs))
 
     def _compute_loss(self, model, inputs):
         rl = super()._compute_loss(model, inputs)  # TRL's GRPO loss (beta = 0) and its metrics
