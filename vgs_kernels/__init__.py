@@ -1,26 +1,37 @@
-"""vgs-kernels: fused kernels for Visual Gradient Steering (arXiv 2606.00564).
+"""vgs-kernels: fused kernels for Visual Gradient Steering (arXiv 2606.00564) and the on-policy
+distillation methods around it.
 
-The data path, one module per step:
-logits -> decomposed_kl (KL split) -> loss (per-term cotangents) -> steering.backward (per-term
-gradients) -> gram -> policies (coefficients) -> combine -> optimizer.step().
+The data path, one sub-package per layer (docs/ARCHITECTURE.md):
+hidden states / logits -> ops (decomposed KL, fused-linear) -> losses (per-term cotangents) ->
+steering.GradientSteering.backward (per-component gradients) -> ops.gram -> steering.policies
+(coefficients) -> ops.combine -> optimizer.step(). distributed/ reduces across ranks, vlm/ builds the
+passes from a transformers VLM batch, integrations/trl/ plugs it all into TRL's trainers.
 """
-from vgs_kernels._backend import BACKENDS, backend_info, get_backend, set_backend, use_backend
+from vgs_kernels._version import __version__
+from vgs_kernels.analysis import GeometryRow, gradient_geometry, plot_gradient_geometry
+from vgs_kernels.losses import (FusedLinearVGSLoss, OPDLoss, VAOPDLoss, VAOPDOutput, VGSLoss, VGSLossOutput,
+                                fused_chunked_divergence_loss, group_advantages, grpo_surrogate, grpo_vgs_loss,
+                                vgs_loss)
+from vgs_kernels.ops import (BACKENDS, KLTerms, backend_info, combine, decomposed_kl, decomposed_kl_reference,
+                             fused_linear_decomposed_kl, get_backend, gram, set_backend, use_backend)
+from vgs_kernels.steering import GradientSteering, SteeringConflictWarning, policies, std_descent
+from vgs_kernels.vlm import (DistillLogits, FamilySpec, VisionTokens, check_processor, distill_logits,
+                             register_family, response_logits, response_positions, rollout_batch, strip_images,
+                             text_only_batch)
 
-__version__ = "0.1.0"
-
-# Public API (each module adds its names below).
-from vgs_kernels.decomposed_kl import KLTerms, decomposed_kl, decomposed_kl_reference
-from vgs_kernels.loss import VGSLoss, VGSLossOutput, vgs_loss
-from vgs_kernels.vlm import (DistillLogits, VisionTokens, check_processor, distill_logits, response_logits,
-                             response_positions, rollout_batch, strip_images)
-from vgs_kernels.probe import GeometryRow, gradient_geometry, plot_gradient_geometry
-from vgs_kernels.fused_linear import FusedLinearVGSLoss, fused_linear_decomposed_kl
-from vgs_kernels.gram import gram
-from vgs_kernels.combine import combine
-from vgs_kernels import policies
-from vgs_kernels.steering import GradientSteering
-from vgs_kernels.health import SteeringConflictWarning, std_descent
-from vgs_kernels.vlm import FamilySpec, register_family, text_only_batch
-from vgs_kernels.grpo_vgs import group_advantages, grpo_surrogate, grpo_vgs_loss
-from vgs_kernels.opd import fused_chunked_divergence_loss
-from vgs_kernels.va_opd import VAOPDLoss, VAOPDOutput
+__all__ = [
+    "__version__",
+    # ops
+    "BACKENDS", "backend_info", "get_backend", "set_backend", "use_backend", "KLTerms", "decomposed_kl",
+    "decomposed_kl_reference", "fused_linear_decomposed_kl", "gram", "combine",
+    # losses
+    "VGSLoss", "VGSLossOutput", "vgs_loss", "FusedLinearVGSLoss", "OPDLoss", "fused_chunked_divergence_loss",
+    "VAOPDLoss", "VAOPDOutput", "group_advantages", "grpo_surrogate", "grpo_vgs_loss",
+    # steering
+    "GradientSteering", "policies", "SteeringConflictWarning", "std_descent",
+    # vlm
+    "DistillLogits", "VisionTokens", "FamilySpec", "check_processor", "distill_logits", "register_family",
+    "response_logits", "response_positions", "rollout_batch", "strip_images", "text_only_batch",
+    # analysis
+    "GeometryRow", "gradient_geometry", "plot_gradient_geometry",
+]

@@ -6,7 +6,7 @@ synchronisation) weight the k component gradients, and the result is written int
 written). The arithmetic is fp32; the result is stored in the parameter's dtype. A parameter with
 no gradient from any component gets zeros.
 
-Backends as for vgs_kernels/gram.py (C++ on CPU, Triton on CUDA, plain-torch reference), with the
+Backends as for vgs_kernels/ops/gram.py (C++ on CPU, Triton on CUDA, plain-torch reference), with the
 same fast path (contiguous, or dense with the strides shared by out and inputs) and the reference
 for any other layout. Minimal traffic: k reads + 1 write per element.
 """
@@ -17,8 +17,8 @@ from typing import List, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from vgs_kernels._backend import HAS_CPP, HAS_TRITON, resolve
-from vgs_kernels.gram import (GradList, check_lists, fast_backend, launch_tables, n_programs, on_device,
+from vgs_kernels.ops.backend import HAS_CPP, HAS_TRITON, resolve
+from vgs_kernels.ops.gram import (GradList, check_lists, fast_backend, launch_tables, n_programs, on_device,
                               quick_lists, search_steps, _pow2)
 
 
@@ -61,7 +61,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from vgs_kernels.gram import chunk_rows, load_block
+    from vgs_kernels.ops.gram import chunk_rows, load_block
 
     @triton.jit
     def _combine_kernel(table, n_rows, n_chunks, coeffs, dtype_ref, K: tl.constexpr, KP: tl.constexpr,

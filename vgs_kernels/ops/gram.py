@@ -11,13 +11,13 @@ parameter have its shape and dtype; ``None`` means "no gradient from that compon
 Contiguous tensors, and dense tensors whose components share the same strides (e.g. transposed),
 take the fast path as flat views; any other layout is handled correctly by the reference.
 
-Backends (vgs_kernels._backend.resolve): C++ on CPU (csrc/multi_tensor.cpp: chunks over all
+Backends (vgs_kernels.ops.backend.resolve): C++ on CPU (csrc/multi_tensor.cpp: chunks over all
 parameters, at::parallel_for, vectorised fp32 lanes summed in double), Triton on CUDA (this file:
 one launch per dtype (and 16-byte alignment) over a device table of (pointers, numel) rows, built
 by the C++ op vgs_kernels::pointer_table from the CPU kernels' own classification and cached by
 content; persistent programs keep fp32 partials, a [programs, k, k] sum on the device; no host
 synchronisation), and a plain-torch reference (float64). This file also holds the table helpers
-that vgs_kernels/combine.py shares. Minimal traffic: k reads per element.
+that vgs_kernels/ops/combine.py shares. Minimal traffic: k reads per element.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from vgs_kernels._backend import HAS_CPP, HAS_TRITON, resolve
+from vgs_kernels.ops.backend import HAS_CPP, HAS_TRITON, resolve
 
 GradList = Sequence[Optional[Tensor]]
 FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -35,14 +35,13 @@ materialised path (full logits + decomposed_kl + VGSLoss) does 4 forward + dh_s,
 from __future__ import annotations
 
 import math
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from vgs_kernels.decomposed_kl import (N_STATS, KLTerms, decomposed_kl_reference, kl_backward, kl_forward,
+from vgs_kernels.ops.decomposed_kl import (N_STATS, KLTerms, decomposed_kl_reference, kl_backward, kl_forward,
                                        valid_mask)
-from vgs_kernels.loss import VGSLoss, VGSLossOutput
 
 Pair = Union[float, Tuple[float, float]]
 Rows = Union[slice, Tensor]
@@ -62,7 +61,7 @@ def chunk_rows(n: int, vocab: int, itemsize: int, memory_budget: Optional[int] =
     return max(1, min(n, budget // per_row))
 
 
-def _pair(x: Optional[Pair], name: str) -> Tuple[Optional[float], Optional[float]]:
+def as_pair(x: Optional[Pair], name: str) -> Tuple[Optional[float], Optional[float]]:
     """One value for both models, or (student, teacher)."""
     pair = tuple(x) if isinstance(x, (tuple, list)) else (x, x)
     if len(pair) != 2:
@@ -70,14 +69,14 @@ def _pair(x: Optional[Pair], name: str) -> Tuple[Optional[float], Optional[float
     return pair
 
 
-class _Heads:
+class HeadPair:
     """Student (0) and teacher (1) LM heads with their logit transforms."""
 
     def __init__(self, w_s, b_s, w_t, b_t, dtypes, logit_scale: Pair, softcap: Optional[Pair]):
         # The heads run in the hidden states' dtype (like autocast does for an fp32 master weight).
         self.w = [w.detach().to(dt) for w, dt in zip((w_s, w_t), dtypes)]
         self.bias = [None if bb is None else bb.detach().to(dt) for bb, dt in zip((b_s, b_t), dtypes)]
-        self.scale, self.cap = _pair(logit_scale, "logit_scale"), _pair(softcap, "softcap")
+        self.scale, self.cap = as_pair(logit_scale, "logit_scale"), as_pair(softcap, "softcap")
 
     def logits(self, h: Tensor, k: int) -> Tensor:
         """cap · tanh(scale · (h @ W^T + bias) / cap): [rows, V] in h's dtype."""
@@ -145,20 +144,18 @@ def _chunks(n: int, rows: Optional[Tensor], size: int) -> Iterator[Rows]:
         yield from (rows[i:i + size] for i in range(0, rows.numel(), size))
 
 
-class _Config:
+class FusedLinearConfig:
     """Everything but the tensors: the heads' transforms, temperature, chunking, backend."""
 
     def __init__(self, temperature, logit_scale, softcap, detach_prior, chunk_size, memory_budget,
-                 fp32_weight_grad, backend, student_entropy: bool = False):
+                 fp32_weight_grad, backend):
         self.inv_t, self.logit_scale, self.softcap = 1.0 / temperature, logit_scale, softcap
         self.detach_prior, self.chunk_size, self.memory_budget = detach_prior, chunk_size, memory_budget
         self.fp32_weight_grad, self.backend = fp32_weight_grad, backend
-        # monolithic mode only: the VDS row (undefined without b) carries H(softmax(s/T)) instead
-        self.student_entropy = student_entropy
 
     def setup(self, h_s, h_u, w_s, b_s, h_a, h_b, w_t, b_t):
         """(heads, chunk rows, logits for rows r) for these tensors."""
-        heads = _Heads(w_s, b_s, w_t, b_t, (h_s.dtype, h_a.dtype), self.logit_scale, self.softcap)
+        heads = HeadPair(w_s, b_s, w_t, b_t, (h_s.dtype, h_a.dtype), self.logit_scale, self.softcap)
         itemsize = max(h_s.element_size(), h_a.element_size())
         chunk = self.chunk_size or chunk_rows(h_s.shape[0], w_s.shape[0], itemsize, self.memory_budget,
                                               h_s.device)
@@ -187,7 +184,7 @@ class FusedLinearKLFunction(torch.autograd.Function):
     or h_u) that no live cotangent reaches gets no gradient and no work (no host sync)."""
 
     @staticmethod
-    def forward(ctx, h_s, h_u, w_s, b_s, h_a, h_b, w_t, b_t, rows: Optional[Tensor], cfg: _Config):
+    def forward(ctx, h_s, h_u, w_s, b_s, h_a, h_b, w_t, b_t, rows: Optional[Tensor], cfg: FusedLinearConfig):
         _, chunk, logits = cfg.setup(h_s, h_u, w_s, b_s, h_a, h_b, w_t, b_t)
         n, acc = h_s.shape[0], _acc_dtype(h_s, h_u, h_a, h_b)
         terms = torch.zeros(4, n, dtype=acc, device=h_s.device)
@@ -232,7 +229,7 @@ class FusedLinearKLFunction(torch.autograd.Function):
         return (*grads.outputs(), None, None, None, None, None, None)
 
 
-def _check(h_s, h_u, w_s, h_a, h_b, w_t, mask, b_s, b_t, temperature, softcap, chunk_size) -> None:
+def check_inputs(h_s, h_u, w_s, h_a, h_b, w_t, mask, b_s, b_t, temperature, softcap, chunk_size) -> None:
     """Raises TypeError / ValueError naming the offending argument."""
     if (h_u is None) != (h_b is None):
         raise ValueError("h_u and h_b must be given together (decomposed) or both be None (monolithic)")
@@ -269,21 +266,21 @@ def _check(h_s, h_u, w_s, h_a, h_b, w_t, mask, b_s, b_t, temperature, softcap, c
                          f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}")
     if not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    for cap in _pair(softcap, "softcap"):
+    for cap in as_pair(softcap, "softcap"):
         if cap is not None and not 0 < cap < math.inf:
             raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
 
-def _valid_rows(mask: Optional[Tensor]) -> Optional[Tensor]:
+def valid_rows(mask: Optional[Tensor]) -> Optional[Tensor]:
     """Indices of the valid positions (None: all). One host sync; masked rows are never computed."""
     if mask is None:
         return None
     return valid_mask(mask, (), mask.device).reshape(-1).nonzero().squeeze(1)
 
 
-def _flat(h: Optional[Tensor]) -> Optional[Tensor]:
+def flatten(h: Optional[Tensor]) -> Optional[Tensor]:
     return None if h is None else h.reshape(-1, h.shape[-1])
 
 
@@ -307,12 +304,12 @@ def fused_linear_decomposed_kl(h_s: Tensor, h_u: Optional[Tensor], w_student: Te
     Returns KLTerms of the leading shape, float32 (float64 for float64 inputs), differentiable
     w.r.t. h_s, h_u, w_student and bias_student; the teacher gets no gradient.
     """
-    _check(h_s, h_u, w_student, h_a, h_b, w_teacher, mask, bias_student, bias_teacher, temperature,
+    check_inputs(h_s, h_u, w_student, h_a, h_b, w_teacher, mask, bias_student, bias_teacher, temperature,
            softcap, chunk_size)
-    cfg = _Config(temperature, logit_scale, softcap, detach_prior, chunk_size, memory_budget,
+    cfg = FusedLinearConfig(temperature, logit_scale, softcap, detach_prior, chunk_size, memory_budget,
                   fp32_weight_grad, backend)
-    terms = FusedLinearKLFunction.apply(_flat(h_s), _flat(h_u), w_student, bias_student, _flat(h_a),
-                                        _flat(h_b), w_teacher, bias_teacher, _valid_rows(mask), cfg)
+    terms = FusedLinearKLFunction.apply(flatten(h_s), flatten(h_u), w_student, bias_student, flatten(h_a),
+                                        flatten(h_b), w_teacher, bias_teacher, valid_rows(mask), cfg)
     return KLTerms(*(t.reshape(h_s.shape[:-1]) for t in terms))
 
 
@@ -329,7 +326,7 @@ def fused_linear_decomposed_kl_reference(h_s, h_u, w_student, h_a, h_b, w_teache
                                          logit_scale: Pair = 1.0, softcap: Optional[Pair] = None,
                                          detach_prior=True) -> KLTerms:
     """Materialise the four logit tensors, then `decomposed_kl_reference` (tests, spec)."""
-    (sc_s, sc_t), (cap_s, cap_t) = _pair(logit_scale, "logit_scale"), _pair(softcap, "softcap")
+    (sc_s, sc_t), (cap_s, cap_t) = as_pair(logit_scale, "logit_scale"), as_pair(softcap, "softcap")
     stu = [None if h is None else head_logits(h, w_student, bias_student, sc_s, cap_s) for h in (h_s, h_u)]
     tea = [None if h is None else head_logits(h, w_teacher, bias_teacher, sc_t, cap_t) for h in (h_a, h_b)]
     return decomposed_kl_reference(stu[0], stu[1], tea[0], tea[1], mask, temperature, detach_prior)
@@ -338,8 +335,8 @@ def fused_linear_decomposed_kl_reference(h_s, h_u, w_student, h_a, h_b, w_teache
 # ----------------------------------------------------------------------------- the loss
 
 
-class _FusedLinearVGSFunction(torch.autograd.Function):
-    """(h_s, h_u, w_student, bias) -> (k values (scalars), components [3], terms [4, N]).
+class _FusedLinearLossFunction(torch.autograd.Function):
+    """(h_s, h_u, w_student, bias) -> (k values (scalars), components [3], terms [4, N], entropy [N]).
 
     The gradients of the k values (rows of `coeffs` applied to the std, vis, lp components) are
     computed in forward; backward scales them by the incoming cotangents. Each value is its own
@@ -348,18 +345,18 @@ class _FusedLinearVGSFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h_s, h_u, w_s, b_s, h_a, h_b, w_t, b_t, rows, valid, weights,
-                loss: "FusedLinearVGSLoss", cfg: _Config, coeffs: List[Tuple[float, float, float]],
+    def forward(ctx, h_s, h_u, w_s, b_s, h_a, h_b, w_t, b_t, rows, valid, weights, gate: "Gate",
+                cfg: FusedLinearConfig, coeffs: List[Tuple[float, float, float]], want_entropy: bool,
                 grad_enabled: bool):
         want = [need and grad_enabled for need in ctx.needs_input_grad[:4]]  # no work under no_grad
         grads = [cfg.grads(h_s, h_u, w_s, b_s, want) for _ in coeffs]
-        comps, terms = _fused_vgs(h_s, h_u, w_s, b_s, h_a, h_b, w_t, b_t, rows, valid, weights, loss,
-                                  cfg, coeffs, grads)
+        comps, terms, entropy = _fused_loss(h_s, h_u, w_s, b_s, h_a, h_b, w_t, b_t, rows, valid, weights, gate,
+                                            cfg, coeffs, grads, want_entropy)
         ctx.grads = [g.outputs() for g in grads]
         values = [sum(c * x for c, x in zip(cs, comps)) for cs in coeffs]
-        ctx.mark_non_differentiable(comps, terms)
+        ctx.mark_non_differentiable(comps, terms, entropy)
         ctx.set_materialize_grads(False)
-        return (*values, comps, terms)
+        return (*values, comps, terms, entropy)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -369,32 +366,73 @@ class _FusedLinearVGSFunction(torch.autograd.Function):
             for g, grads in zip(grad_outputs, ctx.grads):  # intact for another backward pass)
                 if g is not None and grads[i] is not None:
                     out[i] = grads[i] * g if out[i] is None else out[i].addcmul_(grads[i], g)
-        return (*out,) + (None,) * 11
+        return (*out,) + (None,) * 12
 
 
-def _fused_vgs(h_s, h_u, w_s, b_s, h_a, h_b, w_t, b_t, rows, valid, weights, loss, cfg, coeffs, grads):
+class Gate(NamedTuple):
+    """How the decomposed loss weighs Vis and Lang per token from the detached VDS: ``factors(vds [N],
+    valid [N]) -> (f [N] or None, g [N])``, the adaptive-γ factor (None: 1) and the LP gate
+    (vgs_kernels/losses/vgs.py, ``VGSLoss.vds_factors``); ``adaptive``: f needs VDS before phase 2."""
+
+    factors: Callable[[Tensor, Tensor], Tuple[Optional[Tensor], Tensor]]
+    adaptive: bool = False
+
+
+def fused_linear_kl_loss(h_s: Tensor, h_u: Optional[Tensor], w_student: Tensor, h_a: Tensor, h_b: Optional[Tensor],
+                         w_teacher: Tensor, mask: Optional[Tensor], weights: Tensor,
+                         coeffs: Sequence[Tuple[float, float, float]],
+                         config: FusedLinearConfig, *, bias_student: Optional[Tensor] = None,
+                         bias_teacher: Optional[Tensor] = None, gate: Optional[Gate] = None,
+                         entropy: bool = False) -> Tuple[List[Tensor], Tensor, Tensor, Optional[Tensor]]:
+    """Reduced fused-linear KL losses, their gradients computed in forward (module docstring).
+
+    h_s, h_u [..., H_s], h_a, h_b [..., H_t] (h_u = h_b = None: monolithic, Std only), heads [V, H_*]
+    as `fused_linear_decomposed_kl` (inputs checked by `check_inputs`); mask: bool or 0/1 of the leading
+    shape (None: all valid; masked rows are never computed); weights: the reduction weights of the
+    leading shape (float32, float64 for float64 inputs), zero where masked; coeffs: k rows (c_std, c_vis, c_lp); gate: the decomposed mode's VDS
+    weighting (required there). Returns (values, comps, terms, entropy): k scalars value_i =
+    coeffs[i] · comps, each differentiable w.r.t. h_s, h_u, w_student and bias_student; comps [3] the
+    reduced (std, vis, lp), detached; terms [4, N] the per-row KL terms (vis, lang, vds 0 in
+    monolithic mode), detached; entropy [N] (``entropy=True``, monolithic only) the student entropy
+    H(softmax(s/T)) per row in nats, else None.
+    """
+    mono = h_u is None
+    if mono == (gate is not None) or (entropy and not mono):
+        raise ValueError("fused_linear_kl_loss: gate= goes with the decomposed mode (h_u, h_b given) and "
+                         "entropy=True with the monolithic one")
+    valid = valid_mask(mask, h_s.shape[:-1], h_s.device).reshape(-1)
+    *values, comps, terms, ent = _FusedLinearLossFunction.apply(
+        flatten(h_s), flatten(h_u), w_student, bias_student, flatten(h_a), flatten(h_b), w_teacher, bias_teacher,
+        valid_rows(mask), valid, weights.reshape(-1), gate, config, list(coeffs), entropy, torch.is_grad_enabled())
+    return values, comps, terms, ent if entropy else None
+
+
+def _fused_loss(h_s, h_u, w_s, b_s, h_a, h_b, w_t, b_t, rows, valid, weights, gate, cfg, coeffs, grads,
+                want_entropy):
     """The three phases of the module docstring; fills `grads` (one _Grads per row of coeffs).
     valid: bool [N]; rows: its indices (None: all); weights: the reduction weights [N].
-    Returns (components std, vis, lp [3], terms [4, N])."""
+    Returns (components std, vis, lp [3], terms [4, N], student entropy [N] (want_entropy; else [0]))."""
     heads, chunk, logits = cfg.setup(h_s, h_u, w_s, b_s, h_a, h_b, w_t, b_t)
     n, mono, inv_t, be = h_s.shape[0], h_u is None, cfg.inv_t, cfg.backend
     terms = torch.zeros(4, n, dtype=weights.dtype, device=h_s.device)
+    entropy = torch.zeros(n if want_entropy else 0, dtype=weights.dtype, device=h_s.device)
     w_vis = weights
-    if not mono and loss.adaptive:  # phase 1: VDS = KL(qa ‖ qb) is the monolithic KL of (a, b)
+    adaptive = gate is not None and gate.adaptive
+    if adaptive:  # phase 1: VDS = KL(qa ‖ qb) is the monolithic KL of (a, b)
         for r in _chunks(n, rows, chunk):
             a, b = heads.pair(h_a[r], h_b[r], 1)
             terms[3, r] = kl_forward(a, None, b, None, inv_t, backend=be)[0][0]
             del a, b
-        w_vis = weights * loss.vds_factors(terms[3], valid)[0]
-    n_terms = 3 if loss.adaptive else 4  # adaptive: keep phase 1's VDS, which set γ_t
+        w_vis = weights * gate.factors(terms[3], valid)[0]
+    n_terms = 3 if adaptive else 4  # adaptive: keep phase 1's VDS, which set γ_t
 
     def main_step(r: Rows) -> None:  # phase 2 on rows r: the Std and Vis gradients
         s, u, a, b = logits(r)
         t, st = kl_forward(s, u, a, b, inv_t, backend=be)
         terms[:n_terms, r] = t[:n_terms]
-        if mono and cfg.student_entropy:  # H(p) = log V - KL(p ‖ uniform): one more read of s
+        if want_entropy:  # H(p) = log V - KL(p ‖ uniform): one more read of s
             flat = s.new_zeros(1, s.shape[1]).expand_as(s)
-            terms[3, r] = math.log(s.shape[1]) - kl_forward(s, None, flat, None, inv_t, backend=be)[0][0]
+            entropy[r] = math.log(s.shape[1]) - kl_forward(s, None, flat, None, inv_t, backend=be)[0][0]
         for (c_std, c_vis, _), g in zip(coeffs, grads):  # one kl_backward per component
             if not g.active or (c_std == 0 and (c_vis == 0 or mono)):
                 continue
@@ -409,9 +447,9 @@ def _fused_vgs(h_s, h_u, w_s, b_s, h_a, h_b, w_t, b_t, rows, valid, weights, los
     for r in _chunks(n, rows, chunk):
         main_step(r)
     if mono:
-        return torch.stack([(weights * terms[0]).sum(), weights.new_zeros(()), weights.new_zeros(())]), terms
+        return torch.stack([(weights * terms[0]).sum(), weights.new_zeros(()), weights.new_zeros(())]), terms, entropy
     # phase 3: LP, Lang = KL(pu ‖ qb) on the tokens above the VDS quantile only
-    w_lang = weights * loss.vds_factors(terms[3], valid)[1]
+    w_lang = weights * gate.factors(terms[3], valid)[1]
     lp = [(c_lang, g) for (_, _, c_lang), g in zip(coeffs, grads) if c_lang != 0 and g.active]
 
     def lp_step(r: Rows) -> None:  # phase 3 on gated rows r: the Lang gradient
@@ -428,72 +466,4 @@ def _fused_vgs(h_s, h_u, w_s, b_s, h_a, h_b, w_t, b_t, rows, valid, weights, los
         for r in _chunks(n, w_lang.nonzero().squeeze(1), chunk):
             lp_step(r)
     comps = torch.stack([(weights * terms[0]).sum(), (w_vis * terms[1]).sum(), (w_lang * terms[2]).sum()])
-    return comps, terms
-
-
-class FusedLinearVGSLoss(VGSLoss):
-    """`VGSLoss` from hidden states and LM-head weights, never materialising the [N, V] logits.
-
-    Same configuration as VGSLoss (reductions "sequence", "token", "sum"), plus: logit_scale,
-    softcap (number or (student, teacher) pair), chunk_size / memory_budget, fp32_weight_grad (see
-    `fused_linear_decomposed_kl`) and
-    components: True (default) keeps the gradients of std, vis and lp apart, so out.std, out.vis
-      and out.lp are each differentiable (exact steering: one backward per component) and
-      out.total too; False computes only the combined gradient (2 matmuls and one kl_backward
-      pass per chunk fewer, one dW buffer instead of three); then only out.total is
-      differentiable and out.std, out.vis, out.lp are detached values. With GradientSteering,
-      pass the whole output, ``steer.backward(out)``: on steps with one combined backward
-      (policy "fixed", auto's steps between measurements) False is enough, and a step that
-      needs the components raises; ``loss_fn.components = steer.needs_components`` before each
-      forward picks the cheaper mode whenever it is safe.
-    The gradients are computed in forward (module docstring); backward only scales them, so
-    calling backward on several outputs (retain_graph=True) costs no recomputation.
-    """
-
-    def __init__(self, gamma: float = 2.0, lam: float = 0.01, lp_quantile: float = 0.7,
-                 adaptive: bool = False, eta=None, reduction: str = "sequence", *,
-                 components: bool = True, logit_scale: Pair = 1.0, softcap: Optional[Pair] = None,
-                 chunk_size: Optional[int] = None, memory_budget: Optional[int] = None,
-                 fp32_weight_grad: bool = True, **kwargs):
-        super().__init__(gamma, lam, lp_quantile, adaptive, eta, reduction, **kwargs)
-        if self.steer != "visual":
-            raise ValueError(f"steer={self.steer!r} is implemented on logits only (VGSLoss); "
-                             "FusedLinearVGSLoss computes the visual steering loss")
-        if reduction == "none":
-            raise ValueError("FusedLinearVGSLoss needs a scalar reduction ('sequence', 'token', "
-                             "'sum'); use fused_linear_decomposed_kl for per-position terms")
-        self.components, self.logit_scale, self.softcap = components, logit_scale, softcap
-        self.chunk_size, self.memory_budget, self.fp32_weight_grad = chunk_size, memory_budget, fp32_weight_grad
-
-    def forward(self, h_s: Tensor, h_u: Optional[Tensor], w_student: Tensor, h_a: Tensor,
-                h_b: Optional[Tensor], w_teacher: Tensor, mask: Optional[Tensor] = None, *,
-                bias_student: Optional[Tensor] = None, bias_teacher: Optional[Tensor] = None,
-                num_items_in_batch=None) -> VGSLossOutput:
-        """Shapes as `fused_linear_decomposed_kl`; returns VGSLossOutput like VGSLoss.forward."""
-        mono = self.monolithic or (h_u is None and h_b is None)
-        h_u, h_b = (None, None) if mono else (h_u, h_b)
-        _check(h_s, h_u, w_student, h_a, h_b, w_teacher, mask, bias_student, bias_teacher,
-               self.temperature, self.softcap, self.chunk_size)
-        lead = h_s.shape[:-1]
-        valid = valid_mask(mask, lead, h_s.device)
-        weights = self.reduction_weights(valid, _acc_dtype(h_s, h_a), num_items_in_batch).reshape(-1)
-        coeffs = ([(1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)] if self.components
-                  else [(1.0, self.gamma, self.lam)])
-        cfg = _Config(self.temperature, self.logit_scale, self.softcap, self.detach_prior,
-                      self.chunk_size, self.memory_budget, self.fp32_weight_grad, self.backend)
-        *values, comps, terms = _FusedLinearVGSFunction.apply(
-            _flat(h_s), _flat(h_u), w_student, bias_student, _flat(h_a), _flat(h_b), w_teacher,
-            bias_teacher, _valid_rows(mask), valid.reshape(-1), weights, self, cfg, coeffs,
-            torch.is_grad_enabled())
-        if self.check_finite and not bool(terms.isfinite().all()):
-            raise ValueError("fused_linear VGS loss: non-finite KL terms (NaN/Inf in the hidden "
-                             "states or LM-head weights?)")
-        if self.components:
-            std, vis, lp = values
-            total = self.combine(std, vis, lp)
-        else:
-            std, vis, lp = comps.unbind(0)
-            total = values[0] if self.eta is None else self.eta * values[0]
-        vds = None if mono else terms[3].reshape(lead)
-        return VGSLossOutput(total, std, vis, lp, vds, weights=self.weights(mono), eta=self.eta,
-                             components=self.components)
+    return comps, terms, entropy

@@ -6,7 +6,7 @@ functions and arguments, plus a teacher. Import it from ``vgs_kernels.integratio
     VGSGRPOTrainer(model=student, reward_funcs=reward, teacher_model=teacher, args=args,
                    train_dataset=ds, processing_class=processor).train()
 
-Each micro-batch's loss is (1 − α)·L_GRPO + α·η·(Std + γ·Vis + λ·LP) (vgs_kernels/grpo_vgs.py):
+Each micro-batch's loss is (1 − α)·L_GRPO + α·η·(Std + γ·Vis + λ·LP) (vgs_kernels/losses/grpo_vgs.py):
 
 * L_GRPO is TRL's own loss (``GRPOTrainer._compute_loss``: its loss_type, clipping, importance
   sampling, metrics) with ``beta = 0``: Eq. 22 has no KL penalty, another beta raises;
@@ -35,10 +35,10 @@ from trl import DistillationTrainer, GRPOConfig, GRPOTrainer
 from trl.models import prepare_deepspeed
 from trl.models.utils import _ForwardRedirection
 
-from vgs_kernels.grpo_vgs import grpo_vgs_loss
+from vgs_kernels.losses.grpo_vgs import grpo_vgs_loss
 from vgs_kernels.integrations.trl import (METHODS, POLICIES, VGSDistillationConfig, VGSDistillationTrainer, _check_models,
                                         add_rollout_inputs)
-from vgs_kernels.steering import GradientSteering
+from vgs_kernels.steering.hook import GradientSteering
 from vgs_kernels.vlm import VisionTokens
 
 DISTILL = {"vgs": "vgs", "standard": "opd"}  # distill= -> the row of trl.METHODS

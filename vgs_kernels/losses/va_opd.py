@@ -25,10 +25,11 @@ import math
 from typing import NamedTuple, Optional, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from vgs_kernels.decomposed_kl import decomposed_kl, kl_forward, valid_mask
-from vgs_kernels.fused_linear import Pair, _Heads, _pair, chunk_rows, fused_linear_decomposed_kl
+from vgs_kernels.ops.decomposed_kl import decomposed_kl, kl_forward, valid_mask
+from vgs_kernels.losses.base import DistillationLoss
+from vgs_kernels.ops.fused_linear import HeadPair, Pair, as_pair, chunk_rows, fused_linear_decomposed_kl
 
 
 class VAOPDOutput(NamedTuple):
@@ -66,7 +67,7 @@ def head_token_logprobs(h: Tensor, w: Tensor, tokens: Tensor, bias: Optional[Ten
                         temperature: float = 1.0, logit_scale: float = 1.0, softcap: Optional[float] = None,
                         chunk_size: Optional[int] = None) -> Tensor:
     """`token_logprobs` of the head's logits (h [..., H], w [V, H], tokens [...]), a chunk of rows at a time."""
-    heads = _Heads(w, bias, w, bias, (h.dtype, h.dtype), logit_scale, softcap)
+    heads = HeadPair(w, bias, w, bias, (h.dtype, h.dtype), logit_scale, softcap)
     n, flat_tok, rows = tokens.numel(), tokens.reshape(-1), h.reshape(-1, h.shape[-1])
     chunk = chunk_size or chunk_rows(n, w.shape[0], h.element_size(), device=h.device)
     out = torch.zeros(n, device=h.device)
@@ -75,21 +76,23 @@ def head_token_logprobs(h: Tensor, w: Tensor, tokens: Tensor, bias: Optional[Ten
     return out.reshape(tokens.shape)
 
 
-class VAOPDLoss(nn.Module):
+class VAOPDLoss(DistillationLoss):
     """VA-OPD (module docstring). top_frac: share of each rollout's tokens in H; lam: λ, the weight of
-    H's mean KL; tau: τ of the rollout softmax; temperature: T of every softmax."""
+    H's mean KL; tau: τ of the rollout softmax; temperature: T of every softmax. Its one reduction,
+    "rollout": Σ_k w_k loss_k per prompt, averaged over prompts (module docstring)."""
+
+    reductions = ("rollout",)
 
     def __init__(self, top_frac: float = 0.2, lam: float = 0.5, tau: float = 1.0, temperature: float = 1.0,
                  eps: float = 1e-6):
-        super().__init__()
+        super().__init__("rollout", temperature)
         if not 0 < top_frac <= 1:
             raise ValueError(f"top_frac must be in (0, 1], got {top_frac!r}")
         if not 0 <= lam <= 1:
             raise ValueError(f"lam must be in [0, 1], got {lam!r}")
-        for name, x in (("tau", tau), ("temperature", temperature)):
-            if not 0 < x < math.inf:
-                raise ValueError(f"{name} must be a finite number > 0, got {x!r}")
-        self.top_frac, self.lam, self.tau, self.temperature, self.eps = top_frac, lam, tau, temperature, eps
+        if not 0 < tau < math.inf:
+            raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
+        self.top_frac, self.lam, self.tau, self.eps = top_frac, lam, tau, eps
 
     def forward(self, s: Tensor, a: Tensor, a_weak: Tensor, tokens: Tensor, mask: Optional[Tensor],
                 group_ids: Tensor) -> VAOPDOutput:
@@ -118,8 +121,8 @@ class VAOPDLoss(nn.Module):
                                         bias_student=bias_student, bias_teacher=bias_teacher,
                                         temperature=self.temperature, logit_scale=logit_scale, softcap=softcap,
                                         chunk_size=chunk_size).std
-        gap = [head_token_logprobs(h, w_teacher, tokens, bias_teacher, self.temperature, _pair(logit_scale, "")[1],
-                                   _pair(softcap, "")[1], chunk_size) for h in (h_a, h_weak)]
+        gap = [head_token_logprobs(h, w_teacher, tokens, bias_teacher, self.temperature, as_pair(logit_scale, "logit_scale")[1],
+                                   as_pair(softcap, "softcap")[1], chunk_size) for h in (h_a, h_weak)]
         return self.combine(kl, gap[0] - gap[1], valid, group_ids)
 
     def combine(self, kl: Tensor, va_raw: Tensor, valid: Tensor, group_ids: Tensor) -> VAOPDOutput:

@@ -10,7 +10,7 @@ takes one cotangent per term per row and writes ds, du in one more pass, so any 
 terms (γ, per-token γ_t, the LP gate, masks) costs no extra kernel. Nothing of size [N, V] in fp32
 is kept between the passes.
 
-Backends (vgs_kernels._backend.resolve): C++ on CPU (csrc/decomposed_kl.cpp), Triton on CUDA (this
+Backends (vgs_kernels.ops.backend.resolve): C++ on CPU (csrc/decomposed_kl.cpp), Triton on CUDA (this
 file), and a plain-torch reference (this file). All accumulate in fp32 whatever the input dtypes;
 cpp and reference switch to fp64 when an input is fp64 (for float64 gradcheck), Triton stays fp32.
 
@@ -33,8 +33,8 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from vgs_kernels._backend import HAS_CPP, resolve
-from vgs_kernels.triton_targets import check_dtype
+from vgs_kernels.ops.backend import HAS_CPP, resolve
+from vgs_kernels.ops.targets import check_dtype
 
 try:
     import triton
@@ -646,7 +646,7 @@ def decomposed_kl(s: Tensor, u: Optional[Tensor], a: Tensor, b: Optional[Tensor]
     mask: bool or 0/1 of the leading shape; masked positions give 0 terms and 0 gradients and
     are never read (padding garbage there cannot leak). temperature divides all four rows.
     detach_prior: no gradient from Vis into u through q* (the default; DESIGN.md §1).
-    backend: force "cpp" | "triton" | "reference" (default: by device, see vgs_kernels._backend).
+    backend: force "cpp" | "triton" | "reference" (default: by device, see vgs_kernels.ops.backend).
     Non-finite logits in a valid row make that row's terms NaN; check_finite=True instead raises
     a ValueError naming the tensor (costs a host synchronisation, so off by default).
 

@@ -14,16 +14,8 @@ Since γ_t = γ·f_t, `total = η(std + γ·vis + λ·lp)` holds in both modes a
 component the steering hook weighs by γ. The weights are detached, so the backward of each
 reduced term is one call of the op's backward with per-position cotangents (no extra kernel).
 
-Reductions (w_t is zero on masked positions):
-  "sequence"  the paper's: mean over each sequence's valid tokens, then mean over sequences (the
-              last leading dimension is the sequence). Sequences without any valid token are left
-              out of the mean over sequences (they would otherwise pull the loss towards 0 by an
-              amount that depends on padding); an all-masked batch gives 0.
-  "token"     Σ over valid tokens / num_items_in_batch (default: this call's valid-token count).
-              Pass the whole batch's count to every micro-batch to make gradient accumulation
-              exact (the VDS quantiles are still per call; see `VGSLoss.forward`).
-  "sum"       Σ over valid tokens.
-  "none"      per position (masked positions 0); total, std, vis, lp then have the leading shape.
+Reductions: vgs_kernels/losses/base.py ("sequence", the paper's, "token", "sum", "none": then total, std,
+vis, lp have the leading shape).
 """
 from __future__ import annotations
 
@@ -31,13 +23,13 @@ import functools
 from typing import Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from vgs_kernels.decomposed_kl import KLTerms, decomposed_kl, valid_mask
+from vgs_kernels.losses.base import Count, DistillationLoss
+from vgs_kernels.ops.decomposed_kl import KLTerms, decomposed_kl, valid_mask
+from vgs_kernels.ops.fused_linear import FusedLinearConfig, Gate, Pair, check_inputs, fused_linear_kl_loss
 
-REDUCTIONS = ("sequence", "token", "sum", "none")
 STEER = ("visual", "language")
-Number = Union[int, float]
 
 
 class _Reduced(NamedTuple):
@@ -110,7 +102,7 @@ def masked_quantile(x: Tensor, valid: Tensor, q: Sequence[float]) -> Tensor:
     return torch.where(n > 0, out, torch.zeros_like(out))
 
 
-class VGSLoss(nn.Module):
+class VGSLoss(DistillationLoss):
     """The paper's distillation loss from the four logit sets (module form of `vgs_loss`).
 
     gamma, lam: γ and λ of Eq. 13-18. lp_quantile: LP counts Lang only on tokens with VDS strictly
@@ -140,7 +132,7 @@ class VGSLoss(nn.Module):
                  adaptive_quantiles: Tuple[float, float] = (0.4, 0.7), temperature: float = 1.0,
                  detach_prior: bool = True, monolithic: bool = False, backend: Optional[str] = None,
                  check_finite: bool = False, steer: str = "visual", gamma_lang: Optional[float] = None):
-        super().__init__()
+        super().__init__(reduction, temperature)
         if steer not in STEER:
             raise ValueError(f"steer must be one of {STEER}, got {steer!r}")
         if steer == "language" and (monolithic or adaptive):
@@ -149,8 +141,6 @@ class VGSLoss(nn.Module):
         gamma_lang = gamma if gamma_lang is None else gamma_lang
         if steer != "language" and gamma_lang != gamma:
             raise ValueError("gamma_lang is the weight of Lang under steer='language'; set steer='language'")
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         for name, value in (("gamma", gamma), ("lam", lam), ("gamma_lang", gamma_lang)):
             if not isinstance(value, (int, float)) or not value >= 0:
                 raise ValueError(f"{name} must be a number >= 0, got {value!r}")
@@ -163,8 +153,7 @@ class VGSLoss(nn.Module):
             raise ValueError(f"adaptive_quantiles must be (low, high) with low <= high, got {(lo, hi)}")
         self.gamma, self.lam, self.lp_quantile = float(gamma), float(lam), float(lp_quantile)
         self.adaptive, self.adaptive_quantiles = adaptive, (float(lo), float(hi))
-        self.eta, self.reduction = eta, reduction
-        self.temperature, self.detach_prior = temperature, detach_prior
+        self.eta, self.detach_prior = eta, detach_prior
         self.monolithic, self.backend, self.check_finite = monolithic, backend, check_finite
         self.steer, self.gamma_lang = steer, float(gamma_lang)
 
@@ -176,7 +165,7 @@ class VGSLoss(nn.Module):
 
     def forward(self, s: Tensor, u: Optional[Tensor], a: Tensor, b: Optional[Tensor],
                 mask: Optional[Tensor] = None, *,
-                num_items_in_batch: Optional[Union[Number, Tensor]] = None) -> VGSLossOutput:
+                num_items_in_batch: Optional[Count] = None) -> VGSLossOutput:
         """s, u, a, b: logits [..., T, V] (student/teacher, with/without the image); mask: bool or
         0/1 of the leading shape (True = response token). num_items_in_batch: reduction "token"
         only. The VDS quantiles are taken over this call's valid tokens (under gradient
@@ -192,7 +181,7 @@ class VGSLoss(nn.Module):
         return self.reduce(terms, mask, monolithic=mono, num_items_in_batch=num_items_in_batch)
 
     def reduce_language(self, terms: KLTerms, vp: Tensor, mask: Optional[Tensor],
-                        num_items_in_batch: Optional[Union[Number, Tensor]] = None) -> VGSLossOutput:
+                        num_items_in_batch: Optional[Count] = None) -> VGSLossOutput:
         """Language steering (Eq. 19-21) from per-position terms and KL(pu ‖ q*) per position."""
         valid = valid_mask(mask, terms.std.shape, terms.std.device)
         w = self.reduction_weights(valid, terms.std.dtype, num_items_in_batch)
@@ -206,26 +195,6 @@ class VGSLoss(nn.Module):
                              weights=self.weights(), eta=self.eta, extra={"lang": lang, "vp": vp})
 
     # ------------------------------------------------------------------ per-term cotangents
-
-    def reduction_weights(self, valid: Tensor, dtype: torch.dtype,
-                          num_items_in_batch: Optional[Union[Number, Tensor]] = None) -> Tensor:
-        """w_t of the leading shape: every reduced term is Σ_t w_t · term_t (or w_t · term_t)."""
-        if num_items_in_batch is not None and self.reduction != "token":
-            raise ValueError("num_items_in_batch applies to reduction='token' only, "
-                             f"but reduction={self.reduction!r}")
-        w = valid.to(dtype)
-        if self.reduction == "sequence":
-            if valid.dim() < 1:
-                raise ValueError("reduction='sequence' needs logits of shape [..., T, V] (the last "
-                                 f"leading dimension is the sequence), got leading shape {tuple(valid.shape)}")
-            per_seq = w.sum(-1, keepdim=True)
-            n_seq = (per_seq > 0).sum()
-            return w / per_seq.clamp(min=1) / n_seq.clamp(min=1)
-        if self.reduction == "token":
-            if num_items_in_batch is None:
-                return w / w.sum().clamp(min=1)
-            return w / _positive_count(num_items_in_batch)
-        return w
 
     def weights(self, monolithic: bool = False) -> Dict[str, float]:
         """The components' weights in total = η Σ weight · component (η excluded)."""
@@ -251,7 +220,7 @@ class VGSLoss(nn.Module):
         return total if self.eta is None else self.eta * total
 
     def reduce(self, terms: KLTerms, mask: Optional[Tensor], *, monolithic: bool = False,
-               num_items_in_batch: Optional[Union[Number, Tensor]] = None) -> VGSLossOutput:
+               num_items_in_batch: Optional[Count] = None) -> VGSLossOutput:
         """The loss from per-position terms (e.g. of `decomposed_kl`, leading shape [..., T])."""
         valid = valid_mask(mask, terms.std.shape, terms.std.device)
         w = self.reduction_weights(valid, terms.std.dtype, num_items_in_batch)
@@ -269,21 +238,12 @@ class VGSLoss(nn.Module):
                              eta=self.eta)
 
 
-def _positive_count(n: Union[Number, Tensor]) -> Union[Number, Tensor]:
-    """num_items_in_batch, checked > 0 (a tensor is read once: a 0 would give inf/NaN gradients)."""
-    ok = bool((n > 0).all()) if isinstance(n, Tensor) else isinstance(n, (int, float)) and n > 0
-    if not ok:
-        raise ValueError(f"num_items_in_batch must be a count > 0 (the number of valid tokens of the whole "
-                         f"accumulated batch), got {n!r}; a batch without valid tokens needs no call")
-    return n
-
-
 def vgs_loss(s: Tensor, u: Optional[Tensor], a: Tensor, b: Optional[Tensor],
              mask: Optional[Tensor] = None, *, gamma: float = 2.0, lam: float = 0.01,
              lp_quantile: float = 0.7, adaptive: bool = False,
              adaptive_quantiles: Tuple[float, float] = (0.4, 0.7),
              eta: Optional[Union[float, Tensor]] = None, reduction: str = "sequence",
-             num_items_in_batch: Optional[Union[Number, Tensor]] = None,
+             num_items_in_batch: Optional[Count] = None,
              temperature: float = 1.0, detach_prior: bool = True, monolithic: bool = False,
              backend: Optional[str] = None, check_finite: bool = False, steer: str = "visual",
              gamma_lang: Optional[float] = None) -> VGSLossOutput:
@@ -292,3 +252,70 @@ def vgs_loss(s: Tensor, u: Optional[Tensor], a: Tensor, b: Optional[Tensor],
                    adaptive_quantiles=adaptive_quantiles, temperature=temperature,
                    detach_prior=detach_prior, monolithic=monolithic, backend=backend,
                    check_finite=check_finite, steer=steer, gamma_lang=gamma_lang)(s, u, a, b, mask, num_items_in_batch=num_items_in_batch)
+
+
+class FusedLinearVGSLoss(VGSLoss):
+    """`VGSLoss` from hidden states and LM-head weights, never materialising the [N, V] logits.
+
+    Same configuration as VGSLoss (reductions "sequence", "token", "sum"), plus: logit_scale,
+    softcap (number or (student, teacher) pair), chunk_size / memory_budget, fp32_weight_grad (see
+    `fused_linear_decomposed_kl`) and
+    components: True (default) keeps the gradients of std, vis and lp apart, so out.std, out.vis
+      and out.lp are each differentiable (exact steering: one backward per component) and
+      out.total too; False computes only the combined gradient (2 matmuls and one kl_backward
+      pass per chunk fewer, one dW buffer instead of three); then only out.total is
+      differentiable and out.std, out.vis, out.lp are detached values. With GradientSteering,
+      pass the whole output, ``steer.backward(out)``: on steps with one combined backward
+      (policy "fixed", auto's steps between measurements) False is enough, and a step that
+      needs the components raises; ``loss_fn.components = steer.needs_components`` before each
+      forward picks the cheaper mode whenever it is safe.
+    The gradients are computed in forward (module docstring); backward only scales them, so
+    calling backward on several outputs (retain_graph=True) costs no recomputation.
+    """
+
+    def __init__(self, gamma: float = 2.0, lam: float = 0.01, lp_quantile: float = 0.7,
+                 adaptive: bool = False, eta=None, reduction: str = "sequence", *,
+                 components: bool = True, logit_scale: Pair = 1.0, softcap: Optional[Pair] = None,
+                 chunk_size: Optional[int] = None, memory_budget: Optional[int] = None,
+                 fp32_weight_grad: bool = True, **kwargs):
+        super().__init__(gamma, lam, lp_quantile, adaptive, eta, reduction, **kwargs)
+        if self.steer != "visual":
+            raise ValueError(f"steer={self.steer!r} is implemented on logits only (VGSLoss); "
+                             "FusedLinearVGSLoss computes the visual steering loss")
+        if reduction == "none":
+            raise ValueError("FusedLinearVGSLoss needs a scalar reduction ('sequence', 'token', "
+                             "'sum'); use fused_linear_decomposed_kl for per-position terms")
+        self.components, self.logit_scale, self.softcap = components, logit_scale, softcap
+        self.chunk_size, self.memory_budget, self.fp32_weight_grad = chunk_size, memory_budget, fp32_weight_grad
+
+    def forward(self, h_s: Tensor, h_u: Optional[Tensor], w_student: Tensor, h_a: Tensor,
+                h_b: Optional[Tensor], w_teacher: Tensor, mask: Optional[Tensor] = None, *,
+                bias_student: Optional[Tensor] = None, bias_teacher: Optional[Tensor] = None,
+                num_items_in_batch=None) -> VGSLossOutput:
+        """Shapes as `fused_linear_decomposed_kl`; returns VGSLossOutput like VGSLoss.forward."""
+        mono = self.monolithic or (h_u is None and h_b is None)
+        h_u, h_b = (None, None) if mono else (h_u, h_b)
+        check_inputs(h_s, h_u, w_student, h_a, h_b, w_teacher, mask, bias_student, bias_teacher,
+                     self.temperature, self.softcap, self.chunk_size)
+        lead = h_s.shape[:-1]
+        acc = torch.float64 if torch.float64 in (h_s.dtype, h_a.dtype) else torch.float32
+        weights = self.reduction_weights(valid_mask(mask, lead, h_s.device), acc, num_items_in_batch)
+        coeffs = ([(1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)] if self.components
+                  else [(1.0, self.gamma, self.lam)])
+        cfg = FusedLinearConfig(self.temperature, self.logit_scale, self.softcap, self.detach_prior,
+                                self.chunk_size, self.memory_budget, self.fp32_weight_grad, self.backend)
+        values, comps, terms, _ = fused_linear_kl_loss(
+            h_s, h_u, w_student, h_a, h_b, w_teacher, mask, weights, coeffs, cfg, bias_student=bias_student,
+            bias_teacher=bias_teacher, gate=None if mono else Gate(self.vds_factors, self.adaptive))
+        if self.check_finite and not bool(terms.isfinite().all()):
+            raise ValueError("fused_linear VGS loss: non-finite KL terms (NaN/Inf in the hidden "
+                             "states or LM-head weights?)")
+        if self.components:
+            std, vis, lp = values
+            total = self.combine(std, vis, lp)
+        else:
+            std, vis, lp = comps.unbind(0)
+            total = values[0] if self.eta is None else self.eta * values[0]
+        vds = None if mono else terms[3].reshape(lead)
+        return VGSLossOutput(total, std, vis, lp, vds, weights=self.weights(mono), eta=self.eta,
+                             components=self.components)

@@ -3,7 +3,7 @@
 Every policy here is a small pure function of G ([k, k] float32, G[a, b] = <g_a, g_b>) and the
 components' base weights w ([k]: 1 for ``std``, gamma for ``vis``, lambda or 1 for the others) that
 returns the coefficients c ([k] float32, on G's device, no host synchronisation); the steered
-gradient is sum_i c_i g_i (vgs_kernels/combine.py). All built-in rules are invariant to a common
+gradient is sum_i c_i g_i (vgs_kernels/ops/combine.py). All built-in rules are invariant to a common
 scale of the gradients (GradScaler's loss scale cancels). ``std`` and ``vis`` are the indices of
 the standard and visual components.
 
@@ -31,13 +31,15 @@ alpha lambda}: every rule above is homogeneous in the steered weights (vgs's eta
 they are all scaled by alpha), so the policy applies to the VGS part only and the GRPO gradient is
 added unchanged. The fallback of ``guard`` is w for all components, the fixed ones included.
 
-``auto`` (exact eta every K steps, EMA in between) is stateful and lives in the hook
-(vgs_kernels/steering.py). A user policy is any callable (G, names) -> c.
+``auto`` (exact eta every K steps, EMA in between) is stateful: its state is ``AutoEta`` (below), which
+the hook (vgs_kernels/steering/hook.py) keeps. A user policy is any callable (G, names) -> c.
+``POLICIES`` is the one list of the policies' names (the hook, both TRL configs and their docs use it).
 ``guard`` is the one fallback for zero or non-finite norms: no NaN ever reaches ``.grad``.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
+import math
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -158,6 +160,7 @@ def with_fixed(rule: Callable[..., Tensor], G: Tensor, w: Tensor, std: int, vis:
 
 
 BUILTIN: Dict[str, Callable[..., Tensor]] = {"vgs": vgs, "project": project, "pcgrad": pcgrad, "sum": plain_sum}
+POLICIES = (*BUILTIN, "fixed", "auto")
 
 
 def guard(G: Tensor, coeffs: Tensor, fallback: Tensor) -> Tuple[Tensor, Tensor]:
@@ -170,3 +173,29 @@ def guard(G: Tensor, coeffs: Tensor, fallback: Tensor) -> Tuple[Tensor, Tensor]:
     """
     ok = torch.isfinite(G).all() & torch.isfinite(coeffs).all()
     return torch.where(ok, coeffs, fallback.to(coeffs)), ~ok
+
+
+class AutoEta:
+    """Policy "auto"'s state: the EMA of the exact eta, measured every ``every`` steps and again
+    right after a measurement that fell back (which never feeds the EMA)."""
+
+    def __init__(self, every: int, ema: float):
+        if not (isinstance(every, int) and every >= 1):
+            raise ValueError(f"every must be an int >= 1, got {every!r}")
+        if not 0.0 <= ema < 1.0:
+            raise ValueError(f"ema must be in [0, 1), got {ema!r}")
+        self.every, self.ema = every, ema
+        self.value: Optional[Tensor] = None       # NaN until the first successful measurement
+        self.retry: Union[bool, Tensor] = False   # the last measurement fell back
+
+    def due(self, step: int) -> bool:
+        if isinstance(self.retry, Tensor):  # read once after each measurement (one host sync)
+            self.retry = bool(self.retry)
+        return self.value is None or self.retry or step % self.every == 0
+
+    def measured(self, eta: Tensor, fell_back: Tensor) -> Tensor:
+        """Feeds an exact eta; returns eta_error = |EMA used so far - eta| / eta (NaN if none)."""
+        prev = self.value.to(eta) if self.value is not None else torch.full_like(eta, math.nan)
+        blended = torch.where(prev.isnan(), eta, self.ema * prev + (1 - self.ema) * eta)
+        self.value, self.retry = torch.where(fell_back, prev, blended), fell_back
+        return torch.where(fell_back, math.nan, (prev - eta).abs() / eta.abs())

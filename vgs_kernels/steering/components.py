@@ -26,9 +26,9 @@ from typing import Callable, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from vgs_kernels import policies
-from vgs_kernels.distributed import is_dtensor
-from vgs_kernels.loss import VGSLossOutput
+from vgs_kernels.steering import policies
+from vgs_kernels.distributed.process_group import is_dtensor
+from vgs_kernels.losses.vgs import VGSLossOutput
 
 MODIFIED = (
     "GradientSteering: .grad of {n} parameter(s) was changed after steer.backward() and before the "
@@ -158,7 +158,7 @@ class ComponentGrads:
 
 
 class ComponentSpec:
-    """The components' names (fixed by the first backward) and weights w (vgs_kernels/policies.py).
+    """The components' names (fixed by the first backward) and weights w (vgs_kernels/steering/policies.py).
 
     gamma, lam, weights: what the hook was given (None: not given). A loss output brings its own
     weights; one given to the hook as well must agree, so gamma and lambda are set in one place.

@@ -10,7 +10,7 @@
     optimizer.zero_grad()
     log(steer.stats)                 # the same keys every step (NaN where a step measured nothing)
 
-``backward`` runs one backward per component (vgs_kernels/components.py keeps them apart). On
+``backward`` runs one backward per component (vgs_kernels/steering/components.py keeps them apart). On
 ``fixed`` steps, and on ``auto`` steps between two measurements, it runs a single backward of
 eta * sum_i w_i L_i instead (``needs_components`` tells which is coming).
 
@@ -30,58 +30,26 @@ Checkpoints: the hook's state (step count, auto's EMA) travels inside ``optimize
 (in its first param group, which ``Optimizer.load_state_dict`` keeps), so it is restored whether
 the optimizer's state is loaded before or after the hook is created.
 
-Distributed (vgs_kernels/distributed.py): each rank's Gram is a partial one over what it counts,
+Distributed (vgs_kernels/distributed/): each rank's Gram is a partial one over what it counts,
 all-reduced over the process group (k*k numbers); replicated gradients (DDP) are averaged per
 component first; the kernels read and write local tensors (a DTensor's local shard under FSDP2).
 """
 from __future__ import annotations
 
-import functools
-import math
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
-from vgs_kernels import policies
-from vgs_kernels.combine import combine
-from vgs_kernels.components import ComponentSpec, trainable
 from vgs_kernels.distributed import make_sync
-from vgs_kernels.gram import gram
-from vgs_kernels.health import SteeringHealth, std_descent
-from vgs_kernels.loss import VGSLossOutput
+from vgs_kernels.losses.vgs import VGSLossOutput
+from vgs_kernels.ops import combine, gram
+from vgs_kernels.steering import amp, state, step
+from vgs_kernels.steering.components import ComponentGrads, ComponentSpec, trainable
+from vgs_kernels.steering.health import SteeringHealth
+from vgs_kernels.steering.policies import POLICIES, AutoEta, Policy
 
-POLICIES = ("vgs", "project", "pcgrad", "sum", "fixed", "auto")
-STATE_KEY = "vgs_kernels.GradientSteering"
-STAT_KEYS = ("step", "mode", "names", "gram", "norms", "cos", "coeffs", "eta", "fallback", "eta_ema",
-             "eta_error", "std_descent")
 Losses = Union[VGSLossOutput, Mapping[str, Tensor]]
-
-
-class AutoEta:
-    """Policy "auto"'s state: the EMA of the exact eta, measured every ``every`` steps and again
-    right after a measurement that fell back (which never feeds the EMA)."""
-
-    def __init__(self, every: int, ema: float):
-        if not (isinstance(every, int) and every >= 1):
-            raise ValueError(f"every must be an int >= 1, got {every!r}")
-        if not 0.0 <= ema < 1.0:
-            raise ValueError(f"ema must be in [0, 1), got {ema!r}")
-        self.every, self.ema = every, ema
-        self.value: Optional[Tensor] = None       # NaN until the first successful measurement
-        self.retry: Union[bool, Tensor] = False   # the last measurement fell back
-
-    def due(self, step: int) -> bool:
-        if isinstance(self.retry, Tensor):  # read once after each measurement (one host sync)
-            self.retry = bool(self.retry)
-        return self.value is None or self.retry or step % self.every == 0
-
-    def measured(self, eta: Tensor, fell_back: Tensor) -> Tensor:
-        """Feeds an exact eta; returns eta_error = |EMA used so far - eta| / eta (NaN if none)."""
-        prev = self.value.to(eta) if self.value is not None else torch.full_like(eta, math.nan)
-        blended = torch.where(prev.isnan(), eta, self.ema * prev + (1 - self.ema) * eta)
-        self.value, self.retry = torch.where(fell_back, prev, blended), fell_back
-        return torch.where(fell_back, math.nan, (prev - eta).abs() / eta.abs())
 
 
 class GradientSteering:
@@ -93,7 +61,7 @@ class GradientSteering:
         policy: "vgs" (exact Eq. 15), "project" (conflict-aware VGS), "pcgrad" (PCGrad as TorchJD),
             "sum" (monolithic), "fixed" (constant ``eta``, one combined backward), "auto" (exact
             every ``every`` steps, EMA of eta with one combined backward in between), or a callable
-            (G [k, k] float32, names) -> [k] coefficients. vgs_kernels/policies.py says what each
+            (G [k, k] float32, names) -> [k] coefficients. vgs_kernels/steering/policies.py says what each
             guarantees.
         gamma, lam: weights of the ``vis`` component (the second one if none is named "vis") and
             of ``lp``. Default: taken from the loss output given to ``backward`` (2.0 and 0.01 for
@@ -113,10 +81,10 @@ class GradientSteering:
         backward_fn: runs every backward the hook runs, as ``backward_fn(loss, retain_graph=...)``
             (e.g. ``accelerator.backward``); default ``torch.autograd.backward``.
         patience: emit vgs.SteeringConflictWarning after this many consecutive measurements with
-            std_descent < 0 (vgs_kernels/health.py); None: never.
+            std_descent < 0 (vgs_kernels/steering/health.py); None: never.
         fixed: names of fixed-coefficient components (e.g. ``("grpo",)``): coefficient = weight on
             every step, outside the policy's Gram (policies.with_fixed). A loss output can bring
-            its own (GRPO + VGS does: vgs_kernels/grpo_vgs.py).
+            its own (GRPO + VGS does: vgs_kernels/losses/grpo_vgs.py).
 
     Attributes:
         stats: after each step, the keys STAT_KEYS, every step: "step", "mode" ("exact" or
@@ -128,7 +96,9 @@ class GradientSteering:
         step_count, eta_ema: the state saved with optimizer.state_dict() (or self.state_dict()).
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, policy: Union[str, policies.Policy] = "vgs",
+    STATE_KEY = state.STATE_KEY  # where the hook's state rides in an optimizer state_dict (state.py)
+
+    def __init__(self, optimizer: torch.optim.Optimizer, policy: Union[str, Policy] = "vgs",
                  gamma: Optional[float] = None, *, lam: Optional[float] = None,
                  weights: Optional[Mapping[str, float]] = None, eta: Optional[float] = None,
                  every: int = 16, ema: float = 0.7, scaler: Optional[Any] = None,
@@ -152,22 +122,22 @@ class GradientSteering:
         self.step_count = 0
         self.stats: Dict[str, Any] = {}
         # torch (one process, DDP, FSDP2) or DeepSpeed ZeRO (model=engine): who keeps the components
-        # apart, runs the backward and reduces (vgs_kernels/distributed.py)
+        # apart, runs the backward and reduces (vgs_kernels/distributed/process_group.py)
         self._sync = make_sync(given, optimizer, process_group, model, self._wants_split)
-        self._grads = self._sync.collector(optimizer)
+        self._grads = self._sync.collector() or ComponentGrads(optimizer)
         self._backward_fn = self._sync.backward_fn(backward_fn)
         self._open = False   # gradients of a step are being collected
         self._split = True   # ... per component (else one combined backward)
         self._done = False   # this step's gradients were steered (or discarded)
         self._unscaling: Optional[Any] = None  # a GradScaler unscaling this optimizer right now
         self._handles = [optimizer.register_step_pre_hook(lambda *_: self._before_step()),
-                         optimizer.register_state_dict_post_hook(self._save),
+                         optimizer.register_state_dict_post_hook(lambda _, sd: state.put(sd, self.state_dict())),
                          optimizer.register_load_state_dict_post_hook(self._load)]
         self._patched = [(optimizer, "zero_grad", _before(optimizer.zero_grad, lambda *a, **k: self.reset())),
                          *self._sync.patches(self)]
         for obj, name, fn in self._patched:
             setattr(obj, name, fn)
-        _guard_grad_scalers()
+        amp.guard_grad_scalers()
         optimizer._vgs_steering = self
         self._load(optimizer)  # the optimizer's state may have been loaded before the hook existed
 
@@ -185,8 +155,6 @@ class GradientSteering:
     def needs_components(self) -> bool:
         """Whether the coming backward runs per component (False: one combined backward)."""
         return self._wants_split()
-
-    # ------------------------------------------------------------------ collecting gradients
 
     def backward(self, losses: Losses, *, retain_graph: bool = False) -> None:
         """Backward of each named scalar loss into its own gradient (or one combined backward).
@@ -239,11 +207,9 @@ class GradientSteering:
         """The one place a backward runs (DDP's sync is switched by ProcessGroupSync.before_backward)."""
         self._backward_fn(loss if self.scaler is None else self.scaler.scale(loss), retain_graph=retain_graph)
 
-    # ------------------------------------------------------------------ steering
-
     def _fixed_coeffs(self, device: torch.device) -> Tensor:
         eta = self.eta if self.policy == "fixed" else self._auto.value.to(device)
-        return policies.fixed(self._spec.tensor(device), eta, self._spec.fixed_mask(device))
+        return step.fixed_coefficients(self._spec, eta, device)
 
     def _before_step(self) -> None:
         """The optimizer's step pre-hook: steer, and refuse gradients that bypassed the hook."""
@@ -268,7 +234,8 @@ class GradientSteering:
                 self._steer(device)
             else:
                 self._sync.average(params, [[p.grad] for p in params], self.names)  # replicas: mean .grad
-                self._record("combined", device, self._fixed_coeffs(device))
+                self._record(step.step_stats(self.step_count, "combined", self._spec, self._fixed_coeffs(device),
+                                             device))
         finally:
             self._grads.clear()
             self.step_count += 1
@@ -277,12 +244,13 @@ class GradientSteering:
         """Steers (and, with ``scaler=``, unscales) first, then torch.nn.utils.clip_grad_norm_ over
         the steered parameters; returns the total norm of the steered gradient."""
         self.apply()
-        if self.scaler is not None and _stage(self.scaler, self.optimizer) == "READY":
+        if self.scaler is not None and amp.stage(self.scaler, self.optimizer) == "READY":
             self.scaler.unscale_(self.optimizer)
         return torch.nn.utils.clip_grad_norm_(trainable(self.optimizer), max_norm, norm_type, **kwargs)
 
     def _steer(self, device: torch.device) -> None:
-        k, spec = len(self.names), self._spec
+        """Gram (all-reduced) -> the policy's coefficients -> combine into .grad (steering/step.py)."""
+        k = len(self.names)
         if self._sync.group() is None and not self._grads.sharded:  # one process: no per-parameter work
             out, lists = self._grads.lists()
             comps = lists
@@ -292,59 +260,21 @@ class GradientSteering:
         device = out[0].device if out else device
         G = gram(lists, backend=self.backend) if lists[0] else torch.zeros(k, k, device=device)
         G = self._sync.reduce_gram(G.to(device))
-        scaler = self.scaler if self.scaler is not None else self._unscaling
-        scale = getattr(scaler, "_scale", None) if scaler is not None else None
-        if scale is not None:  # the Gram of the unscaled gradients (the policies do not care)
-            G = G / scale.to(G).square()
-        w = spec.tensor(device)
-        policy = "vgs" if self.policy == "auto" else self.policy
-        rule = (lambda G_, w_, *_: self._call_policy(G_)) if callable(policy) else policies.BUILTIN[policy]
-        raw = policies.with_fixed(rule, G, w, spec.std, spec.vis, spec.fixed_idx)
-        coeffs, fell_back = policies.guard(G, raw, w)
+        G = amp.unscaled_gram(G, self.scaler if self.scaler is not None else self._unscaling)
+        coeffs, fell_back = step.coefficients(G, self._spec, self.policy)
         combine(out, comps, coeffs, backend=self.backend)
         self._sync.combined(out)
-        self._record("exact", device, coeffs, G, fell_back)
+        self._record(step.step_stats(self.step_count, "exact", self._spec, coeffs, device, G, fell_back))
 
-    def _call_policy(self, G: Tensor) -> Tensor:
-        """A user policy's coefficients, checked: k numbers (a [k] tensor or a sequence); it sees the
-        steered components only (not the fixed ones)."""
-        fixed = set(self._spec.fixed_idx)
-        names = tuple(n for i, n in enumerate(self.names) if i not in fixed)
-        name, k = getattr(self.policy, "__name__", repr(self.policy)), len(names)
-        c = self.policy(G, names)
-        if not isinstance(c, Tensor):
-            try:
-                c = torch.as_tensor(c, dtype=torch.float32)
-            except (TypeError, ValueError, RuntimeError) as e:
-                raise TypeError(f"policy {name} must return {k} coefficients (a [k] tensor), "
-                                f"got {type(c).__name__}: {e}") from None
-        if c.shape != (k,) or c.is_complex():
-            raise ValueError(f"policy {name} must return a [k] = [{k}] tensor of coefficients for the "
-                             f"components {names}, got shape {tuple(c.shape)}")
-        return c.to(device=G.device, dtype=torch.float32)
-
-    def _record(self, mode: str, device: torch.device, coeffs: Tensor, G: Optional[Tensor] = None,
-                fell_back: Optional[Tensor] = None) -> None:
-        """stats with every key of STAT_KEYS (NaN where this step measured nothing)."""
-        k, nan = len(self.names), torch.full((), math.nan, device=device)
-        eta = coeffs[self._spec.std] / self._spec.w[self._spec.std]
-        stats: Dict[str, Any] = {"step": self.step_count, "mode": mode, "names": self.names,
-                                 "gram": nan.expand(k, k), "norms": nan.expand(k), "cos": nan.expand(k, k),
-                                 "coeffs": coeffs, "eta": eta, "eta_ema": nan, "eta_error": nan, "std_descent": nan,
-                                 "fallback": torch.zeros((), dtype=torch.bool, device=device)}
-        if G is not None:
-            norms = G.diagonal().clamp_min(0).sqrt()
-            denom = norms[:, None] * norms[None, :]
-            stats.update(gram=G, norms=norms, cos=torch.where(denom > 0, G / denom, torch.zeros_like(G)),
-                         fallback=fell_back, std_descent=std_descent(G, coeffs, self._spec.std))
+    def _record(self, stats: Dict[str, Any]) -> None:
+        """Sets ``stats``, feeding a measurement to the health check and auto's EMA."""
+        if stats["mode"] == "exact":
             self.health.measured(self.step_count, stats["std_descent"])
             if self.policy == "auto":
-                stats["eta_error"] = self._auto.measured(eta, fell_back)
+                stats["eta_error"] = self._auto.measured(stats["eta"], stats["fallback"])
         if self.policy == "auto" and self._auto.value is not None:
             stats["eta_ema"] = self._auto.value
         self.stats = stats
-
-    # ------------------------------------------------------------------ bookkeeping
 
     def reset(self) -> None:
         """Drops the gradients collected since the last step (optimizer.zero_grad() calls this)."""
@@ -352,31 +282,15 @@ class GradientSteering:
         self._open = self._done = False
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"step_count": self.step_count, "eta_ema": self._auto.value, "names": self.names,
-                "retry": bool(self._auto.retry), "weights": list(self._spec.w) if self.names else None,
-                "fixed": self._spec.fixed}
+        return state.save(self.step_count, self._auto, self._spec)
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.step_count = int(state["step_count"])
-        self._auto.value, self._auto.retry = state["eta_ema"], bool(state.get("retry", False))
-        saved = tuple(state["names"]) if state.get("names") is not None else None
-        if saved is not None and self.names is None:
-            # the weights and fixed components come back with the names: a resumed run checks the loss
-            # output's weights against the saved ones (not against defaults, e.g. gamma=2)
-            self._spec.fixed = tuple(state.get("fixed") or self._spec.fixed)
-            weights = state.get("weights")
-            self._spec.set(saved, dict(zip(saved, weights)) if weights is not None else None)
-        elif saved is not None and saved != self.names:
-            raise ValueError(f"saved components {saved} differ from {self.names}")
+    def load_state_dict(self, saved: Mapping[str, Any]) -> None:
+        self.step_count = state.restore(saved, self._auto, self._spec)
 
-    def _save(self, optimizer, state_dict: Dict[str, Any]) -> Dict[str, Any]:
-        state_dict["param_groups"][0][STATE_KEY] = self.state_dict()
-        return state_dict
-
-    def _load(self, optimizer) -> None:
-        mine = optimizer.param_groups[0].pop(STATE_KEY, None) if optimizer.param_groups else None
-        if mine is not None:
-            self.load_state_dict(mine)
+    def _load(self, optimizer: torch.optim.Optimizer) -> None:
+        saved = state.pop(optimizer)
+        if saved is not None:
+            self.load_state_dict(saved)
 
     def remove(self) -> None:
         """Unregisters the hooks and wrappers and drops the buffers (.grad is left as it is)."""
@@ -402,38 +316,6 @@ def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
     return optimizer
 
 
-def _guard_grad_scalers() -> None:
-    """Makes every GradScaler (FSDP's ShardedGradScaler too) steer a hooked optimizer right before
-    it unscales it, whether or not it was given to the hook: unscale_ rescales .grad in place
-    without a version bump (so components.py cannot see it), and an unscaled component 0 mixed
-    with still-scaled others would be a silently wrong step. Installed once, on the classes."""
-    classes = [torch.amp.GradScaler]
-    try:
-        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-        classes.append(ShardedGradScaler)
-    except ImportError:  # pragma: no cover - torch without distributed
-        pass
-    for cls in classes:
-        original = cls.__dict__.get("unscale_")
-        if original is None or getattr(original, "_vgs_guard", False):
-            continue
-
-        @functools.wraps(original)
-        def unscale_(scaler, optimizer, _original=original):
-            hook = getattr(optimizer, "_vgs_steering", None) or getattr(
-                getattr(optimizer, "optimizer", None), "_vgs_steering", None)
-            if hook is not None and getattr(scaler, "_enabled", True):
-                hook._unscaling = scaler
-                try:
-                    hook.apply()
-                finally:
-                    hook._unscaling = None
-            return _original(scaler, optimizer)
-
-        unscale_._vgs_guard = True
-        cls.unscale_ = unscale_
-
-
 def _before(method: Callable, before: Callable) -> Callable:
     def wrapped(*args, **kwargs):
         before(*args, **kwargs)
@@ -446,9 +328,3 @@ def _reject_sparse(model: Optional[torch.nn.Module]) -> None:
         if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and m.sparse:
             raise TypeError(f"GradientSteering: {type(m).__name__}(sparse=True) gives sparse gradients; "
                             "steering needs dense ones: build it with sparse=False")
-
-
-def _stage(scaler: Any, optimizer: torch.optim.Optimizer) -> Optional[str]:
-    """GradScaler's stage for `optimizer` this step ("READY", "UNSCALED", "STEPPED"), None if unknown."""
-    state = getattr(scaler, "_per_optimizer_states", {}).get(id(optimizer))
-    return getattr(state.get("stage"), "name", None) if state else "READY"

@@ -3,7 +3,7 @@
 For one batch of the four response logits, the valid tokens are ranked by their VDS (the teacher's
 visual dependency KL(qa ‖ qb)) and split into ``bins`` equal-count bins. For each bin, the gradient of
 each term restricted to the bin's tokens (weighted 1/|τ| per sequence, as in the loss) is taken w.r.t.
-the given student parameters, and one Gram matrix of the three gradients (:func:`vgs_kernels.gram`)
+the given student parameters, and one Gram matrix of the three gradients (:func:`vgs_kernels.ops.gram`)
 gives their norms and pairwise angles. The paper reports ∠(∇Lang, ∇Vis) rising from ≈ 60° on low-VDS
 tokens to ≈ 92° on the top decile, with ∇Std ≈ 40–50° from both.
 
@@ -21,6 +21,9 @@ from dataclasses import asdict, dataclass
 from typing import Iterable, Sequence
 
 import torch
+
+from vgs_kernels.ops import decomposed_kl, gram
+from vgs_kernels.steering import policies
 
 TERMS = ("lang", "vis", "std")
 
@@ -68,10 +71,6 @@ def gradient_geometry(logits: Sequence[torch.Tensor], params: Iterable[torch.nn.
     so the caller may still backpropagate. Returns ``bins`` rows (low to high VDS; bins with no token are
     left out) followed by the row for all valid tokens (bin -1).
     """
-    from vgs_kernels.decomposed_kl import decomposed_kl
-    from vgs_kernels.gram import gram
-    from vgs_kernels import policies
-
     s, u, a, b, mask = logits
     if mask is None:
         mask = torch.ones(s.shape[:-1], dtype=torch.bool, device=s.device)

@@ -9,7 +9,7 @@ surrogate *without* a KL penalty and ℓ_VGS-LP the VGS loss (Eq. 17) of the sam
 For the steering hook the output has the components grpo (a *fixed* coefficient, 1 − α: the
 policy never rescales it) and std, vis, lp with weights α, α·γ, α·λ; the policy (e.g. exact η)
 applies to the distillation components only and the GRPO gradient is added unchanged
-(vgs_kernels/policies.py, "Fixed-coefficient components").
+(vgs_kernels/steering/policies.py, "Fixed-coefficient components").
 
 `grpo_surrogate` is a short plain-torch form of TRL's default GRPO loss (loss_type "dapo": token
 sum over the accumulated batch's tokens) for raw loops; `VGSGRPOTrainer` uses TRL's own loss.
@@ -21,7 +21,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from vgs_kernels.loss import VGSLossOutput
+from vgs_kernels.losses.vgs import VGSLossOutput
 
 NAME = "grpo"
 

@@ -68,10 +68,10 @@ from torch import Tensor
 from trl import DistillationConfig, DistillationTrainer
 from trl.trainer.utils import RepeatSampler
 
-from vgs_kernels.fused_linear import FusedLinearVGSLoss, fused_linear_decomposed_kl
-from vgs_kernels.opd import fused_chunked_divergence_loss
-from vgs_kernels.va_opd import VAOPDLoss, degrade_image, head_token_logprobs
-from vgs_kernels.steering import GradientSteering
+from vgs_kernels.ops.fused_linear import FusedLinearVGSLoss, fused_linear_decomposed_kl
+from vgs_kernels.losses.opd import fused_chunked_divergence_loss
+from vgs_kernels.losses.va_opd import VAOPDLoss, degrade_image, head_token_logprobs
+from vgs_kernels.steering.hook import GradientSteering
 from vgs_kernels.vlm import VisionTokens, check_processor, text_only_batch
 from vgs_kernels.vlm.plumbing import _vocab_size
 
@@ -206,9 +206,9 @@ def _va_log(m: dict, out, loss_mask, num_items_in_batch) -> None:
 METHODS: Dict[str, Method] = {
     # VGS (DESIGN.md §1): four passes, FusedLinearVGSLoss, the steering hook
     "vgs": Method(("student", "student_text", "teacher", "teacher_text"), True, _vgs_build, _vgs_loss, _vgs_log),
-    # plain OPD = trl.DistillationTrainer(beta=1): two passes, vgs_kernels.opd, Accelerate's backward
+    # plain OPD = trl.DistillationTrainer(beta=1): two passes, vgs_kernels.losses.opd, Accelerate's backward
     "opd": Method(("student", "teacher"), False, _opd_build, _opd_loss, lambda *_: None),
-    # VA-OPD (arXiv 2605.21924): weights from the generation batch, vgs_kernels.va_opd, plain backward
+    # VA-OPD (arXiv 2605.21924): weights from the generation batch, vgs_kernels.losses.va_opd, plain backward
     "va_opd": Method(("student", "teacher"), False, _va_build, _va_loss, _va_log, _va_rollouts),
 }
 _VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
@@ -223,7 +223,7 @@ class VGSDistillationConfig(DistillationConfig):
     VDS is above this quantile. adaptive: per-token γ_t (App. E). steering_policy: "vgs" (exact η
     every step), "fixed" (constant ``eta``, one backward), "auto" (exact η every ``eta_every``
     steps, EMA in between), "pcgrad", "sum" (no steering). detach_prior: no Vis gradient into the
-    text-only student pass. steering_patience: the hook's ``patience`` (vgs_kernels/health.py). ``beta`` (TRL's divergence) must stay 1.0: VGS splits the reverse KL.
+    text-only student pass. steering_patience: the hook's ``patience`` (vgs_kernels/steering/health.py). ``beta`` (TRL's divergence) must stay 1.0: VGS splits the reverse KL.
     """
 
     gamma: float = field(default=2.0, metadata={"help": "Weight of the visual term Vis."})
