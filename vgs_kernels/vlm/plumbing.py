@@ -65,7 +65,7 @@ def check_processor(processor: Any, model: torch.nn.Module, vision_tokens: Visio
     elif proc_id is not None and proc_id not in tokens.ids().tolist():
         raise ValueError(f"processor and model disagree on the image placeholder: processor.image_token_id={proc_id} "
                          f"is none of the model's vision ids {tokens.ids().tolist()}")
-    n_tok, vocab = len(getattr(processor, "tokenizer", processor)), _vocab_size(model)
+    n_tok, vocab = len(getattr(processor, "tokenizer", processor)), vocab_size(model)
     if n_tok > vocab:
         raise ValueError(f"processor's tokenizer has {n_tok} tokens but {type(model).__name__} has a vocabulary "
                          f"of {vocab}: mismatched processor and model")
@@ -121,7 +121,7 @@ def distill_logits(student: torch.nn.Module, teacher: torch.nn.Module, batch: Ma
     t_tokens = vision_tokens or _vision_tokens(teacher, processor, text_batch is not None)
     if t_tokens.ids().tolist() != tokens.ids().tolist():
         raise ValueError(f"teacher and student disagree on the vision placeholder ids: {t_tokens} vs {tokens}")
-    vs, vt = _vocab_size(student), _vocab_size(teacher)
+    vs, vt = vocab_size(student), vocab_size(teacher)
     if vs != vt:
         raise ValueError(f"vocabulary mismatch: student has {vs} output logits, teacher has {vt}; the decomposed "
                          "KL needs the same tokenizer and vocabulary on both sides")
@@ -160,7 +160,7 @@ def _vision_tokens(model: torch.nn.Module, processor: Any, have_text_batch: bool
         return VisionTokens(image=image_id(hf_model(model).config), vision_keys=())
 
 
-def _vocab_size(model: torch.nn.Module) -> int:
+def vocab_size(model: torch.nn.Module) -> int:
     model = hf_model(model)
     head = model.get_output_embeddings()
     if head is None:

@@ -1,0 +1,242 @@
+"""What both TRL trainers share (VGSDistillationTrainer, VGSGRPOTrainer), on top of their TRL parent.
+
+* set-up: the models and processor checked with errors naming the argument, every vision-only id
+  (placeholder and markers, not only TRL's image token) suppressed in generation, the method row and
+  its loss;
+* rollouts: the row's rollouts hook and, where the row needs it, the text-only batch of each rollout
+  (the same chat prompt rendered without its image, identical response tokens);
+* the loss: the row's hidden-state passes inside TRL's ``_forward_redirection`` (so DDP/FSDP see them);
+* the optimizer and its GradientSteering hook (steered rows): every backward the hook runs is
+  Accelerate's; Trainer's ``accelerator.backward(loss)`` is routed to the hook (one backward per
+  component on exact steps, one combined backward on ``fixed`` and between ``auto`` measurements); the
+  hook steers before Trainer clips and logs ``grad_norm``, so both see the steered gradient;
+* logs (``vgs/eta``, ``vgs/cos_*``, ...), the hook's SteeringConflictWarning into the Trainer's logger;
+* checkpoints: the hook's state rides in the optimizer's state_dict; the model is saved in the format
+  ``resume_from_checkpoint`` reloads (``save_original_format=False``).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from typing import Any, Optional
+
+import torch
+import transformers.trainer
+
+from vgs_kernels.integrations.trl.methods import FORWARD_KEYS, TEXT_KEYS, Heads, Method
+from vgs_kernels.steering import GradientSteering
+from vgs_kernels.vlm import VisionTokens, check_processor, text_only_batch
+from vgs_kernels.vlm.plumbing import vocab_size
+
+
+class SteeredTrainerMixin:
+    """Mixed in before a TRL trainer class; ``args`` carries SteeringArguments (config.py)."""
+
+    def _setup_method(self, method: Method, teacher: Optional[torch.nn.Module]) -> None:
+        """Checks the models (as loaded by TRL), suppresses the vision ids, builds the row's loss."""
+        student = self.accelerator.unwrap_model(self.model)
+        check_models(student, teacher, self.processing_class)
+        self.vision = VisionTokens.from_model(student, self.processing_class)
+        # A sampled vision id (not only the image token TRL suppresses) would corrupt the rollout.
+        suppress = sorted(set(self.generation_kwargs.get("suppress_tokens") or []) | set(self.vision.ids().tolist()))
+        self.generation_kwargs["suppress_tokens"] = suppress
+        self.generation_config.suppress_tokens = suppress
+        self.method, self.loss_fn = method, method.build(self.args)
+        self.steer: Optional[GradientSteering] = None
+        self._pending = None  # the loss output of the micro-batch whose backward comes next
+        self._backward_kwargs: dict = {}  # Trainer's kwargs of that backward (DeepSpeed, LOMO)
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        inner = getattr(optimizer, "optimizer", optimizer)
+        if self.is_deepspeed_enabled:
+            raise NotImplementedError(
+                f"{type(self).__name__} with DeepSpeed is not supported yet (the per-component backward of the "
+                "student fails inside ZeRO's gradient hooks in this trainer); train with FSDP2 or DDP, or steer a "
+                "DeepSpeed engine directly: vgs.GradientSteering(optimizer, model=engine) (README, DeepSpeed)")
+        if self.method.steered and (self.steer is None or self.steer.optimizer is not inner):
+            a, acc = self.args, self.accelerator
+            # gamma / lam come with the loss output; every backward the hook runs is Accelerate's
+            backward = functools.partial(type(acc).backward, acc)
+            self.steer = GradientSteering(inner, policy=a.steering_policy, eta=a.eta, every=a.eta_every,
+                                          patience=a.steering_patience,
+                                          backward_fn=lambda loss, **kw: backward(loss, **kw, **self._backward_kwargs))
+            self.steer.health.listeners.append(transformers.trainer.logger.warning)  # SteeringConflictWarning
+        return optimizer
+
+    def _needs_components(self) -> bool:
+        """Whether the next backward runs per component (exact steps) or combined (and in evaluation)."""
+        return self.steer is not None and self.model.training and self.steer.needs_components
+
+    def _generate_and_score_completions(self, inputs):
+        return add_rollout_inputs(self, inputs, super()._generate_and_score_completions(inputs))
+
+    @staticmethod
+    def _heads(student, teacher) -> Heads:
+        head_s, head_t = student.get_output_embeddings(), teacher.get_output_embeddings()
+        cfg_s, cfg_t = student.config.get_text_config(), teacher.config.get_text_config()
+        return Heads(head_s.weight, head_s.bias, head_t.weight, head_t.bias,
+                     (_attr(cfg_s, "logit_scale", 1.0), _attr(cfg_t, "logit_scale", 1.0)),
+                     (_attr(cfg_s, "final_logit_softcapping"), _attr(cfg_t, "final_logit_softcapping")))
+
+    def _distill_loss(self, unwrapped_student, inputs, num_items_in_batch):
+        """The row's passes and loss on a micro-batch: (total, entropy_sum (NaN: not computed), n_valid)."""
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        loss_mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        keep = completion_ids.size(1)
+        full = (torch.cat([inputs["prompt_ids"], completion_ids], 1),
+                torch.cat([inputs["prompt_mask"], completion_mask], 1), keep)
+        text = (inputs.get("text_input_ids"), inputs.get("text_attention_mask"), keep)
+        vision = {k: inputs[k] for k in FORWARD_KEYS if k in inputs}
+        text_side = {k: inputs[f"text_{k}"] for k in TEXT_KEYS if f"text_{k}" in inputs}
+        views = {"student": (full, vision), "student_text": (text, text_side), "teacher": (full, vision),
+                 "teacher_text": (text, text_side)}
+        self.teacher_model.eval()
+        teacher = self.accelerator.unwrap_model(self.teacher_model)
+        dev = unwrapped_student.get_output_embeddings().weight.device
+        hidden = {}
+        for name in self.method.passes:
+            args, kwargs = views[name]
+            if name.startswith("student"):
+                hidden[name] = self._get_last_hidden_state(unwrapped_student, *args, **kwargs).to(dev)
+            else:
+                with torch.no_grad():
+                    hidden[name] = self._forward_redirection(self.teacher_model, teacher, self._get_last_hidden_state,
+                                                             teacher, *args, **kwargs).to(dev)
+        loss_mask = loss_mask.to(dev)
+        total, entropy_sum, out = self.method.loss(self, inputs, hidden, self._heads(unwrapped_student, teacher),
+                                                   loss_mask, num_items_in_batch)
+        self._pending = out
+        self.method.log(self._metrics["train" if self.model.training else "eval"], out, loss_mask,
+                        num_items_in_batch)
+        entropy_sum = torch.full((), math.nan, device=dev) if entropy_sum is None else entropy_sum.detach()
+        return total, entropy_sum, loss_mask.sum()
+
+    def training_step(self, model, inputs, num_items_in_batch):
+        if not self.method.steered:
+            return super().training_step(model, inputs, num_items_in_batch)
+        with self._steered_backward():
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    @contextlib.contextmanager
+    def _steered_backward(self):
+        """Routes Trainer's ``accelerator.backward(loss)`` of this micro-batch to the steering hook."""
+        acc = self.accelerator
+
+        def backward(loss, **kwargs):
+            out, self._pending = self._pending, None
+            # DDP's forward (TRL's _forward_redirection) returns it through its _DDPSink: a new tensor
+            # of the same value
+            same = out is not None and (loss is out.total or torch.equal(loss.detach(), out.total.detach()))
+            if not same:
+                raise RuntimeError(f"{type(self).__name__}: the loss reaching backward is not the steered loss of "
+                                   "this micro-batch (was compute_loss overridden, or the loss rescaled?)")
+            self._backward_kwargs = kwargs
+            try:
+                self.steer.backward(out)
+            finally:
+                self._backward_kwargs = {}
+
+        acc.backward = backward
+        try:
+            yield
+        finally:
+            del acc.backward
+
+    def _clip_grad_norm(self, model):
+        if self.steer is not None:
+            self.steer.apply()  # clipping must see the steered gradient
+        return super()._clip_grad_norm(model)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        if self.steer is not None:
+            self.steer.apply()
+            self._log_steering()
+        return super()._get_grad_norm(model, grad_norm)
+
+    def _log_steering(self) -> None:
+        stats, m = self.steer.stats, self._metrics["train"]
+        if not stats:
+            return
+        names, exact = list(stats["names"]), stats["mode"] == "exact"
+        m["vgs/eta"].append(float(stats["eta"]))
+        m["vgs/fallback"].append(float(stats["fallback"]))
+        m["vgs/exact"].append(float(exact))
+        if self.args.steering_policy == "auto":
+            m["vgs/eta_ema"].append(float(stats["eta_ema"]))
+        if exact:  # norms and cosines are measured on exact steps only (NaN otherwise)
+            m["vgs/std_descent"].append(float(stats["std_descent"]))
+            norms, cos = stats["norms"].tolist(), stats["cos"].tolist()
+            for i, a in enumerate(names):
+                m[f"vgs/norm_{a}"].append(norms[i])
+                for j in range(i + 1, len(names)):
+                    m[f"vgs/cos_{a}_{names[j]}"].append(cos[i][j])
+
+    def _save_checkpoint(self, model, trial):
+        # transformers' resume reloads with a plain load_state_dict: the checkpoint must hold the
+        # model's own key names, not the "original format" save_pretrained writes by default.
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        save = type(unwrapped).save_pretrained
+        unwrapped.save_pretrained = lambda *a, **k: save(unwrapped, *a, **{"save_original_format": False, **k})
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            del unwrapped.save_pretrained
+
+
+def check_models(student, teacher, processor) -> None:
+    """Clear errors, naming the trainer's argument, for models and processor VGS cannot train with."""
+    if processor is None or not hasattr(processor, "image_processor"):
+        raise ValueError(f"processing_class must be the VLM's processor (with an image processor), got "
+                         f"{type(processor).__name__}")
+    try:
+        ids = VisionTokens.from_model(student, processor).ids().tolist()
+    except ValueError as err:
+        raise ValueError(f"model: {err}") from None
+    try:
+        check_processor(processor, student, id_path=False)  # the trainer builds the text-only batch from messages
+    except ValueError as err:
+        raise ValueError(f"processing_class does not fit model: {err}") from None
+    if teacher is None:
+        raise ValueError("teacher_model is required: VGS scores every rollout with the teacher")
+    try:
+        t_ids = VisionTokens.from_model(teacher, processor).ids().tolist()
+    except ValueError as err:
+        raise ValueError(f"teacher_model: {err}") from None
+    if vocab_size(teacher) != vocab_size(student):
+        raise ValueError(f"teacher_model has a vocabulary of {vocab_size(teacher)} but model has "
+                         f"{vocab_size(student)}: VGS needs one tokenizer and vocabulary")
+    if t_ids != ids:
+        raise ValueError(f"teacher_model and model disagree on the vision token ids ({t_ids} vs {ids})")
+    for name, m in (("model", student), ("teacher_model", teacher)):
+        cfg = m.config.get_text_config()
+        for attr in ("output_multiplier", "lm_head_multiplier", "logits_scaling"):
+            if getattr(cfg, attr, None) is not None:
+                raise ValueError(f"{name}: config.{attr} is not supported by the vgs_kernels TRL trainers")
+
+
+def add_rollout_inputs(trainer, inputs, out: dict) -> dict:
+    """What a method row adds to a TRL generation batch ``out``: the row's rollouts hook, then, where the
+    row needs it, the text-only batch as ``text_*`` keys."""
+    if "tool_mask" in out:
+        raise NotImplementedError(f"{type(trainer).__name__} does not support tools (multi-turn rollouts) yet")
+    if trainer.method.rollouts is not None:
+        trainer.method.rollouts(trainer, inputs, out)
+    if not trainer.method.text_only:
+        return out
+    if out.get("pixel_values") is None:
+        raise ValueError("a generation batch has no image: VGS needs an image in every prompt")
+    # [text prompt | the same completion block]: the last C positions align with the image batch's; GRPO
+    # repeats each prompt num_generations times in `inputs`, in the order of the completions
+    text, _ = text_only_batch(trainer.processing_class, [x["prompt"] for x in inputs], out["completion_ids"],
+                              out["completion_mask"], padding_side="split", chat_template=trainer.chat_template,
+                              **trainer.chat_template_kwargs)
+    for key, value in text.items():
+        out[f"text_{key}"] = value.to(out["completion_ids"].device)
+    return out
+
+
+def _attr(cfg: Any, name: str, default: Any = None) -> Any:
+    value = getattr(cfg, name, None)
+    return default if value is None else value
