@@ -235,7 +235,7 @@ def run(args: argparse.Namespace) -> List[harness.Result]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    from vgs_kernels._backend import use_backend
+    from vgs_kernels.ops.backend import use_backend
 
     with use_backend(args.backend) if args.backend else contextlib.nullcontext():
         results = run(args)

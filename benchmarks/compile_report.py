@@ -23,7 +23,7 @@ on a machine without one.
    the Qwen3-VL-2B parameter list (datasheet clocks and bandwidths, see DEVICES).
 
 Exit status 1 on a compile error, or on any spill, unless the error is a dtype that
-`vgs_kernels.triton_targets` declares unsupported on that target (then `decomposed_kl` rejects it
+`vgs_kernels.ops.targets` declares unsupported on that target (then `decomposed_kl` rejects it
 before launching, and the rule is checked both ways: a rejected dtype that compiles fails too).
 Must run with TRITON_INTERPRET=0 (the default; the test suite sets 1, so it runs this in a subprocess).
 """
@@ -413,7 +413,7 @@ def compile_spec(spec: Spec) -> Result:
     from triton import knobs
     from triton.compiler import ASTSource
 
-    from vgs_kernels.triton_targets import unsupported_type
+    from vgs_kernels.ops.targets import unsupported_type
 
     res = Result(spec.kernel, spec.target, spec.describe(), spec.cases, "ok")
     tgt = target(spec.target)
@@ -433,7 +433,7 @@ def compile_spec(spec: Spec) -> Result:
         return res
     res.seconds = time.perf_counter() - t0
     if rejected:
-        res.status, res.error = "error", (f"compiled, but vgs_kernels.triton_targets rejects it: {rejected[0]}")
+        res.status, res.error = "error", (f"compiled, but vgs_kernels.ops.targets rejects it: {rejected[0]}")
     res.shared_bytes = k.metadata.shared
     res.elems_per_iteration = _elems_per_iteration(spec)
     if tgt.backend == "cuda":
@@ -504,7 +504,7 @@ def estimates(results: Sequence[Result], n_params: int, n_elems: int) -> List[di
     instructions per element x elements / issue rate) next to the memory-traffic floor (minimal
     bytes / datasheet bandwidth); max_bw_fraction = floor / max(issue, floor) is the largest
     fraction of peak bandwidth the instruction count allows."""
-    from vgs_kernels.decomposed_kl import min_bytes
+    from vgs_kernels.ops.decomposed_kl import min_bytes
 
     bf16, kl_elems = torch.bfloat16, N_EST * V_EST
     kl_case = f"decomposed_kl s=bfloat16 t=bfloat16 V={V_EST}"
@@ -614,7 +614,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from triton import knobs
     from triton.runtime.jit import JITFunction
 
-    kl_module = importlib.import_module("vgs_kernels.decomposed_kl")
+    kl_module = importlib.import_module("vgs_kernels.ops.decomposed_kl")
     if not isinstance(kl_module._kl_forward_kernel, JITFunction):
         print("compile_report needs TRITON_INTERPRET=0 (the kernels are interpreter functions)", file=sys.stderr)
         return 2

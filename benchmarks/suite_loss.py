@@ -7,7 +7,7 @@ for the decomposed impls, of Std for the monolithic ones) and, in `bwd` / `fwdbw
 gradients for the student rows. Modes: `fwd` (forward with autograd recording, as in training),
 `bwd` (backward only; the forward runs untimed before it), `fwdbwd` (both).
 
-Minimal bytes moved (the bandwidth column, `vgs_kernels.decomposed_kl.min_bytes`): the forward
+Minimal bytes moved (the bandwidth column, `vgs_kernels.ops.decomposed_kl.min_bytes`): the forward
 must read every logit row once; the backward must read them again and write each gradient once.
 Decomposed: fwd 4·NV·e, bwd 4·NV·e + 2·NV·e; monolithic: fwd 2·NV·e, bwd 2·NV·e + NV·e (e =
 element size of the logits' dtype), plus the per-row statistics (negligible).
@@ -130,7 +130,7 @@ def cases(shapes: List[Tuple[int, int, Tuple[str, ...]]], dtype: torch.dtype,
           device: torch.device, compile: bool = True) -> Iterator[Case]:
     """One Case per (N, V, mode); the inputs of a shape are shared by its modes and impls."""
     import vgs_kernels as vgs
-    from vgs_kernels.decomposed_kl import min_bytes
+    from vgs_kernels.ops.decomposed_kl import min_bytes
 
     liger = liger_reverse_kl() if device.type == "cuda" else None
     for n, v, modes in shapes:

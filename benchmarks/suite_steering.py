@@ -114,8 +114,8 @@ def overhead(n_tensors: int = 700, numel: int = 4096, k: int = K, repeats: int =
     import time
 
     import vgs_kernels as vgs
-    from vgs_kernels.combine import _check
-    from vgs_kernels.gram import check_lists, split_fast
+    from vgs_kernels.ops.combine import _check
+    from vgs_kernels.ops.gram import check_lists, split_fast
 
     def before_gram(lists):
         lists, _ = check_lists(lists)

@@ -189,7 +189,7 @@ TIMED = [("monolithic", "monolithic", None), ("vgs fixed η (loss)", "fixed loss
 def case(size: str, device: torch.device) -> Case:
     """The vgs-bench case: each timed call runs PERIOD steps of one method (its hook persists
     across calls); the first call of each is a single checked step."""
-    from vgs_kernels._backend import use_backend
+    from vgs_kernels.ops.backend import use_backend
 
     st = Setup(size, device)
 

@@ -1,6 +1,6 @@
 // Decomposed KL on CPU: Std, Vis, Lang, VDS per row in one pass over the vocabulary, and the
 // gradients ds, du from per-term cotangents in one more pass (math: DESIGN.md §1; Python side,
-// fake kernels and the reference: vgs_kernels/decomposed_kl.py).
+// fake kernels and the reference: vgs_kernels/ops/decomposed_kl.py).
 //
 // Rows are processed in parallel (at::parallel_for). Each row is walked in L1-sized chunks: the
 // chunk is converted to the accumulation type (fp32, or fp64 when an input is fp64) and scaled

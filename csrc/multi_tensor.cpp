@@ -1,5 +1,5 @@
-// Multi-tensor Gram and combine over k gradient lists (CPU). Python side: vgs_kernels/gram.py,
-// vgs_kernels/combine.py (which also hold the Triton kernels and the plain-torch references).
+// Multi-tensor Gram and combine over k gradient lists (CPU). Python side: vgs_kernels/ops/gram.py,
+// vgs_kernels/ops/combine.py (which also hold the Triton kernels and the plain-torch references).
 //
 //   gram(Tensor?[] tensors, int k) -> Tensor[k, k] float32
 //       G[a][b] = sum_j <g_a[j], g_b[j]>

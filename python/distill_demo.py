@@ -71,8 +71,8 @@ import synthetic_task as task  # noqa: E402
 from tiny_vlm import tiny_processor, tiny_vlm  # noqa: E402
 
 import vgs_kernels as vgs  # noqa: E402
-from vgs_kernels.grpo_vgs import group_advantages, grpo_surrogate, grpo_vgs_loss  # noqa: E402
-from vgs_kernels.va_opd import degrade_image  # noqa: E402
+from vgs_kernels.losses.grpo_vgs import group_advantages, grpo_surrogate, grpo_vgs_loss  # noqa: E402
+from vgs_kernels.losses.va_opd import degrade_image  # noqa: E402
 
 # How each method takes its step. policy: a GradientSteering policy (None: no hook); fixed: η = --eta
 # multiplies the VGS loss; lam: λ (None: --lam); adaptive: App. E's per-token γ_t; va: VA-OPD

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import vgs_kernels as vgs
-from vgs_kernels._backend import HAS_CPP, HAS_TRITON, TRITON_INTERPRET
-from vgs_kernels.decomposed_kl import decomposed_kl_reference, kl_backward, kl_forward
+from vgs_kernels.ops.backend import HAS_CPP, HAS_TRITON, TRITON_INTERPRET
+from vgs_kernels.ops.decomposed_kl import decomposed_kl_reference, kl_backward, kl_forward
 
 CUDA = torch.cuda.is_available()
 # Backends that run on CPU tensors here (Triton only under the interpreter; on a CUDA machine the
@@ -338,7 +338,7 @@ def test_masked_vocabulary_row_api(backend):
 def test_fused_linear_masked_vocabulary_bias():
     """A -inf bias (padded / banned vocabulary rows) in both LM heads: finite terms and gradients,
     equal to the materialised reference, zero gradient on the masked tokens' bias."""
-    from vgs_kernels.fused_linear import fused_linear_decomposed_kl, fused_linear_decomposed_kl_reference
+    from vgs_kernels.ops.fused_linear import fused_linear_decomposed_kl, fused_linear_decomposed_kl_reference
 
     g = torch.Generator().manual_seed(7)
     h_s, h_u, h_a, h_b = (torch.randn(5, 8, generator=g, dtype=torch.float64) for _ in range(4))
@@ -360,7 +360,7 @@ def test_fused_linear_masked_vocabulary_bias():
 
 
 def test_min_bytes():
-    from vgs_kernels.decomposed_kl import min_bytes
+    from vgs_kernels.ops.decomposed_kl import min_bytes
 
     n, v = 8, 1000
     assert min_bytes(n, v, torch.bfloat16, torch.bfloat16, "forward") == 4 * n * v * 2 + 4 * n * 4 + 5 * n * 4

@@ -273,6 +273,6 @@ class FakeEngine:
                                          ({"stage": 0}, "zero_optimization.stage=0"),
                                          ({"fp16": True}, "fp16")])
 def test_unsupported_settings_are_named(kw, setting):
-    from vgs_kernels.distributed import _zero_unsupported
+    from vgs_kernels.distributed.zero import _zero_unsupported
     assert _zero_unsupported(FakeEngine()) is None
     assert setting in _zero_unsupported(FakeEngine(**kw))

@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import vgs_kernels as vgs
-from vgs_kernels.distributed import ProcessGroupSync, all_reduce_mean, resolve_group
+from vgs_kernels.distributed.process_group import ProcessGroupSync, all_reduce_mean, resolve_group
 
 WORLD = 2
 PER_RANK = 2       # sequences per rank and micro-batch

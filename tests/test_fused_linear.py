@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import vgs_kernels as vgs
-from vgs_kernels.fused_linear import chunk_rows, fused_linear_decomposed_kl_reference, head_logits
+from vgs_kernels.ops.fused_linear import chunk_rows, fused_linear_decomposed_kl_reference, head_logits
 
 # Relative error of the whole tensor (‖x - y‖ / ‖y‖): sums over chunks differ in rounding order.
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2}
@@ -257,7 +257,7 @@ def test_cuda_matches_materialised_at_qwen_vocab(dtype):
 
 
 def test_no_grad_computes_values_only(monkeypatch):
-    import vgs_kernels.fused_linear as fl
+    import vgs_kernels.ops.fused_linear as fl
 
     h_s, h_u, w_s, h_a, h_b, w_t, _, mask = make(dtype=torch.float32)
     loss = vgs.FusedLinearVGSLoss(adaptive=True, chunk_size=4)

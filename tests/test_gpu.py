@@ -4,16 +4,16 @@ Every case the compile report (benchmarks/compile_report.py) compiles without a 
 one against the float64 references: student x teacher dtypes (fp32 / bf16 / fp16, mixed), masks,
 MONO / DETACH, V = 151,936 and odd V, misaligned row views, grad_output != 1; Gram + combine over
 tables of thousands of tensors (k = 1..4, mixed dtypes, None components, misaligned views); the
-float8 rule of vgs_kernels.triton_targets on the device at hand; and the multi-GPU device guard.
+float8 rule of vgs_kernels.ops.targets on the device at hand; and the multi-GPU device guard.
 Skipped without CUDA.
 """
 import pytest
 import torch
 
 import vgs_kernels as vgs
-from vgs_kernels.combine import combine_reference
-from vgs_kernels.decomposed_kl import decomposed_kl_reference
-from vgs_kernels.gram import gram_reference
+from vgs_kernels.ops.combine import combine_reference
+from vgs_kernels.ops.decomposed_kl import decomposed_kl_reference
+from vgs_kernels.ops.gram import gram_reference
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda"  # one name, so the same checks can be dry-run under TRITON_INTERPRET=1 on "cpu"
@@ -81,7 +81,7 @@ def test_decomposed_kl_triton_vs_float64(ds, dt, v, mono, masked, detach, misali
 def test_fp8_logits_follow_the_device_rule():
     """float8_e4m3fn logits: rejected with a TypeError naming the argument where Triton cannot
     compile them (sm < 89), and correct where it can."""
-    from vgs_kernels.triton_targets import device_target, triton_type, unsupported_type
+    from vgs_kernels.ops.targets import device_target, triton_type, unsupported_type
 
     s = _rows(8, 1001, BF16, 5)
     a = _rows(8, 1001, F32, 6).to(torch.float8_e4m3fn)

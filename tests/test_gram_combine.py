@@ -5,9 +5,9 @@ import re
 import pytest
 import torch
 
-from vgs_kernels._backend import HAS_CPP, HAS_TRITON
-from vgs_kernels.combine import combine, combine_reference
-from vgs_kernels.gram import gram, gram_reference
+from vgs_kernels.ops.backend import HAS_CPP, HAS_TRITON
+from vgs_kernels.ops.combine import combine, combine_reference
+from vgs_kernels.ops.gram import gram, gram_reference
 
 CUDA = torch.cuda.is_available()
 BACKENDS = [pytest.param("cpp", marks=pytest.mark.skipif(not HAS_CPP, reason="C++ extension not built")),
@@ -249,7 +249,7 @@ import importlib, os, re, subprocess, sys, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-gram_mod = importlib.import_module("vgs_kernels.gram")  # (vgs_kernels.gram is also the function)
+gram_mod = importlib.import_module("vgs_kernels.ops.gram")  # (vgs_kernels.ops.gram is also the function)
 for spec in sys.argv[1:]:
     arch, dtype, kp, steps = spec.split(",")
     arch, kp, steps = int(arch), int(kp), int(steps)

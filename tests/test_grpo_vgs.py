@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import vgs_kernels as vgs
-from vgs_kernels.grpo_vgs import group_advantages, grpo_surrogate, grpo_vgs_loss
+from vgs_kernels.losses.grpo_vgs import group_advantages, grpo_surrogate, grpo_vgs_loss
 
 B, T, H, V = 3, 5, 8, 11
 GAMMA, LAM, ALPHA = 2.0, 0.01, 0.3

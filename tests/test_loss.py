@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import vgs_kernels as vgs
-from vgs_kernels.loss import masked_quantile
+from vgs_kernels.losses.vgs import masked_quantile
 
 B, T, V = 3, 7, 37
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import vgs_kernels as vgs
-from vgs_kernels.fused_linear import head_logits
+from vgs_kernels.ops.fused_linear import head_logits
 
 trl_dt = pytest.importorskip("trl.trainer.distillation_trainer")
 

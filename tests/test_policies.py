@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from vgs_kernels import policies
+from vgs_kernels.steering import policies
 
 GAMMA, LAM = 2.0, 0.01
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from vgs_kernels.probe import GeometryRow, gradient_geometry, plot_gradient_geometry, vds_bins
+from vgs_kernels.analysis.probe import GeometryRow, gradient_geometry, plot_gradient_geometry, vds_bins
 
 def _kl(x, y):  # KL(softmax(x) || softmax(y)) per row, plain log_softmax
     lx, ly = x.log_softmax(-1), y.log_softmax(-1)

@@ -60,7 +60,7 @@ def test_every_launched_specialisation_compiles_for_sm80_sm90_gfx942_without_spi
     for r in results:
         if mask_case in r["cases"]:
             assert {f"{mask_case}={str(d).replace('torch.', '')}" for d in cr.MASK_DTYPES} <= set(r["cases"]), r
-    # The fp8 rule of vgs_kernels.triton_targets agrees with the compiler: float8_e4m3fn logits fail
+    # The fp8 rule of vgs_kernels.ops.targets agrees with the compiler: float8_e4m3fn logits fail
     # to compile for sm_80 (and decomposed_kl rejects them there) but compile for sm_90 and gfx942.
     fp8 = [r for r in results if "fp8e4nv" in r["specialisation"]]
     assert {r["target"] for r in fp8 if r["status"] == "rejected"} == {"sm_80"}
@@ -173,7 +173,7 @@ def test_parse_args_rejects_unknown_targets_and_reads_the_full_flag(monkeypatch)
 
 
 def test_fp8_rule_follows_triton_per_target():
-    from vgs_kernels.triton_targets import triton_type, unsupported_type
+    from vgs_kernels.ops.targets import triton_type, unsupported_type
 
     sm80, sm90, gfx942 = (cr.target(t) for t in ("sm_80", "sm_90", "gfx942"))
     assert triton_type(torch.float8_e4m3fn) == "fp8e4nv" and triton_type(torch.bfloat16) == "bf16"

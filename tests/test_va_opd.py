@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import vgs_kernels as vgs
-from vgs_kernels.fused_linear import head_logits
+from vgs_kernels.ops.fused_linear import head_logits
 
 
 def reference(s, a, aw, tokens, mask, groups, top_frac=0.2, lam=0.5, tau=1.0, T=1.0):
@@ -126,7 +126,7 @@ def test_degraded_view_keeps_the_size_and_the_visual_tokens():
     from PIL import Image
 
     from vgs_kernels.testing import tiny_processor
-    from vgs_kernels.va_opd import degrade_image
+    from vgs_kernels.losses.va_opd import degrade_image
     img = Image.fromarray((torch.rand(60, 40, 3) * 255).byte().numpy())
     weak = degrade_image(img)
     assert weak.size == img.size

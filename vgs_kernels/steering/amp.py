@@ -43,6 +43,13 @@ def guard_grad_scalers() -> None:
         cls.unscale_ = unscale_
 
 
+def check_scaler(scaler: Optional[Any], backward_fn: Optional[Any]) -> None:
+    """Refuses a scaler that the backward function's accelerator applies already."""
+    if scaler is not None and getattr(getattr(backward_fn, "__self__", None), "scaler", None) is scaler:
+        raise ValueError("scaler= is the GradScaler of backward_fn's accelerator, whose backward already "
+                         "scales every loss: the losses would be scaled twice; drop scaler=")
+
+
 def unscaled_gram(G: Tensor, scaler: Optional[Any]) -> Tensor:
     """The Gram of the unscaled gradients from that of the scaled ones (the policies do not care)."""
     scale = getattr(scaler, "_scale", None) if scaler is not None else None

@@ -113,9 +113,7 @@ class GradientSteering:
         if policy == "fixed" and eta is None:
             raise ValueError("policy='fixed' needs eta= (e.g. 0.41, the paper's value at gamma=2)")
         _reject_sparse(model)
-        if scaler is not None and getattr(getattr(backward_fn, "__self__", None), "scaler", None) is scaler:
-            raise ValueError("scaler= is the GradScaler of backward_fn's accelerator, whose backward already "
-                             "scales every loss: the losses would be scaled twice; drop scaler=")
+        amp.check_scaler(scaler, backward_fn)
         self.optimizer, self.policy, self.scaler, self.backend, self.eta = optimizer, policy, scaler, backend, eta
         self._spec, self._auto = ComponentSpec(gamma, lam, dict(weights or {}), fixed), AutoEta(every, ema)
         self.health = SteeringHealth(patience)
@@ -288,8 +286,7 @@ class GradientSteering:
         self.step_count = state.restore(saved, self._auto, self._spec)
 
     def _load(self, optimizer: torch.optim.Optimizer) -> None:
-        saved = state.pop(optimizer)
-        if saved is not None:
+        if (saved := state.pop(optimizer)) is not None:
             self.load_state_dict(saved)
 
     def remove(self) -> None:
