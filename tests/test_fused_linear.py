@@ -226,7 +226,7 @@ def test_bad_input():
 
 
 def test_triton_backend_under_interpreter():
-    if not vgs._backend.HAS_TRITON or not hasattr(torch.ops.vgs_kernels, "decomposed_kl_forward_triton"):
+    if not vgs.ops.backend.HAS_TRITON or not hasattr(torch.ops.vgs_kernels, "decomposed_kl_forward_triton"):
         pytest.skip("Triton kernels not available")
     h_s, h_u, w_s, h_a, h_b, w_t, _, mask = make(n=(6,), v=45, dtype=torch.float32)
     kw = dict(softcap=3.0, chunk_size=4)
