@@ -106,7 +106,7 @@ def recording(into: List[Launch], case: Callable[[], str]) -> Iterator[None]:
     backend check is told that Triton may take CPU tensors. Nothing is launched."""
     from triton.runtime.jit import JITFunction
 
-    from vgs_kernels import _backend
+    from vgs_kernels.ops import backend as _backend
 
     def run(self, *args, grid, warmup, **kwargs):
         into.append(Launch(self, args, dict(kwargs), case()))

@@ -1,5 +1,5 @@
 // Decomposed KL on CPU: Std, Vis, Lang, VDS per row in one pass over the vocabulary, and the
-// gradients ds, du from per-term cotangents in one more pass (math: DESIGN.md §1; Python side,
+// gradients ds, du from per-term cotangents in one more pass (math: docs/ARCHITECTURE.md, "The method"; Python side,
 // fake kernels and the reference: vgs_kernels/ops/decomposed_kl.py).
 //
 // Rows are processed in parallel (at::parallel_for). Each row is walked in L1-sized chunks: the
@@ -8,7 +8,7 @@
 // softmax), then one vectorised loop does every exp and sum. 4 exps per element in forward (q*'s
 // from the u, a, b ones, see forward_row), so a vectorisable polynomial exp (vexp) makes it fast.
 //
-// Masked vocabulary (exact math, DESIGN.md §1): a token at -inf in x has probability 0 and adds
+// Masked vocabulary (exact math, docs/ARCHITECTURE.md): a token at -inf in x has probability 0 and adds
 // nothing to KL(softmax(x) || softmax(y)); a live token at -inf in y makes it +inf. q* = 0 where
 // pu or qa is 0; where only qb is 0, q* is unbounded there: Vis = +inf and LSE(q) = +inf.
 // The backward drops a term whose cotangent is 0, so gradients stay finite wherever the loss is.
@@ -321,9 +321,9 @@ void backward_row(const Inputs& in, int64_t r, acc_t it, const acc_t* stats, con
 
 // The [N, V] gradients are written once, right after allocation, and first touch of fresh memory
 // (a fault per 4 KiB page, each zeroed by the kernel) cost more than the kernel's own writes here
-// (NOTES.md: 3.6 GB/s against 37 GB/s for a copy). So ask for transparent huge pages on them, as
-// torch does for every allocation under THP_MEM_ALLOC_ENABLE=1: 512x fewer faults. A hint only:
-// harmless where THP is off or the memory was touched before.
+// (BENCHMARKS.md, first-touch bandwidth: 2.2 GB/s against 24 GB/s for a copy). So ask for
+// transparent huge pages on them, as torch does for every allocation under THP_MEM_ALLOC_ENABLE=1:
+// 512x fewer faults. A hint only: harmless where THP is off or the memory was touched before.
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   auto t = at::empty(sizes, options);
 #ifdef MADV_HUGEPAGE

@@ -194,7 +194,7 @@ def test_cpu_fp8_logits_are_not_rejected_by_the_gpu_rule():
 
 def test_check_dtype_names_the_argument_and_the_fix(monkeypatch):
     """The device check decomposed_kl runs on CUDA inputs, with the device's target faked."""
-    from vgs_kernels import triton_targets as tt
+    from vgs_kernels.ops import targets as tt
 
     class Fp8OnCuda:  # the attributes check_dtype reads from a CUDA tensor
         is_cuda, dtype, device = True, torch.float8_e4m3fn, torch.device("cuda", 0)

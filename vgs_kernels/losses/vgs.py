@@ -2,7 +2,7 @@
 
     total = η · [Std + γ·Vis + λ·LP]
 
-Std, Vis, Lang and VDS are the per-position terms of `decomposed_kl` (DESIGN.md §1). LP is Lang
+Std, Vis, Lang and VDS are the per-position terms of `decomposed_kl` (docs/ARCHITECTURE.md, "The method"). LP is Lang
 counted only on the tokens whose (detached) VDS lies above the `lp_quantile` quantile of the
 batch's valid tokens. Every reduced term is a weighted sum of per-position terms,
 
@@ -110,7 +110,7 @@ class VGSLoss(DistillationLoss):
     quantiles `adaptive_quantiles` (low, high): γ_t = 0 if VDS < low quantile, γ if VDS > high
     quantile, γ/2 in between. eta: fixed η scaling the total (None: 1); a float or a 0-dim tensor.
     reduction: "sequence" | "token" | "sum" | "none" (module docstring). temperature divides all
-    four logit sets; detach_prior: no gradient from Vis into u (DESIGN.md §1). monolithic: the
+    four logit sets; detach_prior: no gradient from Vis into u (docs/ARCHITECTURE.md, "The method"). monolithic: the
     standard loss η·Std only (also selected by passing u = b = None), through the op's fast
     Std-only mode; then vis = lp = 0 and vds = None. backend: forces the op's backend.
 

@@ -1,7 +1,7 @@
 """Decomposed KL: the four per-position KL terms of Visual Gradient Steering in one fused op.
 
 With p = softmax(s/T), pu = softmax(u/T), qa = softmax(a/T), qb = softmax(b/T) and
-q* = softmax((u + a - b)/T) (DESIGN.md §1):
+q* = softmax((u + a - b)/T) (docs/ARCHITECTURE.md, "The method"):
 
     Std = KL(p ‖ qa)   Vis = KL(p ‖ q*)   Lang = KL(pu ‖ qb)   VDS = KL(qa ‖ qb)
 
@@ -182,7 +182,7 @@ def _forward_reference(s, u, a, b, inv_t: float, mask):
 
 def _backward_reference(s, u, a, b, stats, terms, grad_terms, inv_t: float, detach_prior: bool,
                         mask, out_dtype):
-    """Plain-torch row backward from the closed-form gradients (DESIGN.md §1), with exact zeros
+    """Plain-torch row backward from the closed-form gradients (docs/ARCHITECTURE.md, "The method"), with exact zeros
     where p (pu) = 0 and terms of zero cotangent dropped, as the kernels do."""
     n, acc = s.shape[0], _acc_dtype(s, u, a, b)
     valid = torch.ones(n, dtype=torch.bool, device=s.device) if mask is None else mask
@@ -638,14 +638,14 @@ class DecomposedKLFunction(torch.autograd.Function):
 def decomposed_kl(s: Tensor, u: Optional[Tensor], a: Tensor, b: Optional[Tensor],
                   mask: Optional[Tensor] = None, temperature: float = 1.0, detach_prior: bool = True,
                   *, backend: Optional[str] = None, check_finite: bool = False) -> KLTerms:
-    """Std, Vis, Lang, VDS per position (DESIGN.md §1), differentiable w.r.t. s and u.
+    """Std, Vis, Lang, VDS per position (docs/ARCHITECTURE.md, "The method"), differentiable w.r.t. s and u.
 
     s, u: student logits with / without the image, a, b: teacher logits with / without it; all
     [..., V], any float dtypes (student and teacher may differ), any strides. u = b = None is the
     monolithic mode: only Std is computed (u, b never read; vis, lang, vds are zeros).
     mask: bool or 0/1 of the leading shape; masked positions give 0 terms and 0 gradients and
     are never read (padding garbage there cannot leak). temperature divides all four rows.
-    detach_prior: no gradient from Vis into u through q* (the default; DESIGN.md §1).
+    detach_prior: no gradient from Vis into u through q* (the default; docs/ARCHITECTURE.md).
     backend: force "cpp" | "triton" | "reference" (default: by device, see vgs_kernels.ops.backend).
     Non-finite logits in a valid row make that row's terms NaN; check_finite=True instead raises
     a ValueError naming the tensor (costs a host synchronisation, so off by default).
