@@ -366,7 +366,7 @@ def test_binary_masks_of_any_dtype_agree():
 
 
 def test_backend_info_and_one_warning_on_fallback(monkeypatch):
-    from vgs_kernels import _backend
+    from vgs_kernels.ops import backend as _backend
 
     info = vgs.backend_info()
     assert info["cpu"] == ("cpp" if info["cpp_loaded"] else "reference")
