@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
-import time
-import traceback
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import vgs_kernels as vgs
-from tests.test_distributed import PER_RANK, POLICY_KW, STEPS, WORLD, Student, batch, losses
+
+from helpers.spawn import assert_params_close, no_errors, one_thread, spawn_ranks
+from helpers.student import PER_RANK, POLICY_KW, STEPS, WORLD, Student, batch, losses, rank_rows
 
 deepspeed = pytest.importorskip("deepspeed")
 
@@ -58,7 +55,7 @@ def full_params(engine):
 def ds_train(engine, steer, seed, rank, steps=range(STEPS)):
     """The issue's call shape: steer.backward per micro-batch, engine.step() after each."""
     loss_fn = vgs.VGSLoss(gamma=2.0)
-    rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+    rows = rank_rows(rank)
     grams, norms = [], []
     for step in steps:
         for m in range(GAS):
@@ -114,7 +111,7 @@ def misuse(rank):
             out[case] = str(e)
     # a plain engine.backward, not through the hook: refused at the step
     steer = vgs.GradientSteering(optimizer, model=engine)
-    ids, *_ = batch(5, 0, 0, slice(rank * PER_RANK, (rank + 1) * PER_RANK))
+    ids, *_ = batch(5, 0, 0, rank_rows(rank))
     for _ in range(GAS):
         engine.backward(engine(ids).square().mean())
         try:
@@ -125,38 +122,17 @@ def misuse(rank):
     return out
 
 
-def worker(rank, port, path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+def tasks(rank, path):
+    """What every rank runs (helpers.spawn): every scenario, then resume and misuse."""
     deepspeed.init_distributed(dist_backend="gloo", timeout=TIMEOUT)
-    results = {}
-    try:
-        for name, fn in [(n, lambda n=n: run_scenario(n, rank)) for n in SCENARIOS] + [
-                ("resume", lambda: resume(rank, path)), ("misuse", lambda: misuse(rank))]:
-            try:
-                results[name] = fn()
-            except Exception:
-                results[name] = {"error": traceback.format_exc()}
-    finally:
-        torch.save(results, os.path.join(path, f"rank{rank}.pt"))
-        dist.destroy_process_group()  # else gloo may abort at teardown
+    return [(n, lambda n=n: run_scenario(n, rank)) for n in SCENARIOS] + [
+        ("resume", lambda: resume(rank, path)), ("misuse", lambda: misuse(rank))]
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("ds"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.start_processes(worker, args=(port, path), nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + DEADLINE
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"the DeepSpeed workers did not finish within {DEADLINE} s")
-    return [torch.load(os.path.join(path, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+    return spawn_ranks(tasks, tmp_path_factory.mktemp("ds"), world=WORLD, deadline=DEADLINE,
+                       what="the DeepSpeed workers")
 
 
 def reference(name):
@@ -181,19 +157,12 @@ def reference(name):
 
 @pytest.mark.parametrize("name", [n for n in SCENARIOS if "bf16" not in n])
 def test_same_update_as_one_process(ranks, name):
-    for r in range(WORLD):
-        assert "error" not in ranks[r][name], f"rank {r}:\n{ranks[r][name]['error']}"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    got = no_errors(ranks, name)
+    with one_thread():
         want, want_grams, want_norms = reference(name)
-    finally:
-        torch.set_num_threads(threads)
     assert min(want_norms) > 2 * CLIP  # clipping engaged on every step
-    for r in range(WORLD):
-        res = ranks[r][name]
-        for n, p in want.items():
-            torch.testing.assert_close(res["params"][n], p, atol=ATOL, rtol=RTOL, msg=lambda m: f"rank {r} {n}: {m}")
+    for r, res in enumerate(got):
+        assert_params_close(res["params"], want, atol=ATOL, rtol=RTOL, rank=r)
         # DeepSpeed's norm (what it clipped) is the norm of the steered gradient
         torch.testing.assert_close(torch.tensor(res["norms"]), torch.tensor(want_norms), atol=1e-6, rtol=1e-4)
         for step, (g, w) in enumerate(zip(res["grams"], want_grams)):
@@ -204,8 +173,7 @@ def test_same_update_as_one_process(ranks, name):
 
 def test_bf16(ranks):
     """bf16 (fp32 master weights in DeepSpeed): the same update as fp32 within bf16's precision."""
-    for r in range(WORLD):
-        assert "error" not in ranks[r]["z2_bf16"], ranks[r]["z2_bf16"]["error"]
+    no_errors(ranks, "z2_bf16")
     want, want_grams, _ = reference("z2_bf16")
     res = ranks[0]["z2_bf16"]
     moved = max((want[n] - Student(seed=SCENARIOS.index("z2_bf16")).state_dict()[n]).abs().max() for n in want)

@@ -9,77 +9,28 @@ timeout and the spawn by a deadline, so a bug fails instead of hanging.
 from __future__ import annotations
 
 import datetime
-import os
-import socket
-import time
-import traceback
 from contextlib import contextmanager, nullcontext
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import vgs_kernels as vgs
 from vgs_kernels.distributed.process_group import ProcessGroupSync, all_reduce_mean, resolve_group
 
-WORLD = 2
-PER_RANK = 2       # sequences per rank and micro-batch
-PROMPT, LENGTH, RESPONSE, VOCAB = 3, 9, 4, 61
-STEPS = 3
+from helpers.spawn import assert_params_close, no_errors, one_thread, spawn_ranks
+from helpers.student import POLICY_KW, STEPS, WORLD, Student, batch, losses, rank_rows
+
 TIMEOUT = datetime.timedelta(seconds=60)  # every collective
 DEADLINE = 170                            # seconds for the whole spawn
 ATOL, RTOL = 2e-5, 1e-4                   # fp32, 3 SGD steps
-POLICY_KW = {"vgs": {}, "fixed": {"eta": 0.41}, "auto": {"every": 2}, "project": {}, "sum": {}}
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
 
 
-# ----------------------------------------------------------------------------- model and data
-
-
-class Student(nn.Module):
-    """A tiny Qwen2 causal LM (from a config, no download); optionally an extra head that only
-    sequences flagged `extra` use, and a parameter no sequence uses."""
-
-    def __init__(self, tied: bool = False, heads: bool = False, seed: int = 0):
-        super().__init__()
-        from transformers import Qwen2Config, Qwen2ForCausalLM
-        torch.manual_seed(seed)
-        self.lm = Qwen2ForCausalLM(Qwen2Config(
-            vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-            num_key_value_heads=1, max_position_embeddings=32, tie_word_embeddings=tied))
-        self.extra = nn.Linear(VOCAB, VOCAB, bias=False) if heads else None
-        self.never = nn.Linear(2, 2) if heads else None
-
-    def forward(self, ids, extra=None):
-        s = self.lm(input_ids=ids).logits[:, -RESPONSE:]
-        if self.extra is not None and extra is not None and bool(extra.any()):
-            s = s + self.extra(s) * extra[:, None, None]
-        return s
-
-
-def batch(seed: int, step: int, micro: int, rows: slice):
-    """One micro-batch of the global batch (WORLD * PER_RANK sequences); `rows` picks a rank's part.
-    (ids, ids without the 'image' prompt, teacher logits a and b, mask, extra-head flags)"""
-    g = torch.Generator().manual_seed(1000 * seed + 10 * step + micro)
-    n = WORLD * PER_RANK
-    ids = torch.randint(VOCAB, (n, LENGTH), generator=g)
-    a, b = (2 * torch.randn(n, RESPONSE, VOCAB, generator=g) for _ in range(2))
-    mask = torch.rand(n, RESPONSE, generator=g) > 0.25
-    mask[:, 0] = True  # every sequence has a valid token: the per-sequence mean is well defined
-    extra = (torch.arange(n) < PER_RANK).float()  # rank 0's sequences use the extra head
-    return ids[rows], ids[rows, PROMPT:], a[rows], b[rows], mask[rows], extra[rows]
-
-
-def losses(model, loss_fn, data, scale=1.0):
-    ids, ids_text, a, b, mask, extra = data
-    s = model(ids, extra)
-    u = model(ids_text, extra)  # the text-only pass: a second forward of the same (DDP) model
-    out = loss_fn(s, u, a, b, mask)
-    return {"std": out.std * scale, "vis": out.vis * scale}
+# ----------------------------------------------------------------------------- training
 
 
 def train(model, steer, optimizer, seed, micro=1, rows=slice(None), no_sync=None, begin=None, stepping=None):
@@ -183,7 +134,7 @@ def run_scenario(name, rank):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     steer = vgs.GradientSteering(optimizer, policy=policy, gamma=2.0, process_group=None,
                                  **POLICY_KW[policy], **({"model": model} if sc["model_kw"] else {}))
-    grams, no_grad = train(model, steer, optimizer, seed, sc["micro"], slice(rank * PER_RANK, (rank + 1) * PER_RANK),
+    grams, no_grad = train(model, steer, optimizer, seed, sc["micro"], rank_rows(rank),
                   model.no_sync if sc["parallel"] == "ddp" else None, rec.begin, rec.stepping)
     params = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
               for n, p in inner.named_parameters()}
@@ -199,7 +150,7 @@ def bad_inputs(rank):
         model = Student(seed=7)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         steer = vgs.GradientSteering(optimizer, policy="vgs", gamma=2.0)
-        full = losses(model, vgs.VGSLoss(), batch(7, 0, 0, slice(rank * PER_RANK, (rank + 1) * PER_RANK)))
+        full = losses(model, vgs.VGSLoss(), batch(7, 0, 0, rank_rows(rank)))
         try:
             steer.backward({n: full[n] for n in names[rank]})
             optimizer.step()
@@ -214,7 +165,7 @@ def bad_inputs(rank):
     steer = vgs.GradientSteering(optimizer, policy="vgs", gamma=2.0, model=model)
     model.set_requires_gradient_sync(False)
     try:
-        steer.backward(losses(model, vgs.VGSLoss(), batch(8, 0, 0, slice(rank * PER_RANK, (rank + 1) * PER_RANK))))
+        steer.backward(losses(model, vgs.VGSLoss(), batch(8, 0, 0, rank_rows(rank))))
         out["fsdp_nosync"] = "no error"
     except RuntimeError as e:
         out["fsdp_nosync"] = str(e)
@@ -269,52 +220,24 @@ def by_hand(rank):
     return out
 
 
-def worker(rank, port, path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+def tasks(rank, path):
+    """What every rank runs (helpers.spawn): every scenario, then the misuse and by-hand cases."""
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=TIMEOUT)
-    results = {}
-    try:
-        for name in SCENARIOS:
-            try:
-                results[name] = run_scenario(name, rank)
-            except Exception:
-                results[name] = {"error": traceback.format_exc()}
-        for key, fn in (("bad", bad_inputs), ("by_hand", by_hand)):
-            try:
-                results[key] = fn(rank)
-            except Exception:
-                results[key] = {"error": traceback.format_exc()}
-    finally:
-        torch.save(results, os.path.join(path, f"rank{rank}.pt"))
-        dist.destroy_process_group()
+    return ([(name, lambda name=name: run_scenario(name, rank)) for name in SCENARIOS]
+            + [(key, lambda fn=fn: fn(rank)) for key, fn in (("bad", bad_inputs), ("by_hand", by_hand))])
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     """Runs every scenario on WORLD processes; returns each rank's results."""
-    path = str(tmp_path_factory.mktemp("dist"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.start_processes(worker, args=(port, path), nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + DEADLINE
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"the distributed workers did not finish within {DEADLINE} s")
-    return [torch.load(os.path.join(path, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+    return spawn_ranks(tasks, tmp_path_factory.mktemp("dist"), world=WORLD, deadline=DEADLINE,
+                       what="the distributed workers")
 
 
 def reference(name):
     """One process, the same model, the concatenated batch (all ranks' sequences at once)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: more threads only wait for each other
-    try:
+    with one_thread():
         return _reference(name)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _reference(name):
@@ -329,7 +252,7 @@ def _reference(name):
         loss_fn = vgs.VGSLoss(gamma=2.0)
         grams = []
         for step in range(STEPS):
-            parts = [losses(model, loss_fn, batch(seed, step, 0, slice(r * PER_RANK, (r + 1) * PER_RANK)), 1 / WORLD)
+            parts = [losses(model, loss_fn, batch(seed, step, 0, rank_rows(r)), 1 / WORLD)
                      for r in range(WORLD)]
             steer.backward({n: sum(p[n] for p in parts) for n in parts[0]})
             optimizer.step()
@@ -345,14 +268,11 @@ def _reference(name):
 
 @pytest.mark.parametrize("name", SCENARIOS)
 def test_same_update_as_one_process(ranks, name):
-    got = [r[name] for r in ranks]
-    for r, res in enumerate(got):
-        assert "error" not in res, f"rank {r}:\n{res['error']}"
+    got = no_errors(ranks, name)
     want, want_grams = reference(name)
     for r, res in enumerate(got):
         assert res["params"].keys() == want.keys()
-        for n, p in want.items():
-            torch.testing.assert_close(res["params"][n], p, atol=ATOL, rtol=RTOL, msg=lambda m: f"rank {r} {n}: {m}")
+        assert_params_close(res["params"], want, atol=ATOL, rtol=RTOL, rank=r)
         for step, (g, w) in enumerate(zip(res["grams"], want_grams)):
             assert (g is None) == (w is None), f"step {step}: exact and combined steps differ"
             if w is not None:  # the Gram of the averaged gradients, every parameter counted once

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import vgs_kernels as vgs
-from tests.test_steering import GAMMA, Net, flat_grads, losses, make_batch, steered_grad
+
+from helpers.steering import GAMMA, Net, flat_grads, losses, make_batch, steered_grad
 
 
 def uphill_losses(model, x, y):  # vis = -std: the steered update is eta * (1 - gamma) * grad Std + ...

@@ -114,11 +114,14 @@ def test_no_class_is_longer_than_250_lines():
 
 
 def test_tests_import_no_other_test_file():
-    for path in (ROOT / "tests").glob("*.py"):
+    """Shared test code lives in tests/helpers/ (or tests/conftest.py), not in a test file; this covers
+    ``from test_x import``, ``from tests.test_x import``, ``from tests import test_x`` and the helpers."""
+    for path in (ROOT / "tests").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
-                assert not any(n.split(".")[0].startswith("test_") for n in names), f"{path.name} imports a test file"
+                assert not any(n.removeprefix("tests.").split(".")[0].startswith("test_") for n in names), \
+                    f"{path.relative_to(ROOT / 'tests')} imports a test file"
 
 
 BLOCKER = """

@@ -8,10 +8,11 @@ import warnings
 import pytest
 import torch
 from torch import nn
-from test_steering import ETA, GAMMA, LAM, Net, expected, flat_grads, losses, make_batch, steered_grad
 
 import vgs_kernels as vgs
 from vgs_kernels.steering import STAT_KEYS
+
+from helpers.steering import ETA, GAMMA, LAM, Net, expected, flat_grads, losses, make_batch, steered_grad
 
 
 def fused_inputs(seed=0, n=6, h=4, v=11):

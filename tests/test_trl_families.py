@@ -1,7 +1,4 @@
 """VGSDistillationTrainer end to end on non-Qwen families, with BPE tokenizers like the published ones."""
-import os
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -9,12 +6,11 @@ import torch
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
-import synthetic_task as task  # noqa: E402
-
-from vgs_kernels.integrations.trl import VGSDistillationConfig, VGSDistillationTrainer  # noqa: E402
+from vgs_kernels.integrations.trl import VGSDistillationTrainer  # noqa: E402
 from vgs_kernels.testing import tiny_processor, tiny_vlm  # noqa: E402
 from vgs_kernels.vlm import VisionTokens  # noqa: E402
+
+from helpers.trl import config, prompts, task  # noqa: E402
 
 SIZES = dict(hidden=32, layers=1, heads=4, vision_hidden=16)
 
@@ -30,13 +26,8 @@ def test_trainer_runs_with_vision_ids_suppressed(family, tmp_path):
     bias[vision] = 100.0  # generation goes through the LM head's forward; TRL's loss reads its weight
     student.get_output_embeddings().register_forward_hook(lambda m, i, out: out + bias)
     ex = task.sample(4, np.random.default_rng(0))
-    ds = datasets.Dataset.from_dict({"prompt": [[{"role": "user", "content": e.question}] for e in ex],
-                                     "image": [e.image for e in ex]})
-    args = VGSDistillationConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=1,
-                                 max_steps=1, max_completion_length=4, bf16=False, gradient_checkpointing=False,
-                                 report_to="none", logging_steps=1, generation_kwargs={"do_sample": False},
-                                 learning_rate=0.05, optim="sgd", save_strategy="no", seed=0,
-                                 dataloader_num_workers=0, steering_policy="vgs")
+    ds = prompts(ex)
+    args = config(tmp_path, gradient_accumulation_steps=1, max_steps=1, max_completion_length=4, steering_policy="vgs")
     trainer = VGSDistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=ds,
                                      processing_class=proc)
     assert set(vision.tolist()) <= set(trainer.generation_kwargs["suppress_tokens"])

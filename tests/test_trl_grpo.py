@@ -5,8 +5,6 @@ Sampled rollouts (GRPO needs different completions in a group) from the same see
 the same parameters draw the same completions.
 """
 import copy
-import os
-import sys
 
 import numpy as np
 import pytest
@@ -15,14 +13,12 @@ import torch
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
-import synthetic_task as task  # noqa: E402
-from test_trl import component_grads, config, flat, recording  # noqa: E402
-
 from vgs_kernels.integrations.trl import (VGSDistillationConfig, VGSDistillationTrainer, VGSGRPOConfig,  # noqa: E402
                                           VGSGRPOTrainer)
 from vgs_kernels.testing import tiny_processor, tiny_vlm  # noqa: E402
 from vgs_kernels.vlm import VisionTokens  # noqa: E402
+
+from helpers.trl import component_grads, config, flat, recording, task, tiny_qwen  # noqa: E402
 
 GAMMA, LAM = 2.0, 0.01
 
@@ -38,12 +34,7 @@ def reward(prompts, completions, answer, **kwargs):
 
 @pytest.fixture(scope="module")
 def setup():
-    proc = tiny_processor("qwen2_vl", task.WORDS)
-    student = tiny_vlm("qwen2_vl", proc, seed=0)
-    teacher = tiny_vlm("qwen2_vl", proc, hidden=96, seed=1)
-    ex = task.sample(16, np.random.default_rng(0))
-    ds = datasets.Dataset.from_dict({"prompt": [[{"role": "user", "content": e.question}] for e in ex],
-                                     "image": [e.image for e in ex], "answer": [e.answer for e in ex]})
+    proc, student, teacher, ds = tiny_qwen(answers=True)
     gen = {"do_sample": True, "suppress_tokens": VisionTokens.from_model(student, proc).ids().tolist()}
     return proc, student, teacher, ds, gen
 
