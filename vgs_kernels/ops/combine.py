@@ -135,7 +135,7 @@ def combine(out_tensors: Sequence[Tensor], grad_lists: Sequence[GradList],
         flat = [t for lst in lists for t in lst]
         if not out:  # no parameters: nothing to write (and no tensor for the dispatcher)
             return
-    try:  # every check in C++: no Python work per tensor (issue 14)
+    try:  # every check in C++: no Python work per tensor
         if name == "cpp":
             rest = torch.ops.vgs_kernels.combine_checked_(out, flat, c)
         else:

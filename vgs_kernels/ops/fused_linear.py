@@ -1,4 +1,4 @@
-"""Fused-linear decomposed KL: LM heads + KL split + backward, chunked over tokens (issue 7).
+"""Fused-linear decomposed KL: LM heads + KL split + backward, chunked over tokens.
 
 At Qwen3-VL's vocabulary (V = 151,936) the four [N, V] logit tensors dominate memory. Here the
 student's hidden states h_s, h_u ([N, H_s]) and the teacher's h_a, h_b ([N, H_t]) go through the
@@ -10,15 +10,17 @@ to cap · tanh(z / cap) (Gemma-2 style), then divided by the temperature inside 
 
 Two entry points. Costs below count head matmuls in units of one N x H x V product; the
 materialised path (full logits + decomposed_kl + VGSLoss) does 4 forward + dh_s, dh_u, dW_s, dW_u
-= 8 (the issue's "7" counts dW over both inputs as one).
+= 8 (dW over both inputs counted once: 7).
 
 * `fused_linear_decomposed_kl` -> KLTerms per position, for any per-term cotangents. The
   cotangents are unknown in forward, so backward recomputes the four chunk logits: 4 + 4 + 4 = 12
   (10 when no gradient reaches u).
 
-* `FusedLinearVGSLoss` -> the paper's loss (same config and `VGSLossOutput` as `VGSLoss`). Here
-  every cotangent is known once the VDS quantiles are, so the gradients are computed during
-  forward (Liger-Kernel's approach) and backward only scales them:
+* `fused_linear_kl_loss` -> reduced losses, k weighted sums of (std, vis, lp), the op under
+  vgs_kernels/losses/ (`FusedLinearVGSLoss`, the paper's loss; `OPDLoss`, its monolithic mode with
+  the student entropy). Here every cotangent is known once the VDS quantiles are (the `Gate` the
+  loss passes), so the gradients are computed during forward (Liger-Kernel's approach) and
+  backward only scales them:
     phase 1  adaptive γ only: VDS = KL(qa ‖ qb) from the teacher rows alone (2) -> γ_t
     phase 2  s, u, a, b logits (4), all four terms, Std + Vis gradient into h_s and W (2)
     phase 3  LP: the batch's VDS quantile gates Lang to ~30% of the tokens; only those rows
@@ -27,7 +29,7 @@ materialised path (full logits + decomposed_kl + VGSLoss) does 4 forward + dh_s,
   Rejected: a VDS-only first pass for every configuration (8.6 - 9.2: it pays 2 teacher
   matmuls to save 0.6 of recompute) and recompute-in-backward (11 - 12). A detached prior is the
   default; without it Vis also reaches u (+2, as in the materialised path). Component-wise
-  gradients (`components=True`, for exact steering) keep the Std, Vis and LP gradients apart:
+  gradients (FusedLinearVGSLoss(components=True), for exact steering) keep the Std, Vis and LP gradients apart:
   +2 (dh_s and dW for Vis separately) and one more kl_backward pass per chunk, no more logits.
   Each chunk adds dz^T h into the [V, H] weight gradient, a read-modify-write of V·H floats per
   chunk: chunks should not be tiny (see `chunk_rows`).
