@@ -68,14 +68,65 @@ def test_input_errors(proc):
     assert PROMPTS[0][0]["content"][0] == {"type": "image"}
 
 
-def test_readme_families_table_is_generated():
-    """README's table of supported families is families_table(); regenerate: python -m vgs_kernels.testing README.md"""
+# The README's families table is generated with the versions constraints.txt pins (what make install gives).
+REGENERATE_TABLE = ".venv/bin/python -m vgs_kernels.testing README.md"
+MOVE_PINS = f"make lock && make install && {REGENERATE_TABLE}"
+
+
+def _repo_file(name):
     import os
+    return os.path.join(os.path.dirname(__file__), "..", name)
+
+
+def _pins():
+    """constraints.txt as {normalised name: version} ({} where there is none, e.g. an unpacked sdist)."""
+    import os
+    import re
+    if not os.path.exists(_repo_file("constraints.txt")):
+        return {}
+    pins = {}
+    for line in open(_repo_file("constraints.txt")):
+        name, sep, version = line.split("#", 1)[0].strip().partition("==")
+        if sep:
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version.strip()
+    return pins
+
+
+def test_readme_table_names_the_pinned_transformers():
+    """The table's "Checked against transformers X" is the transformers of constraints.txt."""
+    import re
+    from vgs_kernels.testing import TABLE_START
+    pinned = _pins().get("transformers")
+    if pinned is None:
+        pytest.skip("no constraints.txt pinning transformers")
+    readme = open(_repo_file("README.md")).read()
+    assert TABLE_START in readme
+    said = re.search(r"Checked against transformers (\S+) ", readme.split(TABLE_START, 1)[1])
+    assert said, "README's families table does not say which transformers it was checked against"
+    assert said.group(1) == pinned, (
+        f"README's families table was generated with transformers {said.group(1)} but constraints.txt pins "
+        f"transformers {pinned}: make install && {REGENERATE_TABLE}")
+
+
+def test_readme_families_table_is_generated():
+    """README's table of supported families is families_table(), under the pinned transformers/tokenizers.
+
+    Regenerate: python -m vgs_kernels.testing README.md. Under other versions (make test-latest) it xfails,
+    naming them, instead of showing a diff that only says the version moved."""
+    import tokenizers
+    import transformers
+
     from vgs_kernels.testing import TABLE_END, TABLE_START, families_table
-    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    pins = _pins()
+    drift = [f"{mod.__name__} {mod.__version__} is installed, constraints.txt pins {pins[mod.__name__]}"
+             for mod in (transformers, tokenizers) if mod.__name__ in pins and mod.__version__ != pins[mod.__name__]]
+    if drift:
+        pytest.xfail(f"README's families table is checked against the pinned versions, and {'; '.join(drift)}. "
+                     f"To move the pins to these releases: {MOVE_PINS} (then make test); to test the pins: make install")
+    readme = open(_repo_file("README.md")).read()
     assert TABLE_START in readme
     assert readme.split(TABLE_START, 1)[1].split(TABLE_END, 1)[0] == families_table(), \
-        "README's families table is stale: python -m vgs_kernels.testing README.md"
+        f"README's families table is stale: {REGENERATE_TABLE}"
 
 
 def test_every_spec_row_has_a_tested_case():
