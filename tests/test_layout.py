@@ -157,3 +157,34 @@ def test_optional_layers_import(module):
     out = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, cwd=ROOT,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+# The names users and outside checks rely on (README, docs/ARCHITECTURE.md): they stay importable.
+PUBLIC = ("BACKENDS DistillLogits FamilySpec FusedLinearVGSLoss GeometryRow GradientSteering KLTerms "
+          "SteeringConflictWarning VAOPDLoss VAOPDOutput VGSLoss VGSLossOutput VisionTokens __version__ backend_info "
+          "check_processor combine decomposed_kl decomposed_kl_reference distill_logits fused_chunked_divergence_loss "
+          "fused_linear_decomposed_kl get_backend gradient_geometry gram group_advantages grpo_surrogate grpo_vgs_loss "
+          "plot_gradient_geometry policies register_family response_logits response_positions rollout_batch "
+          "set_backend std_descent strip_images text_only_batch use_backend vgs_loss").split()
+PUBLIC_TRL = ["VGSDistillationConfig", "VGSDistillationTrainer", "VGSGRPOConfig", "VGSGRPOTrainer", "METHODS"]
+
+
+def test_public_names_stay_importable():
+    import vgs_kernels
+    from vgs_kernels.integrations import trl
+
+    assert [n for n in PUBLIC if n not in vgs_kernels.__all__ or not hasattr(vgs_kernels, n)] == []
+    assert [n for n in vgs_kernels.__all__ if not hasattr(vgs_kernels, n)] == []
+    assert [n for n in PUBLIC_TRL if n not in trl.__all__] == []
+
+
+def test_both_trl_configs_carry_every_steering_field():
+    from dataclasses import fields
+
+    from vgs_kernels.integrations.trl import VGSDistillationConfig, VGSGRPOConfig
+    from vgs_kernels.integrations.trl.config import SteeringArguments
+
+    steering = {f.name for f in fields(SteeringArguments)}
+    assert "steering_patience" in steering
+    for cls in (VGSDistillationConfig, VGSGRPOConfig):
+        assert steering <= {f.name for f in fields(cls)}, cls.__name__

@@ -120,7 +120,7 @@ class GradientSteering:
         self.step_count = 0
         self.stats: Dict[str, Any] = {}
         # torch (one process, DDP, FSDP2) or DeepSpeed ZeRO (model=engine): who keeps the components
-        # apart, runs the backward and reduces (vgs_kernels/distributed/process_group.py)
+        # apart, runs the backward and reduces (vgs_kernels/distributed/protocol.py)
         self._sync = make_sync(given, optimizer, process_group, model, self._wants_split)
         self._grads = self._sync.collector() or ComponentGrads(optimizer)
         self._backward_fn = self._sync.backward_fn(backward_fn)
