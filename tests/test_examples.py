@@ -94,3 +94,20 @@ def test_scripts_run_as_commands():
     assert res.returncode == 0, res.stderr[-3000:]
     for part, script in zip(res.stdout.split("=== done")[:-1], scripts):
         assert "usage:" in part and "--quick" in part, (script, part[-2000:])
+
+
+def test_examples_processor_is_the_whitespace_kind():
+    """The examples' tiny models (python/distill_demo.py, benchmarks/suite_trl*.py) come from vgs_kernels.testing:
+    tokenizer="whitespace", Qwen's one-line template (no newline token), the task's words and nothing else."""
+    import distill_demo
+
+    from vgs_kernels.testing import tiny_processor
+
+    proc = distill_demo.processor("qwen2_vl")
+    vocab = proc.tokenizer.get_vocab()
+    assert "\n" not in vocab and set(distill_demo.task.WORDS) <= set(vocab) and len(vocab) == 32
+    text = proc.apply_chat_template([[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}]],
+                                    add_generation_prompt=True)[0]
+    assert text == "<|im_start|>user <|vision_start|><|image_pad|><|vision_end|>hi <|im_end|> <|im_start|>assistant "
+    with pytest.raises(ValueError, match="Qwen families"):
+        tiny_processor("llava", ["a"], tokenizer="whitespace")
