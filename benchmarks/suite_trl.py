@@ -34,12 +34,22 @@ SIZES = {"tiny": dict(hidden=64, teacher_hidden=96, layers=2, batch=4, tokens=8)
 
 
 def _builders():
-    # The tiny-model builders live in the repository's python/ until vgs_kernels.testing has them (issue 11).
+    """The synthetic task (the repository's python/synthetic_task.py) and ``vgs_kernels.testing``."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python"))
     import synthetic_task
-    import tiny_vlm
 
-    return synthetic_task, tiny_vlm
+    import vgs_kernels.testing as testing
+
+    return synthetic_task, testing
+
+
+def _models(size: dict, device):
+    """(processor, student, teacher): the examples' tiny Qwen2-VL (python/distill_demo.py's processor: the
+    whitespace word-level tokenizer over the task's words), student seed 0, a wider teacher seed 1."""
+    task, testing = _builders()
+    proc = testing.tiny_processor("qwen2_vl", task.WORDS, tokenizer="whitespace")
+    return (proc, testing.tiny_vlm("qwen2_vl", proc, hidden=size["hidden"], layers=size["layers"], seed=0).to(device),
+            testing.tiny_vlm("qwen2_vl", proc, hidden=size["teacher_hidden"], layers=size["layers"], seed=1).to(device))
 
 
 def _trainer(name: str, size: dict, models, out: str):
@@ -89,11 +99,8 @@ def cases(size_name: str, device):
 
     if device.type != "cpu" and not torch.cuda.is_available():
         raise RuntimeError("suite trl: CUDA not available")
-    task, tv = _builders()
     size = SIZES[size_name]
-    proc = tv.tiny_processor("qwen2_vl", task.WORDS)
-    models = (proc, tv.tiny_vlm("qwen2_vl", proc, hidden=size["hidden"], layers=size["layers"], seed=0).to(device),
-              tv.tiny_vlm("qwen2_vl", proc, hidden=size["teacher_hidden"], layers=size["layers"], seed=1).to(device))
+    models = _models(size, device)
     out = tempfile.mkdtemp(prefix="vgs-bench-trl-")
     for mode in MODES:
         impls = []

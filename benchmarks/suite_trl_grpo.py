@@ -23,7 +23,7 @@ import copy
 import tempfile
 
 from .harness import Case, Impl
-from .suite_trl import SIZES, STEPS, _builders, _steps
+from .suite_trl import SIZES, STEPS, _builders, _models, _steps
 
 IMPLS = ("grpo", "grpo+opd", "grpo+vgs fixed", "grpo+vgs exact")
 N_IMPLS = len(IMPLS)
@@ -69,11 +69,8 @@ def cases(size_name: str, device):
 
     if device.type != "cpu" and not torch.cuda.is_available():
         raise RuntimeError("suite trl-grpo: CUDA not available")
-    task, tv = _builders()
     size = SIZES[size_name]
-    proc = tv.tiny_processor("qwen2_vl", task.WORDS)
-    models = (proc, tv.tiny_vlm("qwen2_vl", proc, hidden=size["hidden"], layers=size["layers"], seed=0).to(device),
-              tv.tiny_vlm("qwen2_vl", proc, hidden=size["teacher_hidden"], layers=size["layers"], seed=1).to(device))
+    models = _models(size, device)
     out = tempfile.mkdtemp(prefix="vgs-bench-trl-grpo-")
     impls = []
     for name in IMPLS:

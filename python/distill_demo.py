@@ -68,9 +68,9 @@ ROOT = os.path.dirname(HERE)
 # This checkout's vgs_kernels, not whichever copy is installed (an editable install may point elsewhere).
 sys.path[:0] = [HERE, ROOT]
 import synthetic_task as task  # noqa: E402
-from tiny_vlm import tiny_processor, tiny_vlm  # noqa: E402
 
 import vgs_kernels as vgs  # noqa: E402
+import vgs_kernels.testing.families as tiny  # noqa: E402  (the tiny VLMs: tiny_processor, tiny_vlm)
 from vgs_kernels.losses.grpo_vgs import group_advantages, grpo_surrogate, grpo_vgs_loss  # noqa: E402
 from vgs_kernels.losses.va_opd import degrade_image  # noqa: E402
 
@@ -182,7 +182,7 @@ def build(args, seed: int):
 
     Returns (processor, {regime: teacher}, {regime: student}) for the regimes in ``args.regime``.
     """
-    proc = tiny_processor(args.family, task.WORDS)
+    proc = processor(args.family)
     sizes = {"teacher": dict(hidden=96, layers=3, vision_hidden=64, vision_depth=2),
              "student": dict(hidden=64, layers=2, vision_hidden=64, vision_depth=2)}
     common = dict(lr=args.pretrain_lr, batch=args.pretrain_batch)
@@ -221,9 +221,10 @@ def aligned_phases(args, seed: int, common: dict) -> list[dict]:
 
 
 def pretrained(args, proc, role: str, size: dict, seed: int, phases: list[dict], teacher=None):
-    """A ``tiny_vlm`` of ``size`` after the pre-training ``phases``, each one's weights cached by the code
-    and settings that made it; a student starts from ``teacher``'s vision encoder (but its projection)."""
-    model = tiny_vlm(args.family, proc, seed=seed, **size)
+    """A ``vgs_kernels.testing.tiny_vlm`` of ``size`` after the pre-training ``phases``, each one's weights
+    cached by the code and settings that made it; a student starts from ``teacher``'s vision encoder (but its
+    projection)."""
+    model = tiny.tiny_vlm(args.family, proc, seed=seed, **size)
     if teacher is not None:
         own = model.state_dict()
         model.load_state_dict({k: v for k, v in teacher.state_dict().items()
@@ -243,10 +244,17 @@ def pretrained(args, proc, role: str, size: dict, seed: int, phases: list[dict],
     return model.eval()
 
 
+def processor(family: str):
+    """The task's processor: ``vgs_kernels.testing``'s tiny processor of ``family`` with the whitespace
+    word-level tokenizer over the task's words and Qwen's one-line template (spaces for newlines)."""
+    return tiny.tiny_processor(family, task.WORDS, tokenizer="whitespace")
+
+
 def _sources() -> str:
-    """The task's, the models' and the pre-training code: a change invalidates the cached weights."""
-    files = "".join(open(os.path.join(HERE, f)).read() for f in ("synthetic_task.py", "tiny_vlm.py"))
-    return files + inspect.getsource(pretrain)
+    """The task's, the models' (vgs_kernels/testing/families.py builds them) and the pre-training code: a
+    change invalidates the cached weights."""
+    files = "".join(open(f).read() for f in (os.path.join(HERE, "synthetic_task.py"), tiny.__file__))
+    return files + inspect.getsource(processor) + inspect.getsource(pretrain)
 
 
 def pretrain(model, proc, steps: int, batch: int, lr: float, seed: int, desc: str, target: float = 0.0,

@@ -13,6 +13,9 @@ Reported per token (mean over the batch's response tokens): TV(p, p*), TV(p, qa)
 KL(p*‖p), before and after. Writes ``<out>/optimum.json`` and prints a table.
 
     python python/optimum_check.py --regime aligned grounded --steps 400
+    python python/optimum_check.py --quick          # smoke run: distill_demo's --quick models, 20 steps
+
+Any other argument goes to distill_demo's settings of the pre-training (e.g. --teacher-steps 10).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import sys
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 sys.path[:0] = [os.path.dirname(os.path.abspath(__file__))]
 import distill_demo as demo  # noqa: E402  (its sys.path puts this checkout's vgs_kernels first)
@@ -66,13 +70,14 @@ def check(args, proc, teacher, student0, seed: int, regime: str, frozen_u: bool)
             return distances(s[mask], optimum(u[mask], a[mask], b[mask], args.gamma), a[mask])
 
     before, losses = measure(), []
-    for _ in range(args.steps):
+    for _ in tqdm(range(args.steps), desc=f"{regime} seed {seed} {'frozen' if frozen_u else 'trained'} u", leave=False,
+                  disable=None):
         s, u, a, b, mask = logits()
         out = loss_fn(s, u, a, b, mask)
         opt.zero_grad(set_to_none=True)
         out.total.backward()
         opt.step()
-        losses.append(float(out.total))
+        losses.append(float(out.total.detach()))
     return {"regime": regime, "seed": seed, "u": "frozen" if frozen_u else "trained", "before": before,
             "after": measure(), "loss_first": losses[0], "loss_last": losses[-1],
             "tokens": int(rmask.sum())}
@@ -82,17 +87,24 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--regime", nargs="+", default=["aligned", "grounded"], choices=demo.REGIMES)
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=None, help="training steps (default 400; --quick: 20)")
+    p.add_argument("--batch", type=int, default=None, help="rollouts in the frozen batch (default 16; --quick: 8)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--gamma", type=float, default=2.0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=os.path.join(demo.ROOT, "results", "optimum"))
-    own = p.parse_args(argv)
+    p.add_argument("--cache", default=os.path.join(demo.ROOT, "results", "demo_cache"),
+                   help="pre-trained teacher/student weights, shared with distill_demo.py ('' to disable)")
+    p.add_argument("--quick", action="store_true", help="tiny pre-training (distill_demo --quick), 20 steps")
+    own, rest = p.parse_known_args(argv)
+    own.steps = own.steps or (20 if own.quick else 400)
+    own.batch = own.batch or (8 if own.quick else 16)
     torch.set_num_threads(own.threads)
+    print("| regime | seed | u | TV(p, p*) | KL(p*‖p) | TV(p, qa) | TV(p*, qa) | loss |\n|---|---|---|---|---|---|---|---|")
     rows = []
     for seed in own.seeds:
-        args = demo.parse_args(["--regime", *own.regime, "--gamma", str(own.gamma)])
+        args = demo.parse_args(["--quick"] * own.quick + list(rest) + ["--regime", *own.regime, "--gamma",
+                                                                       str(own.gamma), "--cache", own.cache])
         args.batch, args.lr, args.steps = own.batch, own.lr, own.steps
         proc, teachers, students = demo.build(args, seed)
         for regime in own.regime:
@@ -106,9 +118,9 @@ def main(argv=None):
                 os.makedirs(own.out, exist_ok=True)
                 with open(os.path.join(own.out, "optimum.json"), "w") as f:
                     json.dump(rows, f, indent=1)
+    print(f"wrote {os.path.join(own.out, 'optimum.json')}")
     return rows
 
 
 if __name__ == "__main__":
-    print("| regime | seed | u | TV(p, p*) | KL(p*‖p) | TV(p, qa) | TV(p*, qa) | loss |\n|---|---|---|---|---|---|---|---|")
     main()

@@ -8,7 +8,9 @@ transformers processor class (placeholder expansion, markers, image grids / tile
   text-only batch keeping a stray newline or marker shows up as a token diff; ``"bpe"``, a BPE of the
   family's real kind (byte-level with the GPT/Qwen split regex, or SentencePiece-style Metaspace with byte
   fallback), trained on the template's and the words' text, which merges newline runs and attaches
-  spaces to words like the published tokenizers do;
+  spaces to words like the published tokenizers do; ``"whitespace"`` (Qwen families only), the examples'
+  tokenizer (python/distill_demo.py, benchmarks/suite_trl*.py): whitespace-split words, no newline token,
+  with :data:`QWEN_COMPACT_TEMPLATE` (Qwen's layout with spaces for newlines, no default system prompt);
 - a chat template laid out like the family's published one (same markers and newlines around images,
   same role headers), written out below;
 - the family's PIL image processor, sized for images of a few patches.
@@ -51,9 +53,9 @@ class TinyFamily:
 
 
 def _tokenizer(fam: TinyFamily, words: list[str], padding_side: str, kind: str = "word") -> PreTrainedTokenizerFast:
-    if kind not in TOKENIZER_KINDS:
-        raise ValueError(f"tokenizer must be one of {TOKENIZER_KINDS}, got {kind!r}")
-    raw = _word_level(fam, words) if kind == "word" else _bpe(fam, words)
+    if kind not in TOKENIZER_KINDS + (WHITESPACE,):
+        raise ValueError(f"tokenizer must be one of {TOKENIZER_KINDS + (WHITESPACE,)}, got {kind!r}")
+    raw = {"word": _word_level, "bpe": _bpe, WHITESPACE: _whitespace}[kind](fam, words)
     unk = "<unk>" if kind == "word" else None
     tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token=unk, pad_token=fam.specials[0],
                                   eos_token=fam.eos, bos_token=fam.bos, padding_side=padding_side,
@@ -62,7 +64,17 @@ def _tokenizer(fam: TinyFamily, words: list[str], padding_side: str, kind: str =
     return tok
 
 
-TOKENIZER_KINDS = ("word", "bpe")
+TOKENIZER_KINDS = ("word", "bpe")  # the kinds every case is tested with (tests/test_vlm.py)
+WHITESPACE = "whitespace"  # the examples' tokenizer kind (module docstring); Qwen families only
+
+
+def _whitespace(fam: TinyFamily, words: list[str]) -> Tokenizer:
+    """Word-level on whitespace-split words: the specials, ``<unk>``, then ``words`` and the Qwen roles,
+    sorted (the vocabulary, ids and so the models of the examples' tiny VLMs)."""
+    vocab = list(fam.specials) + ["<unk>"] + sorted(set(words) - set(fam.specials) | {"user", "assistant", "system"})
+    raw = Tokenizer(models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    return raw
 
 
 def _word_level(fam: TinyFamily, words: list[str]) -> Tokenizer:
@@ -130,14 +142,21 @@ def _template_words(template: str) -> list[str]:
 
 
 def tiny_processor(family: str, words: list[str], padding_side: str = "left", tokenizer: str = "word",
-                   **options: Any):
+                   chat_template: str | None = None, **options: Any):
     """A processor of ``family`` whose tokenizer knows ``words`` (plus the template's words and specials).
 
-    tokenizer: ``"word"`` or ``"bpe"`` (see the module docstring). options are family-specific (e.g. ``patch_size``, ``pixels`` for the Qwen families,
-    ``image_splitting`` for Idefics3); see :data:`FAMILIES`.
+    tokenizer: ``"word"``, ``"bpe"`` or, for the Qwen families, ``"whitespace"`` (see the module docstring).
+    chat_template: instead of the family's (``"whitespace"``: :data:`QWEN_COMPACT_TEMPLATE`). options are
+    family-specific (e.g. ``patch_size``, ``pixels`` for the Qwen families, ``image_splitting`` for Idefics3); see
+    :data:`FAMILIES`.
     """
     fam = _family(family)
-    return fam.processor(_tokenizer(fam, list(words), padding_side, tokenizer), fam.template, **options)
+    if tokenizer == WHITESPACE:
+        if fam.specials != QWEN_SPECIALS:
+            raise ValueError(f"tokenizer={WHITESPACE!r} is for the Qwen families, got {family!r}")
+        chat_template = chat_template or QWEN_COMPACT_TEMPLATE
+    return fam.processor(_tokenizer(fam, list(words), padding_side, tokenizer), chat_template or fam.template,
+                         **options)
 
 
 def tiny_vlm(family: str, processor, hidden: int = 64, layers: int = 2, heads: int = 4, vision_hidden: int = 32,
@@ -198,6 +217,15 @@ QWEN2_TEMPLATE = (
 QWEN3_TEMPLATE = QWEN2_TEMPLATE.replace(
     "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
     "{% endif %}", "")
+# The examples' Qwen template (tokenizer="whitespace"): Qwen's markers and roles, spaces instead of newlines (the
+# whitespace tokenizer drops them), no default system prompt, one space after each text entry.
+QWEN_COMPACT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }} "
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }} {% endif %}{% endfor %}{% endif %}"
+    "<|im_end|> {% endfor %}{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
+)
 
 
 def _qwen_processor(cls_name: str):
