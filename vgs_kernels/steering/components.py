@@ -16,7 +16,7 @@ host synchronisation, no values read); before the next backward and before steer
   with unchanged others.
 
 ``GradScaler.unscale_`` rescales without a version bump, so it is handled where it happens instead:
-every GradScaler steers a hooked optimizer before unscaling it (steering.py).
+every GradScaler steers a hooked optimizer before unscaling it (amp.py).
 """
 from __future__ import annotations
 
