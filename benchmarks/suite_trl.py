@@ -94,14 +94,18 @@ def _steps(tr, batch, cached):
     return loss.detach()
 
 
-def cases(size_name: str, device):
+def _prepare(suite: str, size_name: str, device):
+    """(size, models, output dir) of a TRL suite's cases (this one's and suite_trl_grpo's)."""
     import torch
 
     if device.type != "cpu" and not torch.cuda.is_available():
-        raise RuntimeError("suite trl: CUDA not available")
+        raise RuntimeError(f"suite {suite}: CUDA not available")
     size = SIZES[size_name]
-    models = _models(size, device)
-    out = tempfile.mkdtemp(prefix="vgs-bench-trl-")
+    return size, _models(size, device), tempfile.mkdtemp(prefix=f"vgs-bench-{suite}-")
+
+
+def cases(size_name: str, device):
+    size, models, out = _prepare("trl", size_name, device)
     for mode in MODES:
         impls = []
         for name in ("trl", "vgs fixed", "vgs auto", "vgs exact"):

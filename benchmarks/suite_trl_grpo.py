@@ -20,10 +20,9 @@ reference (tests/test_trl_grpo.py checks them).
 from __future__ import annotations
 
 import copy
-import tempfile
 
 from .harness import Case, Impl
-from .suite_trl import SIZES, STEPS, _builders, _models, _steps
+from .suite_trl import STEPS, _builders, _prepare, _steps
 
 IMPLS = ("grpo", "grpo+opd", "grpo+vgs fixed", "grpo+vgs exact")
 N_IMPLS = len(IMPLS)
@@ -65,13 +64,7 @@ def _trainer(name: str, size: dict, models, out: str):
 
 
 def cases(size_name: str, device):
-    import torch
-
-    if device.type != "cpu" and not torch.cuda.is_available():
-        raise RuntimeError("suite trl-grpo: CUDA not available")
-    size = SIZES[size_name]
-    models = _models(size, device)
-    out = tempfile.mkdtemp(prefix="vgs-bench-trl-grpo-")
+    size, models, out = _prepare("trl-grpo", size_name, device)
     impls = []
     for name in IMPLS:
         def setup(name=name):
