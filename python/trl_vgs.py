@@ -41,7 +41,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import distill_demo  # noqa: E402  (its sys.path puts this checkout's vgs_kernels first)
 import synthetic_task as task  # noqa: E402
 
-from vgs_kernels.integrations.trl import METHODS, VGSDistillationConfig, VGSDistillationTrainer  # noqa: E402
+from vgs_kernels.integrations.trl import METHODS, POLICIES, VGSDistillationConfig, VGSDistillationTrainer  # noqa: E402
+from vgs_kernels.integrations.trl.methods.va_opd import VIEWS as VA_VIEWS  # noqa: E402
 
 # What each method logs (the columns printed), besides TRL's usual ones.
 METRICS = {"vgs": ("vgs/eta", "vgs/std", "vgs/vis", "vgs/lang", "vgs/vds", "vgs/cos_std_vis", "grad_norm"),
@@ -63,10 +64,10 @@ def dataset(n: int, seed: int, regime: str) -> Dataset:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", default="vgs", choices=list(METHODS))
-    p.add_argument("--policy", default="auto", choices=["vgs", "fixed", "auto", "project", "pcgrad", "sum"],
+    p.add_argument("--policy", default="auto", choices=POLICIES,
                    help="--method vgs: the steering policy")
     p.add_argument("--eta", type=float, default=None, help="the constant of --policy fixed")
-    p.add_argument("--va-view", default="degraded", choices=["degraded", "text"], help="--method va_opd: the weak view")
+    p.add_argument("--va-view", default="degraded", choices=VA_VIEWS, help="--method va_opd: the weak view")
     p.add_argument("--regime", default="blind", choices=distill_demo.REGIMES, help="the student's starting point")
     p.add_argument("--steps", type=int, default=None, help="training steps (default 60; --quick: 6)")
     p.add_argument("--batch", type=int, default=8, help="rollouts per micro-batch (2 micro-batches a step)")
