@@ -15,7 +15,7 @@ as suite_trl does:
 Ratios are slowdowns against grpo. What they cost on top of GRPO: the teacher's passes, the
 student's hidden-state passes (VGSDistillationTrainer's four, next to GRPO's own log-prob pass, which
 is not shared) and, for exact steering, the per-component backwards. Each trainer is its own
-reference (tests/test_trl_grpo.py checks them).
+reference (tests/integrations/trl/test_trl_grpo.py checks them).
 """
 from __future__ import annotations
 

@@ -120,8 +120,16 @@ def test_tests_import_no_other_test_file():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
-                assert not any(n.removeprefix("tests.").split(".")[0].startswith("test_") for n in names), \
+                assert not any(part.startswith("test_") for n in names for part in n.split(".")), \
                     f"{path.relative_to(ROOT / 'tests')} imports a test file"
+
+
+def test_tests_mirror_the_package():
+    """tests/<layer>/ holds the tests of vgs_kernels/<layer>/ (tests/ itself: the cross-cutting ones)."""
+    dirs = [d for d in (ROOT / "tests").rglob("*") if d.is_dir() and d.name not in ("helpers", "__pycache__")
+            and "helpers" not in d.parts and "__pycache__" not in d.parts]
+    assert dirs and [str(d.relative_to(ROOT / "tests")) for d in dirs
+                     if not (PACKAGE / d.relative_to(ROOT / "tests")).is_dir()] == []
 
 
 BLOCKER = """

@@ -28,7 +28,7 @@ COMMANDS = {
     "pip install vgs-kernels[trl]": "exempt: a release on PyPI (make wheel-check checks the wheel, in CI)",
     "--no-build-isolation": "the flag of pip install -e . above",
     "make gpu-check": "exempt: needs a CUDA GPU (tests/test_gpu_check.py tests its report without one)",
-    "make compile-report": "tests/test_triton_compile.py::test_every_launched_specialisation_compiles_for_sm80_sm90_"
+    "make compile-report": "tests/ops/test_triton_compile.py::test_every_launched_specialisation_compiles_for_sm80_sm90_"
                            "gfx942_without_spills (benchmarks.compile_report, the recipe's module)",
     "python python/trl_vgs.py": "tests/test_examples.py::test_trl_example_each_method",
     "--method vgs|opd|va_opd": "tests/test_examples.py::test_trl_example_each_method",
@@ -39,7 +39,7 @@ COMMANDS = {
     "--regime aligned": "tests/test_demo.py::test_quick_demo_aligned_regime",
     "--methods all": "tests/test_readme_commands.py::test_demo_methods_all_selects_every_method (the runs: "
                      "tests/test_demo.py runs one method per code path)",
-    "python -m vgs_kernels.testing --coverage": "tests/test_vlm_messages.py::test_coverage_command_lists_the_"
+    "python -m vgs_kernels.testing --coverage": "tests/vlm/test_vlm_messages.py::test_coverage_command_lists_the_"
                                                 "installed_families",
     "--suite opd --goal": BENCH_FLAGS,
     "--suite steering --goal": BENCH_FLAGS,

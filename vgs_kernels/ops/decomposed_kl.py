@@ -482,7 +482,7 @@ def _triton_launch(x: Tensor, v: int, mono: bool, forward: bool, itemsize: int =
     per thread and per running max, K = 16 B of the *widest* input row (`itemsize`): a tile sized
     for 2-byte rows holding a 4-byte row (fp32 student, fp16 teacher, K 8) spills on sm_80; sized
     by the widest row, every dtype mix fits 128 registers at 8 warps on sm_80 / sm_90 / gfx942
-    (tests/test_triton_compile.py)."""
+    (tests/ops/test_triton_compile.py)."""
     ctx = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
     if forward:
         k = 8 if itemsize <= 2 else 4

@@ -36,7 +36,7 @@ MAX_K = 4
 CHUNK = 1 << 16  # elements per Triton work item (the C++ kernel uses the same)
 # Warps of the Gram kernel: with 4, ptxas spills 8 bytes at 80 registers in some aligned
 # specialisations (sm_80 fp32 and sm_90 bf16 at KP = 2, sm_90 fp32 at KP = 4, STEPS >= 10);
-# 8 warps halve the accumulator per thread (~60 registers, no spills: tests/test_triton_compile.py).
+# 8 warps halve the accumulator per thread (~60 registers, no spills: tests/ops/test_triton_compile.py).
 NUM_WARPS = 8
 
 

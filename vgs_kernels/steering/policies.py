@@ -7,7 +7,7 @@ gradient is sum_i c_i g_i (vgs_kernels/ops/combine.py). All built-in rules are i
 scale of the gradients (GradScaler's loss scale cancels). ``std`` and ``vis`` are the indices of
 the standard and visual components.
 
-What each rule guarantees (d = sum_i c_i g_i is the step direction; tests/test_policies.py checks
+What each rule guarantees (d = sum_i c_i g_i is the step direction; tests/steering/test_policies.py checks
 each property on random Gram matrices):
 
     vgs      exact Eq. 15: eta = |g_std| / |g_std + gamma g_vis|, c = eta * w.

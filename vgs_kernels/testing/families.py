@@ -64,7 +64,7 @@ def _tokenizer(fam: TinyFamily, words: list[str], padding_side: str, kind: str =
     return tok
 
 
-TOKENIZER_KINDS = ("word", "bpe")  # the kinds every case is tested with (tests/test_vlm.py)
+TOKENIZER_KINDS = ("word", "bpe")  # the kinds every case is tested with (tests/vlm/test_vlm.py)
 WHITESPACE = "whitespace"  # the examples' tokenizer kind (module docstring); Qwen families only
 
 

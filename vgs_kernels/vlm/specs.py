@@ -72,7 +72,7 @@ _LLAVA = FamilySpec("image_token_index", after="\n", vision_keys=("pixel_values"
 # Idefics3 / SmolVLM put "\n" between tile rows and "\n\n" before the global image: one or two tokens.
 _IDEFICS3 = FamilySpec("image_token_id", marker_tokens=("<fake_token_around_image>", "<global-img>", "<row_*_col_*>"),
                        inner=("\n", "\n\n"), vision_keys=("pixel_values", "pixel_attention_mask"))
-# Every row is tested against the chat template (tests/test_vlm.py builds each family from vgs_kernels.testing).
+# Every row is tested against the chat template (tests/vlm/test_vlm.py builds each family from vgs_kernels.testing).
 FAMILY_SPECS: dict[str, FamilySpec] = {
     "qwen2_vl": _QWEN,
     "qwen2_5_vl": _QWEN,

@@ -75,7 +75,7 @@ MOVE_PINS = f"make lock && make install && {REGENERATE_TABLE}"
 
 def _repo_file(name):
     import os
-    return os.path.join(os.path.dirname(__file__), "..", name)
+    return os.path.join(os.path.dirname(__file__), "..", "..", name)
 
 
 def _pins():

@@ -22,7 +22,7 @@ try:  # installed: vgs_kernels.benchmarks; from a source checkout: the top-level
 except ImportError:
     cr = importlib.import_module("benchmarks.compile_report")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 KERNELS = {"_kl_forward_kernel", "_kl_backward_kernel", "_gram_kernel", "_combine_kernel"}
 
 triton = pytest.importorskip("triton")

@@ -276,5 +276,5 @@ def test_bad_input_raises_at_construction(setup, tmp_path):
 def test_importing_the_package_does_not_import_trl():
     import subprocess
     code = "import sys, vgs_kernels, vgs_kernels.integrations; assert 'trl' not in sys.modules, 'trl imported'"
-    root = os.path.join(os.path.dirname(__file__), "..")
+    root = os.path.join(os.path.dirname(__file__), "..", "..", "..")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)

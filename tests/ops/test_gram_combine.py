@@ -287,7 +287,7 @@ def test_gram_kernel_does_not_spill():
     specs = ["80,*fp32,2,10", "90,*bf16,2,10", "90,*fp32,4,20"]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", SPILL_CHECK, *specs], env=env, capture_output=True, text=True,
-                         check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout
+                         check=True, cwd=os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))).stdout
     found = dict(re.findall(r"SPILLS (\S+) (\d+)", out))
     if not found:
         pytest.skip(out)
