@@ -17,12 +17,11 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional
 
-import torch
 from torch import Tensor
 
-from vgs_kernels.losses.base import Count, DistillationLoss, positive_count
-from vgs_kernels.ops.decomposed_kl import valid_mask
-from vgs_kernels.ops.fused_linear import FusedLinearConfig, Pair, as_pair, check_inputs, fused_linear_kl_loss
+from vgs_kernels.losses.base import Count, DistillationLoss
+from vgs_kernels.ops.decomposed_kl import acc_dtype, valid_mask
+from vgs_kernels.ops.fused_linear import FusedLinearConfig, Pair, check_inputs, fused_linear_kl_loss
 
 
 class OPDOutput(NamedTuple):
@@ -58,15 +57,11 @@ class OPDLoss(DistillationLoss):
         if not isinstance(mask, Tensor) or mask.shape != h_s.shape[:-1]:
             raise ValueError(f"mask (completion_mask) must have the leading shape of the student hidden states "
                              f"{tuple(h_s.shape[:-1])}, got {tuple(mask.shape) if isinstance(mask, Tensor) else mask!r}")
-        if num_items_in_batch is not None:
-            positive_count(num_items_in_batch)
-        softcap = None if as_pair(self.softcap, "softcap") == (None, None) else self.softcap
         check_inputs(h_s, None, w_student, h_t, None, w_teacher, mask, bias_student, bias_teacher,
-                     self.temperature, softcap, self.chunk_size)
+                     self.temperature, self.softcap, self.chunk_size)
         valid = valid_mask(mask, mask.shape, h_s.device)
-        acc = torch.float64 if torch.float64 in (h_s.dtype, h_t.dtype) else torch.float32
-        weights = self.reduction_weights(valid, acc, num_items_in_batch)
-        cfg = FusedLinearConfig(self.temperature, self.logit_scale, softcap, True, self.chunk_size,
+        weights = self.reduction_weights(valid, acc_dtype(h_s, h_t), num_items_in_batch)
+        cfg = FusedLinearConfig(self.temperature, self.logit_scale, self.softcap, True, self.chunk_size,
                                 self.memory_budget, True, self.backend)
         (value,), _, _, entropy = fused_linear_kl_loss(
             h_s, None, w_student, h_t, None, w_teacher, valid, weights, [(1.0, 0.0, 0.0)], cfg,

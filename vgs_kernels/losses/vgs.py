@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from vgs_kernels.losses.base import Count, DistillationLoss
-from vgs_kernels.ops.decomposed_kl import KLTerms, decomposed_kl, valid_mask
+from vgs_kernels.ops.decomposed_kl import KLTerms, acc_dtype, decomposed_kl, valid_mask
 from vgs_kernels.ops.fused_linear import FusedLinearConfig, Gate, Pair, check_inputs, fused_linear_kl_loss
 
 STEER = ("visual", "language")
@@ -298,8 +298,7 @@ class FusedLinearVGSLoss(VGSLoss):
         check_inputs(h_s, h_u, w_student, h_a, h_b, w_teacher, mask, bias_student, bias_teacher,
                      self.temperature, self.softcap, self.chunk_size)
         lead = h_s.shape[:-1]
-        acc = torch.float64 if torch.float64 in (h_s.dtype, h_a.dtype) else torch.float32
-        weights = self.reduction_weights(valid_mask(mask, lead, h_s.device), acc, num_items_in_batch)
+        weights = self.reduction_weights(valid_mask(mask, lead, h_s.device), acc_dtype(h_s, h_a), num_items_in_batch)
         coeffs = ([(1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)] if self.components
                   else [(1.0, self.gamma, self.lam)])
         cfg = FusedLinearConfig(self.temperature, self.logit_scale, self.softcap, self.detach_prior,

@@ -131,7 +131,7 @@ def _row_mask(mask: Optional[Tensor]) -> Optional[Tensor]:
 # ----------------------------------------------------------------------------- reference
 
 
-def _acc_dtype(*xs: Optional[Tensor]) -> torch.dtype:
+def acc_dtype(*xs: Optional[Tensor]) -> torch.dtype:
     """fp32 accumulation, or fp64 when any input is fp64 (so that float64 gradcheck is exact)."""
     return torch.float64 if any(x is not None and x.dtype == torch.float64 for x in xs) else torch.float32
 
@@ -155,7 +155,7 @@ def _q_logits(xu: Tensor, xa: Tensor, xb: Tensor) -> Tuple[Tensor, Tensor]:
 def _forward_reference(s, u, a, b, inv_t: float, mask):
     """Plain-torch row forward with the same outputs as the kernels (terms [4, N], stats [5, N])."""
     mono = u is None
-    n, acc = s.shape[0], _acc_dtype(s, u, a, b)
+    n, acc = s.shape[0], acc_dtype(s, u, a, b)
     valid = torch.ones(n, dtype=torch.bool, device=s.device) if mask is None else mask
     # Masked rows are zeroed first so that garbage there cannot leak into anything.
     xs, xu, xa, xb = (None if x is None else torch.where(valid[:, None], x.to(acc) * inv_t, 0.0)
@@ -184,7 +184,7 @@ def _backward_reference(s, u, a, b, stats, terms, grad_terms, inv_t: float, deta
                         mask, out_dtype):
     """Plain-torch row backward from the closed-form gradients (docs/ARCHITECTURE.md, "The method"), with exact zeros
     where p (pu) = 0 and terms of zero cotangent dropped, as the kernels do."""
-    n, acc = s.shape[0], _acc_dtype(s, u, a, b)
+    n, acc = s.shape[0], acc_dtype(s, u, a, b)
     valid = torch.ones(n, dtype=torch.bool, device=s.device) if mask is None else mask
     xs, xu, xa, xb = (None if x is None else torch.where(valid[:, None], x.to(acc) * inv_t, 0.0)
                       for x in (s, u, a, b))
@@ -220,7 +220,7 @@ def decomposed_kl_reference(s: Tensor, u: Optional[Tensor], a: Tensor, b: Option
     """Plain-torch (log_softmax, autograd) version of `decomposed_kl`, for tests and as a spec."""
     _check_inputs(s, u, a, b, mask, temperature)
     keep = None if mask is None else valid_mask(mask, (), mask.device)[..., None]
-    acc = _acc_dtype(s, u, a, b)
+    acc = acc_dtype(s, u, a, b)
 
     def logp(x):  # masked positions are zeroed before anything so NaN there cannot leak
         x = x.to(acc) / temperature
@@ -492,7 +492,7 @@ def _triton_launch(x: Tensor, v: int, mono: bool, forward: bool, itemsize: int =
 
 
 def _fake_forward(s, u, a, b, inv_temperature, mask):
-    acc = _acc_dtype(s, u, a, b)
+    acc = acc_dtype(s, u, a, b)
     return s.new_empty(4, s.shape[0], dtype=acc), s.new_empty(N_STATS, s.shape[0], dtype=acc)
 
 
@@ -507,7 +507,7 @@ if triton is not None:
     @torch.library.custom_op("vgs_kernels::decomposed_kl_forward_triton", mutates_args=())
     def _forward_triton(s: Tensor, u: Optional[Tensor], a: Tensor, b: Optional[Tensor],
                         inv_temperature: float, mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-        mono, (n, v), acc = u is None, s.shape, _acc_dtype(s, u, a, b)
+        mono, (n, v), acc = u is None, s.shape, acc_dtype(s, u, a, b)
         terms = s.new_zeros(4, n, dtype=acc)  # zeros: the kernel skips unused rows when mono
         stats = s.new_zeros(N_STATS, n, dtype=acc)
         if n == 0:
@@ -584,7 +584,7 @@ def kl_backward(s: Tensor, u: Optional[Tensor], a: Tensor, b: Optional[Tensor], 
     in s.dtype / u.dtype, or both in `out_dtype` when given; zero on masked rows.
     """
     name = resolve(s.device, backend)
-    grad_terms = grad_terms.to(_acc_dtype(s, u, a, b)).contiguous()
+    grad_terms = grad_terms.to(acc_dtype(s, u, a, b)).contiguous()
     if name == "reference":
         return _backward_reference(s, u, a, b, stats, terms, grad_terms, inv_temperature,
                                    detach_prior, mask, out_dtype)

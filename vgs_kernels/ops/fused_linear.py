@@ -42,8 +42,8 @@ from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tup
 import torch
 from torch import Tensor
 
-from vgs_kernels.ops.decomposed_kl import (N_STATS, KLTerms, decomposed_kl_reference, kl_backward, kl_forward,
-                                       valid_mask)
+from vgs_kernels.ops.decomposed_kl import (N_STATS, KLTerms, acc_dtype, decomposed_kl_reference, kl_backward,
+                                           kl_forward, valid_mask)
 
 Pair = Union[float, Tuple[float, float]]
 Rows = Union[slice, Tensor]
@@ -173,10 +173,6 @@ class FusedLinearConfig:
         return _Grads(h_s, h_u, w_s, b_s, want, acc)
 
 
-def _acc_dtype(*hs: Optional[Tensor]) -> torch.dtype:
-    return torch.float64 if any(h is not None and h.dtype == torch.float64 for h in hs) else torch.float32
-
-
 # ----------------------------------------------------------------------------- KLTerms op
 
 
@@ -188,7 +184,7 @@ class FusedLinearKLFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_s, h_u, w_s, b_s, h_a, h_b, w_t, b_t, rows: Optional[Tensor], cfg: FusedLinearConfig):
         _, chunk, logits = cfg.setup(h_s, h_u, w_s, b_s, h_a, h_b, w_t, b_t)
-        n, acc = h_s.shape[0], _acc_dtype(h_s, h_u, h_a, h_b)
+        n, acc = h_s.shape[0], acc_dtype(h_s, h_u, h_a, h_b)
         terms = torch.zeros(4, n, dtype=acc, device=h_s.device)
         stats = torch.zeros(N_STATS, n, dtype=acc, device=h_s.device)
         for r in _chunks(n, rows, chunk):

@@ -28,11 +28,6 @@ class Heads(NamedTuple):
     logit_scale: Tuple[float, float]
     softcap: Tuple[Optional[float], Optional[float]]
 
-    @property
-    def softcaps(self) -> Optional[Tuple[Optional[float], Optional[float]]]:
-        """The softcap pair, or None when neither model soft-caps (the losses' fast path)."""
-        return None if self.softcap == (None, None) else self.softcap
-
 
 LossResult = Tuple[Tensor, Optional[Tensor], Any]
 

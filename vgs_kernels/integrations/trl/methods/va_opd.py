@@ -78,7 +78,7 @@ def loss(trainer, inputs, hidden, heads: Heads, mask, num_items_in_batch) -> Los
     kl = fused_linear_decomposed_kl(hidden["student"], None, heads.w_s, hidden["teacher"], None, heads.w_t, valid,
                                     bias_student=heads.b_s, bias_teacher=heads.b_t,
                                     temperature=trainer.args.temperature, logit_scale=heads.logit_scale,
-                                    softcap=heads.softcaps).std
+                                    softcap=heads.softcap).std
     loss_k, high = trainer.loss_fn.rollout_losses(kl, inputs["va"].to(kl.device), valid)
     return (inputs["va_weight"].to(loss_k.device) * loss_k).sum(), None, (kl.detach(), high, valid)
 

@@ -15,7 +15,7 @@ def build(args) -> FusedLinearVGSLoss:
 def loss(trainer, inputs, hidden, heads: Heads, mask, num_items_in_batch) -> LossResult:
     fn = trainer.loss_fn
     fn.components = trainer._needs_components()
-    fn.logit_scale, fn.softcap = heads.logit_scale, heads.softcaps
+    fn.logit_scale, fn.softcap = heads.logit_scale, heads.softcap
     out = fn(hidden["student"], hidden["student_text"], heads.w_s, hidden["teacher"], hidden["teacher_text"],
              heads.w_t, mask.bool(), bias_student=heads.b_s, bias_teacher=heads.b_t,
              num_items_in_batch=num_items_in_batch)
