@@ -5,9 +5,11 @@ import torch
 
 import vgs_kernels as vgs
 from vgs_kernels.ops.fused_linear import chunk_rows, fused_linear_decomposed_kl_reference, head_logits
+from vgs_kernels.testing.close import close_pair
 
 # Relative error of the whole tensor (‖x - y‖ / ‖y‖): sums over chunks differ in rounding order.
-TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2}
+# bf16: the gradients come back in bf16 (2^-9); the terms are fp32 products of the bf16 operands.
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 5e-3}
 
 
 def close(x, y, dtype, name=""):
@@ -76,6 +78,26 @@ def test_terms_match_materialised(case):
     for name, x, y in zip(("h_s", "h_u", "w_student", "bias"), got, want):
         assert x.dtype == dtype
         close(x, y, dtype, name)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["bf16", "fp32_under_bf16_autocast"])
+def test_close_student_terms_within_1e3_in_bf16(autocast):
+    """Issue 28: on a student close to its teacher the four terms and the loss components of the fused
+    path are within 1e-3 of fp64 on the same bf16-rounded inputs (were 3e-2 to 7e-2: bf16 logits)."""
+    x = close_pair(n=48, vocab=8000)
+    args = lambda dt: [x[k].to(dt) for k in ("h_s", "h_u", "w_s", "h_a", "h_b", "w_t")]  # noqa: E731
+    ref = fused_linear_decomposed_kl_reference(*args(torch.float64))
+    ref_loss = vgs.VGSLoss(lam=0.5)(*materialised(*args(torch.float64)))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        terms = vgs.fused_linear_decomposed_kl(*args(torch.float32 if autocast else torch.bfloat16), chunk_size=20)
+        out = vgs.FusedLinearVGSLoss(lam=0.5, chunk_size=20)(*args(torch.float32 if autocast else torch.bfloat16))
+    for name, t, r in zip(terms._fields, terms, ref):
+        assert t.dtype == torch.float32
+        err = float((t.double() - r).norm() / r.norm())
+        assert err < 1e-3, f"{name}: {err:.3g}"
+    for name in ("std", "vis"):  # not lp: the VDS quantile gate flips near-ties (Lang itself is checked above)
+        got, want = getattr(out, name).double(), getattr(ref_loss, name)
+        assert abs(float((got - want) / want)) < 1e-3, name
 
 
 def test_gradcheck_float64():

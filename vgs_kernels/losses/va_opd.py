@@ -27,9 +27,10 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from vgs_kernels.ops.decomposed_kl import decomposed_kl, kl_forward, valid_mask
+from vgs_kernels.ops.decomposed_kl import acc_dtype, decomposed_kl, kl_forward, valid_mask
 from vgs_kernels.losses.base import DistillationLoss
-from vgs_kernels.ops.fused_linear import HeadPair, Pair, as_pair, chunk_rows, fused_linear_decomposed_kl
+from vgs_kernels.ops.fused_linear import (HeadPair, Pair, as_pair, chunk_rows, compute_dtype,
+                                         fused_linear_decomposed_kl)
 
 
 class VAOPDOutput(NamedTuple):
@@ -67,9 +68,10 @@ def head_token_logprobs(h: Tensor, w: Tensor, tokens: Tensor, bias: Optional[Ten
                         temperature: float = 1.0, logit_scale: float = 1.0, softcap: Optional[float] = None,
                         chunk_size: Optional[int] = None) -> Tensor:
     """`token_logprobs` of the head's logits (h [..., H], w [V, H], tokens [...]), a chunk of rows at a time."""
-    heads = HeadPair(w, bias, w, bias, (h.dtype, h.dtype), logit_scale, softcap)
+    out = acc_dtype(h)
+    heads = HeadPair(w, bias, w, bias, (compute_dtype(h),) * 2, out, logit_scale, softcap)
     n, flat_tok, rows = tokens.numel(), tokens.reshape(-1), h.reshape(-1, h.shape[-1])
-    chunk = chunk_size or chunk_rows(n, w.shape[0], h.element_size(), device=h.device)
+    chunk = chunk_size or chunk_rows(n, w.shape[0], torch.finfo(out).bits // 8, device=h.device)
     out = torch.zeros(n, device=h.device)
     for i in range(0, n, chunk):
         out[i:i + chunk] = token_logprobs(heads.logits(rows[i:i + chunk], 0), flat_tok[i:i + chunk], temperature)

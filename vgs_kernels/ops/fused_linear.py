@@ -36,6 +36,7 @@ materialised path (full logits + decomposed_kl + VGSLoss) does 4 forward + dh_s,
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -57,7 +58,8 @@ DEFAULT_MEMORY_BUDGET = {"cpu": 768 << 20, "cuda": 2 << 30}
 def chunk_rows(n: int, vocab: int, itemsize: int, memory_budget: Optional[int] = None,
                device: Union[str, torch.device] = "cpu") -> int:
     """Rows per chunk so that the chunk's four logit rows, ds, du and one fp32 temporary fit in
-    `memory_budget` bytes (default: DEFAULT_MEMORY_BUDGET of the device type)."""
+    `memory_budget` bytes (default: DEFAULT_MEMORY_BUDGET of the device type). itemsize: the
+    logits' (4: they are fp32 whatever the inputs, 8 for fp64)."""
     per_row = vocab * (6 * itemsize + 4)
     budget = memory_budget or DEFAULT_MEMORY_BUDGET.get(torch.device(device).type, 512 << 20)
     return max(1, min(n, budget // per_row))
@@ -71,19 +73,81 @@ def as_pair(x: Optional[Pair], name: str) -> Tuple[Optional[float], Optional[flo
     return pair
 
 
-class HeadPair:
-    """Student (0) and teacher (1) LM heads with their logit transforms."""
+# ----------------------------------------------------------------------------- wide products
+# A model's lm_head multiplies in its compute dtype (the hidden states', or autocast's). Rounding
+# its product to bf16 before the softmax costs the KL of a close student ~100x its error (the
+# logits of two close models differ by little more than bf16's 2^-8), so the products here take
+# operands in the compute dtype and accumulate and return them in fp32 (fp64 for fp64 inputs)
+# with no rounding in between, as TRL's _chunked_divergence_loss does. CUDA does it in one matmul
+# (out_dtype); ATen's CPU matmul has no mixed output, so there a low-precision head is widened a
+# block of VOCAB_BLOCK rows at a time (bounded memory), and bf16 values go through oneDNN's bf16 dot
+# products with fp32 accumulation: exact for bf16 values, at about twice an fp32 matmul's speed.
+VOCAB_BLOCK = 4096
 
-    def __init__(self, w_s, b_s, w_t, b_t, dtypes, logit_scale: Pair, softcap: Optional[Pair]):
-        # The heads run in the hidden states' dtype (like autocast does for an fp32 master weight).
-        self.w = [w.detach().to(dt) for w, dt in zip((w_s, w_t), dtypes)]
-        self.bias = [None if bb is None else bb.detach().to(dt) for bb, dt in zip((b_s, b_t), dtypes)]
+
+def compute_dtype(h: Tensor) -> torch.dtype:
+    """The dtype a model's lm_head multiplies h in: autocast's when it is on (fp64 is never cast)."""
+    dev = h.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) and h.dtype != torch.float64 else h.dtype
+
+
+@contextlib.contextmanager
+def _bf16_products(compute: torch.dtype) -> Iterator[None]:
+    """fp32 CPU matmuls of bf16 values as oneDNN bf16 dot products (restored on exit)."""
+    if compute != torch.bfloat16 or not _ONEDNN_BF16:
+        yield
+        return
+    mm = torch.backends.mkldnn.matmul
+    old, mm.fp32_precision = mm.fp32_precision, "bf16"
+    try:
+        yield
+    finally:
+        mm.fp32_precision = old
+
+
+_ONEDNN_BF16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def vocab_blocks(vocab: int, compute: torch.dtype, out: torch.dtype, device: torch.device) -> List[slice]:
+    """Slices of the vocabulary a product through a head is split into (one unless widened on CPU)."""
+    if compute == out or device.type == "cuda":
+        return [slice(None)]
+    return [slice(i, i + VOCAB_BLOCK) for i in range(0, vocab, VOCAB_BLOCK)]
+
+
+def addmm_wide(acc: Tensor, a: Tensor, b: Tensor, compute: torch.dtype) -> Tensor:
+    """acc += a @ b: operands rounded to `compute` (a no-op for operands already in it), products
+    accumulated in acc's dtype (fp32 / fp64), in place; returns acc."""
+    if compute == acc.dtype or acc.dtype == torch.float64:
+        return acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+    if acc.is_cuda:
+        return torch.addmm(acc, a.to(compute), b.to(compute), out_dtype=acc.dtype, out=acc)
+    with _bf16_products(compute):  # oneDNN rounds an fp32 operand (the logit gradient) to bf16 itself
+        return acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+class HeadPair:
+    """Student (0) and teacher (1) LM heads with their logit transforms. compute: each model's
+    compute dtype (`compute_dtype`); out: the logits' dtype (fp32, fp64 for fp64 inputs)."""
+
+    def __init__(self, w_s, b_s, w_t, b_t, compute: Sequence[torch.dtype], out: torch.dtype, logit_scale: Pair,
+                 softcap: Optional[Pair]):
+        self.compute, self.out = tuple(compute), out
+        self.w = [w.detach().to(dt) for w, dt in zip((w_s, w_t), compute)]
+        self.bias = [None if bb is None else bb.detach().to(out) for bb in (b_s, b_t)]
         self.scale, self.cap = as_pair(logit_scale, "logit_scale"), as_pair(softcap, "softcap")
 
+    def blocks(self, k: int) -> List[slice]:
+        return vocab_blocks(self.w[k].shape[0], self.compute[k], self.out, self.w[k].device)
+
     def logits(self, h: Tensor, k: int) -> Tensor:
-        """cap · tanh(scale · (h @ W^T + bias) / cap): [rows, V] in h's dtype."""
+        """cap · tanh(scale · (h @ W^T + bias) / cap): [rows, V] in `out`, all of it in `out`."""
         w, bias, scale, cap = self.w[k], self.bias[k], self.scale[k], self.cap[k]
-        z = h @ w.T if bias is None else torch.addmm(bias, h, w.T)
+        z = h.new_zeros((h.shape[0], w.shape[0]), dtype=self.out) if bias is None else \
+            bias.expand(h.shape[0], -1).contiguous()
+        h = h.to(self.compute[k])
+        for blk in self.blocks(k):
+            addmm_wide(z[:, blk], h, w[blk].T, self.compute[k])
         if scale != 1:
             z.mul_(scale)
         if cap is not None:
@@ -96,6 +160,21 @@ class HeadPair:
             return self.logits(x, k), None
         z = self.logits(torch.cat([x, y]), k)
         return z[:x.shape[0]], z[x.shape[0]:]
+
+    def grad_input(self, dz: Tensor) -> Tensor:
+        """dz @ W_student: [rows, V] -> [rows, H] in `out`."""
+        dh = dz.new_zeros((dz.shape[0], self.w[0].shape[1]))
+        for blk in self.blocks(0):
+            addmm_wide(dh, dz[:, blk], self.w[0][blk], self.compute[0])
+        return dh
+
+    def add_grad_weight(self, acc: Tensor, dz: Tensor, h: Tensor) -> None:
+        """acc += dz^T @ h ([V, H]; one rounding per call when acc is narrower than `out`)."""
+        for blk in self.blocks(0):
+            if acc.dtype == self.out:
+                addmm_wide(acc[blk], dz[:, blk].T, h, self.compute[0])
+            else:
+                acc[blk] += addmm_wide(acc.new_zeros(acc[blk].shape, dtype=self.out), dz[:, blk].T, h, self.compute[0])
 
     def to_preactivation(self, dl: Tensor, logits: Tensor) -> Tensor:
         """Student logit gradient -> gradient of h @ W^T + bias (in place on dl)."""
@@ -120,17 +199,14 @@ class _Grads:
                      if bias is not None and want[3] else None)
         self.active = any(self.want_h) or self.w is not None or self.bias is not None
 
-    def add(self, k: int, rows: Rows, dz: Tensor, h: Tensor, w: Tensor) -> None:
+    def add(self, k: int, rows: Rows, dz: Tensor, h: Tensor, heads: HeadPair) -> None:
         """Rows `rows` of input k (0: h_s, 1: h_u) had pre-activation gradient dz [rows, V]."""
         if self.want_h[k]:
             if self.h[k] is None:
                 self.h[k] = torch.zeros_like(self.inputs[k])
-            self.h[k][rows] += dz @ w
+            self.h[k][rows] += heads.grad_input(dz)
         if self.w is not None:
-            if self.w.dtype == dz.dtype:
-                self.w.addmm_(dz.T, h)
-            else:  # one rounding per chunk, the sum over chunks in acc_dtype
-                self.w += dz.T @ h
+            heads.add_grad_weight(self.w, dz, h)
         if self.bias is not None:
             self.bias += dz.sum(0, dtype=self.bias.dtype)
 
@@ -154,13 +230,16 @@ class FusedLinearConfig:
         self.inv_t, self.logit_scale, self.softcap = 1.0 / temperature, logit_scale, softcap
         self.detach_prior, self.chunk_size, self.memory_budget = detach_prior, chunk_size, memory_budget
         self.fp32_weight_grad, self.backend = fp32_weight_grad, backend
+        self.compute: Optional[Tuple[torch.dtype, torch.dtype]] = None
 
     def setup(self, h_s, h_u, w_s, b_s, h_a, h_b, w_t, b_t):
         """(heads, chunk rows, logits for rows r) for these tensors."""
-        heads = HeadPair(w_s, b_s, w_t, b_t, (h_s.dtype, h_a.dtype), self.logit_scale, self.softcap)
-        itemsize = max(h_s.element_size(), h_a.element_size())
-        chunk = self.chunk_size or chunk_rows(h_s.shape[0], w_s.shape[0], itemsize, self.memory_budget,
-                                              h_s.device)
+        if self.compute is None:  # resolved in forward, under the caller's autocast; kept for backward
+            self.compute = (compute_dtype(h_s), compute_dtype(h_a))
+        out = acc_dtype(h_s, h_a)
+        heads = HeadPair(w_s, b_s, w_t, b_t, self.compute, out, self.logit_scale, self.softcap)
+        chunk = self.chunk_size or chunk_rows(h_s.shape[0], w_s.shape[0], torch.finfo(out).bits // 8,
+                                              self.memory_budget, h_s.device)
 
         def logits(r: Rows) -> Tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]:
             return (*heads.pair(h_s[r], None if h_u is None else h_u[r], 0),
@@ -218,9 +297,9 @@ class FusedLinearKLFunction(torch.autograd.Function):
             ds, du = kl_backward(s, u, a, b, stats[:, r], terms[:, r], grad_terms[:, r], cfg.inv_t,
                                  cfg.detach_prior, backend=cfg.backend)
             if live_s:
-                grads.add(0, r, heads.to_preactivation(ds, s), h_s[r], heads.w[0])
+                grads.add(0, r, heads.to_preactivation(ds, s), h_s[r], heads)
             if live_u:
-                grads.add(1, r, heads.to_preactivation(du, u), h_u[r], heads.w[0])
+                grads.add(1, r, heads.to_preactivation(du, u), h_u[r], heads)
 
         for r in _chunks(h_s.shape[0], rows, chunk):
             chunk_step(r)
@@ -313,8 +392,12 @@ def fused_linear_decomposed_kl(h_s: Tensor, h_u: Optional[Tensor], w_student: Te
 
 def head_logits(h: Tensor, w: Tensor, bias: Optional[Tensor] = None, logit_scale: float = 1.0,
                 softcap: Optional[float] = None) -> Tensor:
-    """The materialised logits [..., V] (plain torch, differentiable): the reference's first step."""
-    z = torch.nn.functional.linear(h, w.to(h.dtype), None if bias is None else bias.to(h.dtype))
+    """The materialised logits [..., V] (plain torch, differentiable): the reference's first step.
+    Operands rounded to h's compute dtype, the product and the transform in fp32 (fp64 for fp64 h),
+    as the fused path computes them (`HeadPair`)."""
+    cd, out = compute_dtype(h), acc_dtype(h)
+    with torch.autocast(h.device.type, enabled=False):
+        z = torch.nn.functional.linear(h.to(cd).to(out), w.to(cd).to(out), None if bias is None else bias.to(out))
     z = z * logit_scale
     return z if softcap is None else softcap * torch.tanh(z / softcap)
 
@@ -437,9 +520,9 @@ def _fused_loss(h_s, h_u, w_s, b_s, h_a, h_b, w_t, b_t, rows, valid, weights, ga
             cot = torch.zeros_like(t)
             cot[0], cot[1] = c_std * weights[r], c_vis * w_vis[r]
             ds, du = kl_backward(s, u, a, b, st, t, cot, inv_t, cfg.detach_prior, backend=be)
-            g.add(0, r, heads.to_preactivation(ds, s), h_s[r], heads.w[0])
+            g.add(0, r, heads.to_preactivation(ds, s), h_s[r], heads)
             if not mono and not cfg.detach_prior and c_vis != 0:
-                g.add(1, r, heads.to_preactivation(du, u), h_u[r], heads.w[0])
+                g.add(1, r, heads.to_preactivation(du, u), h_u[r], heads)
             del ds, du  # before the next component's
 
     for r in _chunks(n, rows, chunk):
@@ -457,7 +540,7 @@ def _fused_loss(h_s, h_u, w_s, b_s, h_a, h_b, w_t, b_t, rows, valid, weights, ga
             cot = torch.zeros_like(t)
             cot[0] = c_lang * w_lang[r]
             du = kl_backward(u, None, b, None, st, t, cot, inv_t, True, backend=be)[0]
-            g.add(1, r, heads.to_preactivation(du, u), h_u[r], heads.w[0])
+            g.add(1, r, heads.to_preactivation(du, u), h_u[r], heads)
             del du
 
     if lp:
