@@ -20,7 +20,7 @@ ALLOWED = {
     "steering": {"ops", "losses", "distributed", "steering"},
     "vlm": {"vlm"},
     "analysis": {"ops", "steering", "analysis"},
-    "testing": {"vlm", "testing"},
+    "testing": {"ops", "losses", "vlm", "testing"},
     "integrations": {"ops", "losses", "steering", "distributed", "vlm", "integrations"},
     "": {"_version", "ops", "losses", "steering", "vlm", "analysis"},
 }

@@ -4,7 +4,7 @@ import torch
 
 import vgs_kernels as vgs
 from vgs_kernels.ops.fused_linear import head_logits
-from vgs_kernels.testing.close import close_pair
+from vgs_kernels.testing.close import opd_errors
 
 trl_dt = pytest.importorskip("trl.trainer.distillation_trainer")
 
@@ -102,23 +102,6 @@ def test_bad_input_names_the_argument():
         f(hs, ht, ws, wt, mask * 2, 1.0)
 
 
-def close_case_errors(fns, seed, autocast=False, **kw):
-    """For each fn: (loss, grad h_s, grad W_s) relative errors against fp64 on the same bf16-rounded
-    close-pair inputs (fp32 inputs under bf16 autocast when `autocast`)."""
-    x = close_pair(seed=seed)
-    mask = torch.ones(1, x["h_s"].shape[0], dtype=torch.long)
-
-    def step(f, dt, amp):
-        hs, ws = x["h_s"].to(dt).requires_grad_(), x["w_s"].to(dt).requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-            loss = f(hs[None], x["h_a"].to(dt)[None], ws, x["w_t"].to(dt), mask, 1.0, **kw)[0]
-        return [loss.detach().double(), *(g.double() for g in torch.autograd.grad(loss, [hs, ws]))]
-
-    ref = step(vgs.fused_chunked_divergence_loss, torch.float64, False)
-    dt = torch.float32 if autocast else torch.bfloat16
-    return [[float((g - r).norm() / r.norm()) for g, r in zip(step(fn, dt, autocast), ref)] for fn in fns]
-
-
 SOFTCAP = dict(student_logit_scale=2.0, teacher_logit_scale=2.0, student_final_logit_softcapping=30.0,
                teacher_final_logit_softcapping=30.0)
 FNS = (vgs.fused_chunked_divergence_loss, trl_dt._chunked_divergence_loss)
@@ -130,7 +113,7 @@ def test_bf16_close_student_as_exact_as_trl(kw):
     ~15, bf16. The logits are fp32 products of the bf16 operands (were rounded to bf16: loss error 1e-2,
     gradient 1.3e-1; with scale and softcap 8e-2 / 3.5e-1). Errors at most 2x TRL's, RMS over 4 seeds
     (one seed's loss error is fp32 noise, ~1e-6, either way)."""
-    ours, trl = torch.tensor([close_case_errors(FNS, s, **kw) for s in range(4)]).square().mean(0).sqrt()
+    ours, trl = torch.tensor([opd_errors(FNS, s, **kw) for s in range(4)]).square().mean(0).sqrt()
     assert (ours <= 2 * trl).all(), f"ours {ours.tolist()} vs TRL {trl.tolist()}"
     assert ours[0] < 3e-5 and ours[1:].max() < 4e-3
 
@@ -138,5 +121,5 @@ def test_bf16_close_student_as_exact_as_trl(kw):
 def test_fp32_inputs_under_bf16_autocast_project_like_trl():
     """Trainer(bf16=True): fp32 hidden states under autocast. The operands are rounded to bf16 as the
     model's lm_head rounds them, the product is not (it was: autocast ran the head matmul in bf16)."""
-    ours, trl = close_case_errors(FNS, 0, autocast=True)
+    ours, trl = opd_errors(FNS, 0, autocast=True)
     assert ours[0] < 3e-5 and max(ours[1:]) < 2 * max(trl[1:]), (ours, trl)
