@@ -168,7 +168,7 @@ def test_optional_layers_import(module):
 
 
 # The names users and outside checks rely on (README, docs/ARCHITECTURE.md): they stay importable.
-PUBLIC = ("BACKENDS DistillLogits FamilySpec FusedLinearVGSLoss GeometryRow GradientSteering KLTerms "
+PUBLIC = ("BACKENDS DistillLogits FamilySpec FusedLinearVGSLoss GeometryRow GradientSteering KLTerms LMHead "
           "SteeringConflictWarning VAOPDLoss VAOPDOutput VGSLoss VGSLossOutput VisionTokens __version__ backend_info "
           "check_processor combine decomposed_kl decomposed_kl_reference distill_logits fused_chunked_divergence_loss "
           "fused_linear_decomposed_kl get_backend gradient_geometry gram group_advantages grpo_surrogate grpo_vgs_loss "

@@ -15,7 +15,7 @@ from vgs_kernels.losses import (FusedLinearVGSLoss, OPDLoss, VAOPDLoss, VAOPDOut
 from vgs_kernels.ops import (BACKENDS, KLTerms, backend_info, combine, decomposed_kl, decomposed_kl_reference,
                              fused_linear_decomposed_kl, get_backend, gram, set_backend, use_backend)
 from vgs_kernels.steering import GradientSteering, SteeringConflictWarning, policies, std_descent
-from vgs_kernels.vlm import (DistillLogits, FamilySpec, VisionTokens, check_processor, distill_logits,
+from vgs_kernels.vlm import (DistillLogits, FamilySpec, LMHead, VisionTokens, check_processor, distill_logits,
                              register_family, response_logits, response_positions, rollout_batch, strip_images,
                              text_only_batch)
 
@@ -30,7 +30,7 @@ __all__ = [
     # steering
     "GradientSteering", "policies", "SteeringConflictWarning", "std_descent",
     # vlm
-    "DistillLogits", "VisionTokens", "FamilySpec", "check_processor", "distill_logits", "register_family",
+    "DistillLogits", "LMHead", "VisionTokens", "FamilySpec", "check_processor", "distill_logits", "register_family",
     "response_logits", "response_positions", "rollout_batch", "strip_images", "text_only_batch",
     # analysis
     "GeometryRow", "gradient_geometry", "plot_gradient_geometry",

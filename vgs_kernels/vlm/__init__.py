@@ -12,6 +12,7 @@ the image and text-only (the same chat prompt with the image removed). Two ways 
 :func:`distill_logits` runs the four passes (response positions only) and checks that the image and
 text-only batches score the same response tokens.
 """
+from vgs_kernels.vlm.head import LMHead, logit_transform
 from vgs_kernels.vlm.messages import text_only_batch, without_images
 from vgs_kernels.vlm.ids import rollout_batch, strip_images
 from vgs_kernels.vlm.plumbing import (VISION_KEYS, DistillLogits, check_processor, distill_logits, response_logits,
@@ -19,6 +20,6 @@ from vgs_kernels.vlm.plumbing import (VISION_KEYS, DistillLogits, check_processo
 from vgs_kernels.vlm.specs import FAMILY_SPECS, FamilySpec, family_spec, register_family
 from vgs_kernels.vlm.tokens import VisionTokens
 
-__all__ = ["DistillLogits", "FAMILY_SPECS", "FamilySpec", "VISION_KEYS", "VisionTokens", "check_processor",
+__all__ = ["DistillLogits", "FAMILY_SPECS", "FamilySpec", "LMHead", "logit_transform", "VISION_KEYS", "VisionTokens", "check_processor",
            "distill_logits", "family_spec", "register_family", "response_logits", "response_positions",
            "rollout_batch", "strip_images", "text_only_batch", "without_images"]

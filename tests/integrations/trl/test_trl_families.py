@@ -43,3 +43,15 @@ def test_trainer_runs_with_vision_ids_suppressed(family, tmp_path):
     assert np.isfinite(log["loss"]) and np.isfinite(log["vgs/eta"]) and log["vgs/exact"] == 1
     assert any(not torch.equal(p, q) for p, q in zip(student.parameters(), before))
     assert all(torch.equal(p, q) for p, q in zip(teacher.parameters(), t_before))
+
+
+def test_heads_take_the_transform_the_forward_applies():
+    """Gemma-3 with final_logit_softcapping in its text config: Gemma3ForConditionalGeneration never applies it,
+    so neither do the trainers' losses (they read the config before: a softcap the model does not have)."""
+    proc = tiny_processor("gemma3", task.WORDS, tokenizer="bpe")
+    student, teacher = (tiny_vlm("gemma3", proc, seed=i, **SIZES) for i in (0, 1))
+    for m in (student, teacher):
+        m.config.get_text_config().final_logit_softcapping = 7.0
+    heads = VGSDistillationTrainer._heads(student, teacher)
+    assert heads.softcap == (None, None) and heads.logit_scale == (1.0, 1.0)
+    assert heads.w_s is student.get_output_embeddings().weight and heads.w_t is teacher.get_output_embeddings().weight

@@ -26,7 +26,7 @@ import transformers.trainer
 
 from vgs_kernels.integrations.trl.methods import FORWARD_KEYS, TEXT_KEYS, Heads, Method
 from vgs_kernels.steering import GradientSteering
-from vgs_kernels.vlm import VisionTokens, check_processor, text_only_batch
+from vgs_kernels.vlm import LMHead, VisionTokens, check_processor, text_only_batch
 from vgs_kernels.vlm.plumbing import vocab_size
 
 
@@ -74,11 +74,9 @@ class SteeredTrainerMixin:
 
     @staticmethod
     def _heads(student, teacher) -> Heads:
-        head_s, head_t = student.get_output_embeddings(), teacher.get_output_embeddings()
-        cfg_s, cfg_t = student.config.get_text_config(), teacher.config.get_text_config()
-        return Heads(head_s.weight, head_s.bias, head_t.weight, head_t.bias,
-                     (_attr(cfg_s, "logit_scale", 1.0), _attr(cfg_t, "logit_scale", 1.0)),
-                     (_attr(cfg_s, "final_logit_softcapping"), _attr(cfg_t, "final_logit_softcapping")))
+        # the logit transform each forward applies, measured once per model (not read from its config)
+        s, t = LMHead.from_model(student), LMHead.from_model(teacher)
+        return Heads(s.weight, s.bias, t.weight, t.bias, (s.logit_scale, t.logit_scale), (s.softcap, t.softcap))
 
     def _distill_loss(self, unwrapped_student, inputs, num_items_in_batch):
         """The row's passes and loss on a micro-batch: (total, entropy_sum (NaN: not computed), n_valid)."""
@@ -209,11 +207,6 @@ def check_models(student, teacher, processor) -> None:
                          f"{vocab_size(student)}: VGS needs one tokenizer and vocabulary")
     if t_ids != ids:
         raise ValueError(f"teacher_model and model disagree on the vision token ids ({t_ids} vs {ids})")
-    for name, m in (("model", student), ("teacher_model", teacher)):
-        cfg = m.config.get_text_config()
-        for attr in ("output_multiplier", "lm_head_multiplier", "logits_scaling"):
-            if getattr(cfg, attr, None) is not None:
-                raise ValueError(f"{name}: config.{attr} is not supported by the vgs_kernels TRL trainers")
 
 
 def add_rollout_inputs(trainer, inputs, out: dict) -> dict:
@@ -236,7 +229,3 @@ def add_rollout_inputs(trainer, inputs, out: dict) -> dict:
         out[f"text_{key}"] = value.to(out["completion_ids"].device)
     return out
 
-
-def _attr(cfg: Any, name: str, default: Any = None) -> Any:
-    value = getattr(cfg, name, None)
-    return default if value is None else value
