@@ -15,6 +15,8 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 import vgs_kernels as vgs
 from vgs_kernels.distributed.process_group import ProcessGroupSync, all_reduce_mean, resolve_group
@@ -184,8 +186,7 @@ def bad_inputs(rank):
 def by_hand(rank):
     """DTensor gradients made with distribute_tensor: Shard and Replicate placements, each element
     counted once (the Gram of the full tensors); Partial refused; FSDP1's flat shards refused."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor import Partial, Replicate
     mesh = init_device_mesh("cpu", (WORLD,))
     g = torch.Generator().manual_seed(3)  # the same full tensors on every rank
     full = [[torch.randn(5, 3, generator=g) for _ in range(2)] for _ in range(4)]
@@ -220,11 +221,39 @@ def by_hand(rank):
     return out
 
 
+def head_inputs():
+    g = torch.Generator().manual_seed(11)
+    hs, ht = torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 6, generator=g)
+    ws, wt, bs = torch.randn(30, 8, generator=g), torch.randn(30, 6, generator=g), torch.randn(30, generator=g)
+    return hs, ht, ws, wt, bs, torch.ones(2, 5, dtype=torch.long)
+
+
+def head_losses(ws, wt, bs):
+    """The drop-in and the fused VGS loss on (possibly DTensor) heads: losses and head gradients."""
+    hs, ht, _, _, _, mask = head_inputs()
+    out = {}
+    loss = vgs.fused_chunked_divergence_loss(hs, ht, ws, wt, mask, 1.0, student_lm_head_bias=bs)[0]
+    loss = loss + vgs.FusedLinearVGSLoss()(hs, hs.flip(0), ws, ht, ht.flip(0), wt, mask, bias_student=bs).total
+    out["loss"] = loss.detach()
+    for name, g in zip(("ws", "bs"), torch.autograd.grad(loss, [ws, bs])):
+        out[name] = g.full_tensor() if isinstance(g, DTensor) else g
+    return out
+
+
+def dtensor_head(rank):
+    """FSDP2 keeps an LM head as a DTensor (Shard(0)): the losses take it (TRL calls .full_tensor() once)."""
+    mesh = init_device_mesh("cpu", (WORLD,))
+    _, _, ws, wt, bs, _ = head_inputs()
+    shard = lambda t: distribute_tensor(t, mesh, [Shard(0)]).requires_grad_()  # noqa: E731
+    return head_losses(shard(ws), distribute_tensor(wt, mesh, [Shard(0)]), shard(bs))
+
+
 def tasks(rank, path):
     """What every rank runs (helpers.spawn): every scenario, then the misuse and by-hand cases."""
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=TIMEOUT)
     return ([(name, lambda name=name: run_scenario(name, rank)) for name in SCENARIOS]
-            + [(key, lambda fn=fn: fn(rank)) for key, fn in (("bad", bad_inputs), ("by_hand", by_hand))])
+            + [(key, lambda fn=fn: fn(rank)) for key, fn in (("bad", bad_inputs), ("by_hand", by_hand),
+                                                            ("dtensor_head", dtensor_head))])
 
 
 @pytest.fixture(scope="module")
@@ -356,6 +385,16 @@ def test_dtensor_placements_by_hand(ranks):
         assert "FSDP1" in res["fsdp1"], res["fsdp1"]
     # every rank counts its 2 shards; each of the 2 replicated tensors is counted by one rank
     assert sum(ranks[r]["by_hand"]["counted"] for r in range(WORLD)) == 2 * WORLD + 2
+
+
+def test_dtensor_lm_head_in_the_losses(ranks):
+    _, _, ws, wt, bs, _ = head_inputs()
+    want = head_losses(ws.clone().requires_grad_(), wt, bs.clone().requires_grad_())
+    for r in range(WORLD):
+        got = ranks[r]["dtensor_head"]
+        assert "error" not in got, got.get("error")
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- single process

@@ -3,8 +3,10 @@ prompts as a TRL conversational dataset, the tiny Qwen2-VL student / teacher, th
 a trainer class that records each step, and the per-component gradients computed independently of the
 library. Import it after ``pytest.importorskip("trl")`` and ``pytest.importorskip("datasets")``."""
 import copy
+import functools
 import os
 import sys
+import types
 
 import datasets
 import numpy as np
@@ -121,3 +123,22 @@ def component_grads(student, teacher, inputs, drop, pad):
         g = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
         out.append(flat([torch.zeros_like(p) if x is None else x for x, p in zip(g, params)]))
     return out
+
+
+def applies_config_transform(model):
+    """Makes ``model``'s forward apply its text config's logit_scale, then final_logit_softcapping (as Aya
+    Vision and PaliGemma over Gemma-2 do; Qwen's forward applies neither), so that TRL, which reads them
+    from the config, and vgs.LMHead, which measures the forward, agree. Survives copy.deepcopy."""
+    forward = type(model).forward
+
+    @functools.wraps(forward)  # generate() checks its kwargs against forward's signature
+    def transformed(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        cfg = self.config.get_text_config()
+        z = out.logits * (getattr(cfg, "logit_scale", None) or 1.0)
+        cap = getattr(cfg, "final_logit_softcapping", None)
+        out.logits = z if cap is None else cap * torch.tanh(z / cap)
+        return out
+
+    model.forward = types.MethodType(transformed, model)
+    return model

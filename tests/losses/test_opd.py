@@ -123,3 +123,21 @@ def test_fp32_inputs_under_bf16_autocast_project_like_trl():
     model's lm_head rounds them, the product is not (it was: autocast ran the head matmul in bf16)."""
     ours, trl = opd_errors(FNS, 0, autocast=True)
     assert ours[0] < 3e-5 and max(ours[1:]) < 2 * max(trl[1:]), (ours, trl)
+
+
+def test_num_items_in_batch_every_type_trl_takes():
+    """A float64 tensor failed in an index-put, a numpy.int64 was rejected as "not a count": TRL takes both."""
+    np = pytest.importorskip("numpy")
+    x = inputs(bias=True)
+    want = run(vgs.fused_chunked_divergence_loss, *x, num_items_in_batch=13)
+    trl = run(trl_dt._chunked_divergence_loss, *x, num_items_in_batch=torch.tensor(13.0, dtype=torch.float64))
+    torch.testing.assert_close(want[0], trl[0].float(), rtol=1e-5, atol=1e-6)
+    for n in (13.0, np.int64(13), np.float32(13), torch.tensor(13), torch.tensor(13.0, dtype=torch.float64),
+              torch.tensor([13])):
+        got = run(vgs.fused_chunked_divergence_loss, *x, num_items_in_batch=n)
+        assert got[0].dtype == torch.float32, type(n)
+        for a, b in zip(got[3] + [got[0]], want[3] + [want[0]]):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+    for bad in (True, torch.tensor([3, 4]), "13"):
+        with pytest.raises(ValueError, match="num_items_in_batch"):
+            run(vgs.fused_chunked_divergence_loss, *x, num_items_in_batch=bad)

@@ -18,6 +18,7 @@ Reductions (w_t is zero on masked positions):
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Sequence, Union
 
 import torch
@@ -25,12 +26,15 @@ from torch import Tensor, nn
 
 REDUCTIONS = ("sequence", "token", "sum", "none")
 Number = Union[int, float]
-Count = Union[Number, Tensor]
+Count = Union[Number, Tensor]  # also numpy scalars (any numbers.Real) and tensors of any dtype, as TRL takes
 
 
 def positive_count(n: Count) -> Count:
     """num_items_in_batch, checked > 0 (a tensor is read once: a 0 would give inf/NaN gradients)."""
-    ok = bool((n > 0).all()) if isinstance(n, Tensor) else isinstance(n, (int, float)) and n > 0
+    if isinstance(n, Tensor):
+        ok = n.numel() == 1 and bool(n > 0)
+    else:
+        ok = isinstance(n, numbers.Real) and not isinstance(n, bool) and n > 0
     if not ok:
         raise ValueError(f"num_items_in_batch must be a count > 0 (the number of valid tokens of the whole "
                          f"accumulated batch), got {n!r}; a batch without valid tokens needs no call")
@@ -53,7 +57,8 @@ def reduction_weights(valid: Tensor, reduction: str, dtype: torch.dtype,
     if reduction == "token":
         if num_items_in_batch is None:
             return w / w.sum().clamp(min=1)
-        return w / positive_count(num_items_in_batch)
+        n = positive_count(num_items_in_batch)  # in w's dtype: a float64 count must not make w float64
+        return w / (n.to(w.device, dtype) if isinstance(n, Tensor) else float(n))
     return w
 
 

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from vgs_kernels.ops.decomposed_kl import acc_dtype, decomposed_kl, kl_forward, valid_mask
 from vgs_kernels.losses.base import DistillationLoss
-from vgs_kernels.ops.fused_linear import (HeadPair, Pair, as_pair, chunk_rows, compute_dtype,
+from vgs_kernels.ops.fused_linear import (HeadPair, Pair, as_pair, chunk_rows, compute_dtype, full_tensor,
                                          fused_linear_decomposed_kl)
 
 
@@ -68,7 +68,7 @@ def head_token_logprobs(h: Tensor, w: Tensor, tokens: Tensor, bias: Optional[Ten
                         temperature: float = 1.0, logit_scale: float = 1.0, softcap: Optional[float] = None,
                         chunk_size: Optional[int] = None) -> Tensor:
     """`token_logprobs` of the head's logits (h [..., H], w [V, H], tokens [...]), a chunk of rows at a time."""
-    out = acc_dtype(h)
+    out, w, bias = acc_dtype(h), full_tensor(w), full_tensor(bias)
     heads = HeadPair(w, bias, w, bias, (compute_dtype(h),) * 2, out, logit_scale, softcap)
     n, flat_tok, rows = tokens.numel(), tokens.reshape(-1), h.reshape(-1, h.shape[-1])
     chunk = chunk_size or chunk_rows(n, w.shape[0], torch.finfo(out).bits // 8, device=h.device)

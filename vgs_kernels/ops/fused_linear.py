@@ -357,6 +357,16 @@ def valid_rows(mask: Optional[Tensor]) -> Optional[Tensor]:
     return valid_mask(mask, (), mask.device).reshape(-1).nonzero().squeeze(1)
 
 
+def full_tensor(t: Optional[Tensor]) -> Optional[Tensor]:
+    """An FSDP2 LM head (a DTensor) as one plain tensor, as TRL takes it: one all-gather, and the
+    gradient goes back to the shards through full_tensor's backward."""
+    if t is not None and torch.distributed.is_available():
+        from torch.distributed.tensor import DTensor
+        if isinstance(t, DTensor):
+            return t.full_tensor()
+    return t
+
+
 def flatten(h: Optional[Tensor]) -> Optional[Tensor]:
     return None if h is None else h.reshape(-1, h.shape[-1])
 
@@ -381,8 +391,10 @@ def fused_linear_decomposed_kl(h_s: Tensor, h_u: Optional[Tensor], w_student: Te
     Returns KLTerms of the leading shape, float32 (float64 for float64 inputs), differentiable
     w.r.t. h_s, h_u, w_student and bias_student; the teacher gets no gradient.
     """
+    w_student, w_teacher, bias_student, bias_teacher = map(full_tensor, (w_student, w_teacher, bias_student,
+                                                                         bias_teacher))
     check_inputs(h_s, h_u, w_student, h_a, h_b, w_teacher, mask, bias_student, bias_teacher, temperature,
-           softcap, chunk_size)
+                 softcap, chunk_size)
     cfg = FusedLinearConfig(temperature, logit_scale, softcap, detach_prior, chunk_size, memory_budget,
                   fp32_weight_grad, backend)
     terms = FusedLinearKLFunction.apply(flatten(h_s), flatten(h_u), w_student, bias_student, flatten(h_a),
@@ -482,6 +494,8 @@ def fused_linear_kl_loss(h_s: Tensor, h_u: Optional[Tensor], w_student: Tensor, 
         raise ValueError("fused_linear_kl_loss: gate= goes with the decomposed mode (h_u, h_b given) and "
                          "entropy=True with the monolithic one")
     valid = valid_mask(mask, h_s.shape[:-1], h_s.device).reshape(-1)
+    w_student, w_teacher, bias_student, bias_teacher = map(full_tensor, (w_student, w_teacher, bias_student,
+                                                                         bias_teacher))
     *values, comps, terms, ent = _FusedLinearLossFunction.apply(
         flatten(h_s), flatten(h_u), w_student, bias_student, flatten(h_a), flatten(h_b), w_teacher, bias_teacher,
         valid_rows(mask), valid, weights.reshape(-1), gate, config, list(coeffs), entropy, torch.is_grad_enabled())

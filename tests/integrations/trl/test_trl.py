@@ -21,7 +21,8 @@ from vgs_kernels.integrations.trl import VGSDistillationConfig, VGSDistillationT
 from vgs_kernels.testing import tiny_processor, tiny_vlm  # noqa: E402
 from vgs_kernels.vlm import VisionTokens  # noqa: E402
 
-from helpers.trl import component_grads, config, flat, recording, task, text_only, tiny_qwen  # noqa: E402
+from helpers.trl import (applies_config_transform, component_grads, config, flat, recording, task,  # noqa: E402
+                         text_only, tiny_qwen)
 from helpers.va_opd import reference  # noqa: E402
 
 GAMMA, LAM = 2.0, 0.01
@@ -139,12 +140,13 @@ def test_sum_without_vgs_terms_equals_trl(setup, tmp_path):
 
 def test_opd_equals_trl(setup, tmp_path):
     """method='opd' is trl.DistillationTrainer(beta=1) step for step: accumulation, clipping engaged
-    (max_grad_norm below the measured norms), logit_scale and softcap from the configs, temperature != 1;
-    the loss, grad_norm and entropy TRL logs are equal too."""
+    (max_grad_norm below the measured norms), a logit_scale and a softcap that the forwards apply (TRL reads
+    them from the configs, the trainer measures the forwards), temperature != 1; the loss, grad_norm and
+    entropy TRL logs are equal too."""
     proc, student, teacher, ds = setup
     suppress = VisionTokens.from_model(student, proc).ids().tolist()
     gen = {"do_sample": False, "suppress_tokens": suppress}
-    s, t = copy.deepcopy(student), copy.deepcopy(teacher)
+    s, t = applies_config_transform(copy.deepcopy(student)), applies_config_transform(copy.deepcopy(teacher))
     s.config.text_config.final_logit_softcapping, t.config.text_config.logit_scale = 3.0, 1.5
     runs = []
     for cls, cfg_cls, kw in [(VGSDistillationTrainer, VGSDistillationConfig, dict(method="opd")),
