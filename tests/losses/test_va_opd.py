@@ -120,3 +120,33 @@ def test_fused_bf16_close_teacher_groups_as_fp64():
     got, want = run(torch.bfloat16), run(torch.float64)
     assert torch.equal(got.high, want.high)
     assert abs(float(got.total.double() / want.total - 1)) < 1e-4
+
+
+def test_tiny_tau_is_the_argmax_not_nan():
+    """tau = 1e-40: z / tau overflowed (inf - inf = NaN weights); the limit is the one-hot argmax (the
+    fp64 reference's softmax)."""
+    s, a, aw, tokens, mask, groups = data()
+    out = vgs.VAOPDLoss(tau=1e-40)(s, a, aw, tokens, mask, groups)
+    ref, _, ref_w = reference(s, a, aw, tokens, mask, groups, tau=1e-40)
+    torch.testing.assert_close(out.weights.double(), ref_w)
+    torch.testing.assert_close(out.total.double(), ref, rtol=1e-5, atol=1e-6)
+    assert set(out.weights.tolist()) <= {0.0, 1.0}
+
+
+def test_minus_inf_teacher_logits_defined_or_named():
+    """A teacher logit of -inf gave a NaN loss. Both views at -inf on the sampled token: VA 0. Only the weak
+    view at -inf: an infinite VA, a ValueError. The teacher at -inf where the student is not: an infinite
+    reverse KL, a ValueError (its gradient would be NaN). The same -inf in the student too: finite."""
+    s, a, aw, tokens, mask, groups = data()
+    y = tokens[0, 0]
+    a2, aw2 = a.detach().clone(), aw.clone()
+    a2[0, 0, y] = aw2[0, 0, y] = -float("inf")
+    s2 = s.detach().clone()
+    s2[0, 0, y] = -float("inf")
+    out = vgs.VAOPDLoss()(s2.requires_grad_(), a2, aw2, tokens, mask, groups)
+    assert out.va[0, 0] == 0 and torch.isfinite(out.total)
+    assert torch.isfinite(torch.autograd.grad(out.total, s2)[0]).all()
+    with pytest.raises(ValueError, match="weak view.*infinite"):
+        vgs.VAOPDLoss()(s, a, aw2, tokens, mask, groups)
+    with pytest.raises(ValueError, match="reverse KL is infinite"):
+        vgs.VAOPDLoss()(s, a2, aw, tokens, mask, groups)

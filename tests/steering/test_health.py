@@ -95,3 +95,18 @@ def test_combined_steps_read_nothing(policy, monkeypatch):
             opt.zero_grad()
         assert (steer.stats["mode"] == "exact") == (policy == "auto" and step % 4 == 0)
         assert steer.stats["std_descent"].isnan().item() != (steer.stats["mode"] == "exact")
+
+
+def test_warning_names_the_component_that_opposes_std():
+    """GRPO + VGS: the fixed GRPO component opposes Std while Vis agrees with it (cos(std, vis) > 0). The
+    warning names 'grpo' and what to change for it, not gamma, lam or project (which do not touch it)."""
+    def grpo_against_std(model, x, y):
+        L = losses(model, x, y)
+        return {"grpo": -20.0 * L["std"], "std": L["std"], "vis": 0.5 * L["std"] + 0.1 * L["vis"]}
+
+    with pytest.warns(vgs.SteeringConflictWarning) as caught:
+        _, seen = run(grpo_against_std, steps=3, fixed=("grpo",))
+    assert all(c < 0 for c in seen)
+    msg = str(caught[0].message)
+    assert "'grpo' opposes Std most" in msg and "fixed-coefficient" in msg and "alpha" in msg
+    assert "smaller gamma" not in msg and "project" not in msg

@@ -86,10 +86,14 @@ def test_single_component_is_identity():
     torch.testing.assert_close(policies.vgs(gram_of(s), torch.tensor([1.0]), 0, -1), torch.tensor([1.0]))
 
 
-def test_zero_std_gives_zero_eta():
+@pytest.mark.parametrize("name", ["vgs", "project"])
+def test_zero_std_falls_back_to_the_weighted_sum(name):
+    """g_std = 0 (a student equal to its teacher with the image): Eq. 15's eta = 0 would drop Vis and LP
+    silently; the rule gives NaN and guard the plain weighted sum, flagged."""
     _, v, lp = vectors(6)
-    c = policies.vgs(gram_of(torch.zeros_like(v), v, lp), W)
-    assert torch.equal(c, torch.zeros(3))
+    G = gram_of(torch.zeros_like(v), v, lp)
+    c, fell_back = policies.guard(G, policies.BUILTIN[name](G, W), W)
+    assert torch.equal(c, W) and fell_back.item() is True
 
 
 @pytest.mark.parametrize("name, case", [(n, c) for n in ("vgs", "project") for c in ("zero", "inf", "nan")]

@@ -132,6 +132,21 @@ def test_fallback_when_all_gradients_vanish():
     assert torch.equal(steered_grad(model), torch.zeros_like(steered_grad(model)))  # zeros, not NaN
 
 
+@pytest.mark.parametrize("policy", ["vgs", "project", "auto"])
+def test_student_equal_to_teacher_still_moves(policy):
+    """Std's gradient is 0 (the student equals its teacher with the image) while Vis and LP are not: Eq. 15
+    gives eta = 0, which dropped Vis and LP silently. The step is the plain weighted sum, flagged."""
+    model, (x, y) = Net(), make_batch()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    steer = vgs.GradientSteering(opt, policy=policy, gamma=GAMMA)
+    g = flat_grads(model, x, y)
+    comps = losses(model, x, y)
+    steer.backward({**comps, "std": 0.0 * comps["std"]})
+    opt.step()
+    assert steer.stats["fallback"].item() is True and steer.stats["eta"].item() == 1.0
+    torch.testing.assert_close(steered_grad(model), expected("sum", {**g, "std": 0 * g["std"]}))
+
+
 AMP_DTYPES = [torch.bfloat16, torch.float16]
 
 

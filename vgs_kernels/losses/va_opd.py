@@ -78,6 +78,12 @@ def head_token_logprobs(h: Tensor, w: Tensor, tokens: Tensor, bias: Optional[Ten
     return out.reshape(tokens.shape)
 
 
+def log_gap(lp_a: Tensor, lp_weak: Tensor) -> Tensor:
+    """log p_a(y) - log p_weak(y), 0 where both are -inf (neither view can produce the token)."""
+    both = (lp_a == -math.inf) & (lp_weak == -math.inf)
+    return torch.where(both, 0.0, lp_a - lp_weak)
+
+
 class VAOPDLoss(DistillationLoss):
     """VA-OPD (module docstring). top_frac: share of each rollout's tokens in H; lam: λ, the weight of
     H's mean KL; tau: τ of the rollout softmax; temperature: T of every softmax. Its one reduction,
@@ -105,7 +111,7 @@ class VAOPDLoss(DistillationLoss):
                              f"{tuple(a.shape)}, {tuple(a_weak.shape)}")
         valid = self._check(tokens, mask, group_ids, s.shape[:2], s.shape[2], s.device)
         kl = decomposed_kl(s, None, a, None, valid, self.temperature).std
-        va = (token_logprobs(a, tokens, self.temperature) - token_logprobs(a_weak, tokens, self.temperature))
+        va = log_gap(token_logprobs(a, tokens, self.temperature), token_logprobs(a_weak, tokens, self.temperature))
         return self.combine(kl, va, valid, group_ids)
 
     def fused_linear(self, h_s: Tensor, w_student: Tensor, h_a: Tensor, h_weak: Tensor, w_teacher: Tensor,
@@ -125,10 +131,16 @@ class VAOPDLoss(DistillationLoss):
                                         chunk_size=chunk_size).std
         gap = [head_token_logprobs(h, w_teacher, tokens, bias_teacher, self.temperature, as_pair(logit_scale, "logit_scale")[1],
                                    as_pair(softcap, "softcap")[1], chunk_size) for h in (h_a, h_weak)]
-        return self.combine(kl, gap[0] - gap[1], valid, group_ids)
+        return self.combine(kl, log_gap(*gap), valid, group_ids)
 
     def combine(self, kl: Tensor, va_raw: Tensor, valid: Tensor, group_ids: Tensor) -> VAOPDOutput:
-        """From per-token KL [B, T] (differentiable) and log-prob gaps [B, T] to the loss (definition)."""
+        """From per-token KL [B, T] (differentiable) and log-prob gaps [B, T] to the loss (definition).
+        ValueError where a valid token's KL is infinite (its gradient would be NaN)."""
+        bad = valid & torch.isinf(kl.detach())
+        if bool(bad.any()):
+            raise ValueError("VAOPDLoss: the teacher gives probability 0 (a logit of -inf) to tokens the student "
+                             f"gives probability > 0, at positions {bad.nonzero().tolist()[:4]}: the reverse KL is "
+                             "infinite; mask the same vocabulary entries in the student's logits")
         va = self.visual_advantage(va_raw, valid)
         weights, n_groups = self.rollout_weights(va, valid, group_ids)
         loss_k, high = self.rollout_losses(kl, va, valid)
@@ -136,8 +148,14 @@ class VAOPDLoss(DistillationLoss):
 
     @staticmethod
     def visual_advantage(gap: Tensor, valid: Tensor) -> Tensor:
-        """VA_t = max(gap_t, 0), 0 on padding: [B, T] float32, detached."""
-        return torch.where(valid, gap.detach().float().clamp(min=0), 0.0)
+        """VA_t = max(gap_t, 0), 0 on padding: [B, T] float32, detached. ValueError where it is infinite
+        (the weak view gives a sampled token probability 0): no finite weighting of the rollouts."""
+        va = torch.where(valid, gap.detach().float().clamp(min=0), 0.0)
+        if bool(torch.isinf(va).any()):
+            raise ValueError("VAOPDLoss: the teacher on the weak view gives sampled tokens probability 0 (a logit "
+                             f"of -inf at positions {torch.isinf(va).nonzero().tolist()[:4]}): their visual "
+                             "advantage is infinite; mask those positions or keep the weak view's vocabulary open")
+        return va
 
     def rollout_weights(self, va: Tensor, valid: Tensor, group_ids: Tensor) -> Tuple[Tensor, int]:
         """(w [B], number of prompts): softmax over each prompt's rollouts of the z-scored mean VA / τ."""
@@ -147,8 +165,9 @@ class VAOPDLoss(DistillationLoss):
         size = torch.zeros(n_groups, device=va.device).index_add_(0, g, torch.ones_like(mean_va))
         mu = torch.zeros_like(size).index_add_(0, g, mean_va) / size
         var = torch.zeros_like(size).index_add_(0, g, (mean_va - mu[g]).square()) / size
-        z = (mean_va - mu[g]) / (var.sqrt()[g] + self.eps) / self.tau
-        e = (z - torch.full_like(size, -math.inf).scatter_reduce(0, g, z, "amax")[g]).exp()
+        z = (mean_va - mu[g]) / (var.sqrt()[g] + self.eps)
+        # the max out before dividing by tau: z / tau overflows for a tiny tau (-> the one-hot argmax)
+        e = ((z - torch.full_like(size, -math.inf).scatter_reduce(0, g, z, "amax")[g]) / self.tau).exp()
         return e / torch.zeros_like(size).index_add_(0, g, e)[g], n_groups
 
     def rollout_losses(self, kl: Tensor, va: Tensor, valid: Tensor) -> Tuple[Tensor, Tensor]:

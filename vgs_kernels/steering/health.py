@@ -20,7 +20,7 @@ measurements) queue nothing and read nothing.
 from __future__ import annotations
 
 import warnings
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -31,7 +31,18 @@ class SteeringConflictWarning(UserWarning):
 
 
 REMEDIES = ("a larger lam (a stronger language prior LP)", "a smaller gamma",
-            'policy="project" (conflict-aware)', "plain OPD")
+            'policy="project" (conflict-aware)', "plain OPD")  # when "vis" opposes Std
+
+
+def remedies(name: str, fixed: bool) -> str:
+    """What to change when component ``name`` is the one pulling the update against Std."""
+    if fixed:
+        return (f"'{name}' is a fixed-coefficient component (not steered: gamma, lam and the policy do not "
+                f"change it); give it a smaller weight (GRPO + VGS: a larger alpha) or check that its objective "
+                f"agrees with the teacher's")
+    if name == "vis":
+        return "; ".join(REMEDIES)
+    return f"a smaller weight for '{name}'" + (" (lam)" if name == "lp" else "") + '; policy="pcgrad"'
 
 
 def std_descent(G: Tensor, coeffs: Tensor, std: int) -> Tensor:
@@ -56,10 +67,13 @@ class SteeringHealth:
         self._pending: List[Tuple[int, Tensor, Optional[torch.cuda.Event]]] = []
         self._streak: List[Tuple[int, float]] = []  # (step, cosine) of the current uphill run
 
-    def measured(self, step: int, cos: Tensor) -> None:
-        """Queues a measurement's cosine (a device scalar) without waiting for it."""
+    def measured(self, step: int, cos: Tensor, parts: Tensor, names: Sequence[str], fixed: Sequence[str]) -> None:
+        """Queues a measurement without waiting for it: the cosine (a device scalar) and each component's
+        part c_i <g_i, g_std> of <update, g_std> ([k]), to name the component that opposes Std."""
         if self.patience is None:
             return
+        self._names, self._fixed = tuple(names), tuple(fixed)
+        cos = torch.cat([cos.reshape(1), parts.to(cos)])
         if cos.is_cuda:
             host = cos.detach().to("cpu", non_blocking=True)
             event = torch.cuda.Event()
@@ -73,17 +87,22 @@ class SteeringHealth:
         """Reads the measurements that have landed on the host, in order; warns on a long uphill run."""
         while self._pending and (self._pending[0][2] is None or self._pending[0][2].query()):
             step, cos, _ = self._pending.pop(0)
-            value = float(cos)
+            value = float(cos[0])
             self._streak = self._streak + [(step, value)] if value < 0 else []
+            self._parts = cos[1:]
             if len(self._streak) >= self.patience:
                 self._warn()
                 self._streak = []
 
     def _warn(self) -> None:
         cosines = ", ".join(f"step {s}: {c:+.3f}" for s, c in self._streak)
+        others = [i for i, n in enumerate(self._names) if n != "std"] or [0]
+        worst = min(others, key=lambda i: float(self._parts[i]))
+        name = self._names[worst]
         msg = (f"GradientSteering: the steered update went uphill on the standard loss (cos(update, grad Std) "
                f"< 0) on {len(self._streak)} consecutive measurements ({cosines}); the Std loss rises to "
-               f"first order. Remedies: {'; '.join(REMEDIES)}.")
+               f"first order. '{name}' opposes Std most (c <g_{name}, g_std> = {float(self._parts[worst]):+.3g}). "
+               f"Remedies: {remedies(name, name in self._fixed)}.")
         warnings.warn(msg, SteeringConflictWarning, stacklevel=4)
         for listener in self.listeners:
             listener(msg)

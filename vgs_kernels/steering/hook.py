@@ -267,7 +267,8 @@ class GradientSteering:
     def _record(self, stats: Dict[str, Any]) -> None:
         """Sets ``stats``, feeding a measurement to the health check and auto's EMA."""
         if stats["mode"] == "exact":
-            self.health.measured(self.step_count, stats["std_descent"])
+            parts = stats["coeffs"].to(stats["gram"]) * stats["gram"][:, self._spec.std]
+            self.health.measured(self.step_count, stats["std_descent"], parts, self._spec.names, self._spec.fixed)
             if self.policy == "auto":
                 stats["eta_error"] = self._auto.measured(stats["eta"], stats["fallback"])
         if self.policy == "auto" and self._auto.value is not None:

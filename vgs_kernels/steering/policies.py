@@ -12,7 +12,8 @@ each property on random Gram matrices):
 
     vgs      exact Eq. 15: eta = |g_std| / |g_std + gamma g_vis|, c = eta * w.
              |eta (w_std g_std + w_vis g_vis)| = |w_std g_std|: the standard step's size, turned
-             towards the visual gradient. No inner-product guarantee.
+             towards the visual gradient. No inner-product guarantee. g_std = 0 (nothing to keep)
+             falls back to c = w, flagged (``_eta``), as project and auto's measurements do.
     project  conflict-aware VGS (not PCGrad): when <g_std, g_vis> < 0, g_std loses its part along
              g_vis before gamma g_vis is added; eta keeps |g_std|'s size as in vgs. For std and
              vis alone it guarantees <d, g_vis> >= 0 (std never pulls against vis); <d, g_std>
@@ -85,13 +86,19 @@ def _steering(w: Tensor, std: int, vis: int) -> Tensor:
 
 
 def _eta(G: Tensor, w: Tensor, u: Tensor, std: int) -> Tensor:
-    """|w_std g_std| / |sum_i u_i g_i|: the step size of the standard gradient kept (Eq. 15)."""
-    return (w[std].abs() * G[std, std].clamp_min(0).sqrt()) / _steered_norm(G, u)
+    """|w_std g_std| / |sum_i u_i g_i|: the step size of the standard gradient kept (Eq. 15).
+
+    NaN when g_std = 0 (e.g. a student equal to its teacher with the image): there is no step size to
+    keep, and Eq. 15's eta = 0 would drop the Vis and LP gradients and, for a student initialised as its
+    teacher, never move it. The NaN makes ``guard`` take the plain weighted sum (stats "fallback")."""
+    size = w[std].abs() * G[std, std].clamp_min(0).sqrt()
+    return torch.where(size > 0, size / _steered_norm(G, u), torch.full_like(size, math.nan))
 
 
 def vgs(G: Tensor, w: Tensor, std: int = 0, vis: int = 1) -> Tensor:
     """Exact VGS (Eq. 15): eta = |w_std g_std| / |w_std g_std + w_vis g_vis|, c = eta * w.
-    Components other than std and vis are added with the same eta and their own weight."""
+    Components other than std and vis are added with the same eta and their own weight. g_std = 0:
+    NaN, which ``guard`` turns into c = w with the fallback flag (``_eta``)."""
     return _eta(G, w, _steering(w, std, vis), std) * w
 
 
