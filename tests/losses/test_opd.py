@@ -21,8 +21,8 @@ def inputs(B=3, K=7, H=16, Ht=24, V=1001, bias=False, dtype=torch.float32, pad=0
     return hs, ht, ws, wt, mask, bs, bt
 
 
-def run(fn, hs, ht, ws, wt, mask, bs, bt, grad_out=1.7, **kw):
-    loss, ent, n = fn(hs, ht, ws, wt, mask, 1.0, student_lm_head_bias=bs, teacher_lm_head_bias=bt, **kw)
+def run(fn, hs, ht, ws, wt, mask, bs, bt, grad_out=1.7, beta=1.0, **kw):
+    loss, ent, n = fn(hs, ht, ws, wt, mask, beta, student_lm_head_bias=bs, teacher_lm_head_bias=bt, **kw)
     wrt = [x for x in (hs, ws, bs) if x is not None]
     grads = torch.autograd.grad(loss * grad_out, wrt, allow_unused=True)  # None: nothing reached it (zero)
     return loss.detach(), ent, n, [torch.zeros_like(x) if g is None else g for x, g in zip(wrt, grads)]
@@ -32,13 +32,15 @@ TRANSFORMS = [{}, dict(temperature=0.7), dict(student_logit_scale=0.8, teacher_l
               dict(student_final_logit_softcapping=4.0, teacher_final_logit_softcapping=6.0, temperature=1.5)]
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("kw", TRANSFORMS)
 @pytest.mark.parametrize("num_items", [None, 13])
-def test_matches_trl(bias, kw, num_items):
+def test_matches_trl(beta, bias, kw, num_items):
+    """Every divergence TRL offers (beta 0: forward KL, 0.5: JSD, 1: reverse KL) with every transform."""
     x = inputs(bias=bias)
-    ref = run(trl_dt._chunked_divergence_loss, *x, num_items_in_batch=num_items, **kw)
-    ours = run(vgs.fused_chunked_divergence_loss, *x, num_items_in_batch=num_items, **kw)
+    ref = run(trl_dt._chunked_divergence_loss, *x, num_items_in_batch=num_items, beta=beta, **kw)
+    ours = run(vgs.fused_chunked_divergence_loss, *x, num_items_in_batch=num_items, beta=beta, **kw)
     for a, b in zip(ref[:3], ours[:3]):
         torch.testing.assert_close(b, a.to(b.dtype), rtol=1e-5, atol=1e-6)
     assert ours[2].dtype == ref[2].dtype
@@ -85,10 +87,13 @@ def test_all_masked_gives_zero_loss_and_zero_grads():
 def test_bad_input_names_the_argument():
     hs, ht, ws, wt, mask, bs, bt = inputs()
     f = vgs.fused_chunked_divergence_loss
-    with pytest.raises(ValueError, match="beta"):
-        f(hs, ht, ws, wt, mask, 0.5)
-    with pytest.raises(ValueError, match="vocabularies differ"):
+    for beta in (-0.5, 2.0):
+        with pytest.raises(ValueError, match="beta must be a number in"):
+            f(hs, ht, ws, wt, mask, beta)
+    with pytest.raises(ValueError, match="vocabularies differ.*vocab_size"):
         f(hs, ht, ws, wt[:-1], mask, 1.0)
+    with pytest.raises(ValueError, match="vocab_size must be.*w_student has 1001 rows, w_teacher 1000"):
+        f(hs, ht, ws, wt[:-1], mask, 1.0, vocab_size=1001)
     with pytest.raises(ValueError, match="h_s must be"):
         f(hs, ht, ws[:, :-1], wt, mask, 1.0)
     with pytest.raises(ValueError, match="h_a must be"):
@@ -141,3 +146,27 @@ def test_num_items_in_batch_every_type_trl_takes():
     for bad in (True, torch.tensor([3, 4]), "13"):
         with pytest.raises(ValueError, match="num_items_in_batch"):
             run(vgs.fused_chunked_divergence_loss, *x, num_items_in_batch=bad)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_padded_heads_vocab_size(beta):
+    """Qwen2.5-VL-7B's head has 152,064 rows and 3B's 151,936 (151,665 ids): with vocab_size both distributions
+    are over the first n ids. Equal to TRL on the cut heads; the padded rows (NaN here) are never read and get
+    a zero gradient."""
+    hs, ht, ws, wt, mask, bs, bt = inputs(bias=True, V=1001)
+    n = 990
+    pad_s = torch.cat([ws.detach(), torch.full((7, ws.shape[1]), float("nan"))]).requires_grad_()
+    pad_t = torch.cat([wt, torch.full((23, wt.shape[1]), float("nan"))])
+    bias_s = torch.cat([bs.detach(), torch.full((7,), float("nan"))]).requires_grad_()
+    bias_t = torch.cat([bt, torch.full((23,), float("nan"))])
+    ours = run(vgs.fused_chunked_divergence_loss, hs, ht, pad_s, pad_t, mask, bias_s, bias_t, beta=beta,
+               vocab_size=n)
+    cut = (ws.detach()[:n].requires_grad_(), wt[:n], mask, bs.detach()[:n].requires_grad_(), bt[:n])
+    ref = run(trl_dt._chunked_divergence_loss, hs, ht, *cut, beta=beta)
+    for a, b in zip(ref[:3], ours[:3]):
+        torch.testing.assert_close(b, a.to(b.dtype), rtol=1e-5, atol=1e-6)
+    g_h, g_w, g_b = ours[3]
+    torch.testing.assert_close(g_h, ref[3][0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(g_w[:n], ref[3][1], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(g_b[:n], ref[3][2], rtol=1e-4, atol=1e-6)
+    assert (g_w[n:] == 0).all() and (g_b[n:] == 0).all()

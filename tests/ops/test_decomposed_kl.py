@@ -7,6 +7,8 @@ Tolerances: terms are fp32 whatever the input dtype, so only fp32 accumulation e
 fp32, 2e-3 fp16, 1.6e-2 bf16; atol 1e-5).
 Triton runs under TRITON_INTERPRET=1 (set by conftest without CUDA) on small shapes.
 """
+import math
+
 import pytest
 import torch
 
@@ -20,7 +22,14 @@ CUDA = torch.cuda.is_available()
 CPU_TRITON = HAS_TRITON and TRITON_INTERPRET
 BACKENDS = ["reference"] + (["cpp"] if HAS_CPP else []) + (["triton"] if CPU_TRITON else [])
 GRAD_RTOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-9}
-MODES = ["detached", "prior_grad", "monolithic"]
+MODES = ["detached", "prior_grad", "monolithic", "forward_kl", "jsd"]
+BETAS = {"forward_kl": 0.0, "jsd": 0.3}  # the monolithic mode's other divergences (TRL's beta)
+
+
+def mode_kw(mode):
+    """(monolithic, the keyword arguments of decomposed_kl and of its reference) of a test mode."""
+    mono = mode in ("monolithic", *BETAS)
+    return mono, dict(detach_prior=mode != "prior_grad", **({"beta": BETAS[mode]} if mode in BETAS else {}))
 
 
 def logits(shape, dtype=torch.float32, device="cpu", seed=0, scale=3.0):
@@ -43,10 +52,11 @@ def run(fn, s, u, a, b, cot, **kw):
 
 def check_against_reference(backend, shape, dtype, mode, mask=None, temperature=1.0, seed=0):
     s, u, a, b = logits(shape, dtype, seed=seed)
-    if mode == "monolithic":
+    mono, kw = mode_kw(mode)
+    if mono:
         u = b = None
     cot = torch.randn((4, *shape[:-1]), generator=torch.Generator().manual_seed(seed + 1))
-    kw = dict(mask=mask, temperature=temperature, detach_prior=mode != "prior_grad")
+    kw = dict(mask=mask, temperature=temperature, **kw)
     exact = [None if x is None else x.double() for x in (s, u, a, b)]
     ref, ref_g = run(decomposed_kl_reference, *exact, cot.double(), **kw)
     out, out_g = run(vgs.decomposed_kl, s, u, a, b, cot, backend=backend, **kw)
@@ -68,7 +78,7 @@ def test_matches_reference(backend, mode, dtype):
     mask = torch.tensor([[True, False, True], [True, True, False]])
     out = check_against_reference(backend, (2, 3, 1423), dtype, mode, mask=mask, temperature=1.7)
     assert (out.std[mask] > 0).all() and (out.std[~mask] == 0).all()
-    if mode != "monolithic":
+    if not mode_kw(mode)[0]:
         assert all((t[mask] > 0).all() for t in out)
     else:
         assert all((t == 0).all() for t in out[1:])
@@ -85,11 +95,12 @@ def test_full_qwen_vocab_row(backend):
 def test_gradcheck_float64(backend, mode):
     s, u, a, b = logits((3, 9), torch.float64, scale=2.0)
     mask = torch.tensor([True, False, True])
-    if mode == "monolithic":
+    mono, kw = mode_kw(mode)
+    if mono:
         u = b = None
 
     def f(s, u):
-        kw = dict(temperature=1.3, detach_prior=mode != "prior_grad")
+        kw.update(temperature=1.3)
         if backend == "autograd":
             return decomposed_kl_reference(s, u, a, b, mask, **kw)
         return vgs.decomposed_kl(s, u, a, b, mask, backend=backend, **kw)
@@ -302,10 +313,10 @@ def test_finfo_min_in_all_four_rows(backend, dtype, mode):
     rows = logits((2, 130), dtype, seed=5)
     for x in rows:
         x[0, [3, 64, 129]] = torch.finfo(dtype).min
-    if mode == "monolithic":
+    mono, kw = mode_kw(mode)
+    if mono:
         rows[1] = rows[3] = None
     cot = torch.rand(4, 2) + 0.5
-    kw = dict(detach_prior=mode != "prior_grad")
     out, out_g = run(vgs.decomposed_kl, *rows, cot, backend=backend, **kw)
     masked = [None if x is None else x.double().clamp_min(-1e4) for x in rows]
     ref, ref_g = run(decomposed_kl_reference, *masked, cot.double(), **kw)
@@ -378,11 +389,12 @@ def test_min_bytes():
 @pytest.mark.parametrize("mode", MODES)
 def test_triton_gpu_vs_reference(n, v, dtype, mode):
     s, u, a, b = logits((n, v), dtype, device="cuda", seed=n)
-    if mode == "monolithic":
+    mono, kw = mode_kw(mode)
+    if mono:
         u = b = None
     mask = torch.rand(n, device="cuda") > 0.1
     cot = torch.randn(4, n, device="cuda")
-    kw = dict(temperature=1.3, detach_prior=mode != "prior_grad")
+    kw.update(temperature=1.3)
     out, out_g = run(vgs.decomposed_kl, s, u, a, b, cot, mask=mask, backend="triton", **kw)
     # Exact reference: float64, 256 rows at a time to bound its [rows, V] temporaries.
     for r in torch.arange(n, device="cuda").split(256):
@@ -398,3 +410,42 @@ def test_triton_gpu_vs_reference(n, v, dtype, mode):
 @pytest.mark.skipif(not (CUDA and HAS_TRITON), reason="needs CUDA and triton")
 def test_triton_gpu_torch_compile_inductor():
     test_torch_compile_traces_the_op("triton", device="cuda", compiler="inductor")
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # numpy, in the interpreter
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", list(BETAS))
+def test_divergences_masked_vocabulary(backend, mode):
+    """-inf in both rows (a token neither model can produce) and in the teacher's only: the JSD stays finite
+    (m >= (1 - beta) p), the forward KL too (q = 0 there), with exact zeros where p = q = 0."""
+    s, _, a, _ = logits((3, 40), seed=7)
+    s[:, 5] = a[:, 5] = -math.inf
+    a[:, 9] = -math.inf
+    _, kw = mode_kw(mode)
+    cot = torch.rand(4, 3) + 0.5
+    out, (ds,) = run(vgs.decomposed_kl, s, None, a, None, cot, backend=backend, temperature=0.9, **kw)
+    ref, (ref_ds,) = run(decomposed_kl_reference, s.double(), None, a.double(), None, cot.double(), temperature=0.9,
+                         **kw)
+    assert out.std.isfinite().all() and ds.isfinite().all() and (ds[:, 5] == 0).all()
+    torch.testing.assert_close(out.std.double(), ref.std, atol=1e-5, rtol=2e-5)
+    torch.testing.assert_close(ds.double(), ref_ds, atol=1e-6, rtol=1e-4)
+
+
+def test_divergence_arguments():
+    s, u, a, b = logits((2, 11))
+    with pytest.raises(ValueError, match="beta=0.5: the four-term split"):
+        vgs.decomposed_kl(s, u, a, b, beta=0.5)
+    for bad in (-0.1, 1.5, float("nan"), True, "1"):
+        with pytest.raises(ValueError, match="beta must be a number in"):
+            vgs.decomposed_kl(s, None, a, None, beta=bad)
+    # beta = 1 is the reverse KL, and the limits of the JSD are the two KLs
+    rev = vgs.decomposed_kl(s, None, a, None, beta=1.0).std
+    torch.testing.assert_close(rev, vgs.decomposed_kl(s, None, a, None).std)
+    fwd = vgs.decomposed_kl(a, None, s, None).std  # KL(q || p) with the roles swapped
+    torch.testing.assert_close(vgs.decomposed_kl(s, None, a, None, beta=0.0).std, fwd)
+    s, a = s.double(), a.double()  # the JSD's limits, beta -> 0 and 1: beta KL(q || p), (1 - beta) KL(p || q)
+    torch.testing.assert_close(vgs.decomposed_kl(s, None, a, None, beta=1e-7).std / 1e-7, fwd.double(), rtol=1e-3,
+                               atol=1e-6)
+    torch.testing.assert_close(vgs.decomposed_kl(s, None, a, None, beta=1 - 1e-7).std / 1e-7, rev.double(),
+                               rtol=1e-3, atol=1e-6)

@@ -293,3 +293,31 @@ def test_no_grad_computes_values_only(monkeypatch):
         got = loss(h_s, h_u, w_s, h_a, h_b, w_t, mask)
     for name in ("total", "std", "vis", "lp", "vds"):
         torch.testing.assert_close(getattr(got, name), getattr(want, name).detach())
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.4])
+def test_monolithic_divergences_and_padded_heads(beta):
+    """The monolithic mode's forward KL / JSD through the heads, with heads of different sizes cut to
+    vocab_size: the reference's terms and gradients; the padded rows are never read (NaN) and get zeros."""
+    h_s, _, w_s, h_a, _, w_t, b_s, mask = make(bias=True, v=50)
+    n = 45
+    w_pad = torch.cat([w_s.detach(), torch.full((3, w_s.shape[1]), float("nan"), dtype=w_s.dtype)]).requires_grad_()
+    b_pad = torch.cat([b_s.detach(), torch.full((3,), float("nan"), dtype=b_s.dtype)]).requires_grad_()
+    w_t_pad = torch.cat([w_t, torch.full((9, w_t.shape[1]), float("nan"), dtype=w_t.dtype)])
+    kw = dict(temperature=1.3, softcap=4.0, beta=beta, vocab_size=n)
+    got = vgs.fused_linear_decomposed_kl(h_s, None, w_pad, h_a, None, w_t_pad, mask, bias_student=b_pad, chunk_size=4,
+                                         **kw).std
+    ref = fused_linear_decomposed_kl_reference(h_s, None, w_s[:n], h_a, None, w_t[:n], mask, bias_student=b_s[:n],
+                                               **{k: v for k, v in kw.items() if k != "vocab_size"}).std
+    close(got, ref, torch.float64, "divergence")
+    g = grads((got * 1.7).sum(), [h_s, w_pad, b_pad])
+    want = grads((ref * 1.7).sum(), [h_s, w_s, b_s])
+    close(g[0], want[0], torch.float64, "h_s")
+    close(g[1][:n], want[1][:n], torch.float64, "w")
+    close(g[2][:n], want[2][:n], torch.float64, "bias")
+    assert (g[1][n:] == 0).all() and (g[2][n:] == 0).all()
+    loss = vgs.FusedLinearVGSLoss(vocab_size=n, chunk_size=4, reduction="sum")
+    out = loss(h_s, h_s.detach() * 0.9, w_pad, h_a, h_a * 1.1, w_t_pad, mask, bias_student=b_pad)
+    assert torch.isfinite(out.total) and all(torch.isfinite(x).all() for x in grads(out.total, [h_s, w_pad]))
+    with pytest.raises(ValueError, match="four-term split"):
+        vgs.fused_linear_decomposed_kl(h_s, h_s, w_s, h_a, h_a, w_t, beta=beta)

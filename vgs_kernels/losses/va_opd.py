@@ -30,7 +30,7 @@ from torch import Tensor
 from vgs_kernels.ops.decomposed_kl import acc_dtype, decomposed_kl, kl_forward, valid_mask
 from vgs_kernels.losses.base import DistillationLoss
 from vgs_kernels.ops.fused_linear import (HeadPair, Pair, as_pair, chunk_rows, compute_dtype, full_tensor,
-                                         fused_linear_decomposed_kl)
+                                         fused_linear_decomposed_kl, vocab_heads)
 
 
 class VAOPDOutput(NamedTuple):
@@ -118,10 +118,13 @@ class VAOPDLoss(DistillationLoss):
                      tokens: Tensor, mask: Optional[Tensor], group_ids: Tensor, *,
                      bias_student: Optional[Tensor] = None, bias_teacher: Optional[Tensor] = None,
                      logit_scale: Pair = 1.0, softcap: Optional[Pair] = None,
-                     chunk_size: Optional[int] = None) -> VAOPDOutput:
+                     chunk_size: Optional[int] = None, vocab_size: Optional[int] = None) -> VAOPDOutput:
         """The same from hidden states: h_s [B, T, H_s], h_a / h_weak [B, T, H_t], heads [V, H_*] (the
         logit transforms of `fused_linear_decomposed_kl`). Differentiable w.r.t. h_s, w_student,
-        bias_student. Cost: the OPD loss's four head products plus two teacher ones (a's LSE, ã)."""
+        bias_student. vocab_size: over the first n ids (padded heads, `fused_linear_decomposed_kl`). Cost: the
+        OPD loss's four head products plus two teacher ones (a's LSE, ã)."""
+        w_student, w_teacher, bias_student, bias_teacher = vocab_heads(w_student, w_teacher, bias_student,
+                                                                       bias_teacher, vocab_size)
         if h_weak.shape != h_a.shape:
             raise ValueError(f"h_weak must match h_a {tuple(h_a.shape)}, got {tuple(h_weak.shape)}")
         valid = self._check(tokens, mask, group_ids, h_s.shape[:2], w_student.shape[0], h_s.device)

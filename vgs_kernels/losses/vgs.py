@@ -27,7 +27,8 @@ from torch import Tensor
 
 from vgs_kernels.losses.base import Count, DistillationLoss
 from vgs_kernels.ops.decomposed_kl import KLTerms, acc_dtype, decomposed_kl, valid_mask
-from vgs_kernels.ops.fused_linear import FusedLinearConfig, Gate, Pair, check_inputs, fused_linear_kl_loss
+from vgs_kernels.ops.fused_linear import (FusedLinearConfig, Gate, Pair, check_inputs, fused_linear_kl_loss,
+                                         vocab_heads)
 
 STEER = ("visual", "language")
 
@@ -258,8 +259,8 @@ class FusedLinearVGSLoss(VGSLoss):
     """`VGSLoss` from hidden states and LM-head weights, never materialising the [N, V] logits.
 
     Same configuration as VGSLoss (reductions "sequence", "token", "sum"), plus: logit_scale,
-    softcap (number or (student, teacher) pair), chunk_size / memory_budget, fp32_weight_grad (see
-    `fused_linear_decomposed_kl`) and
+    softcap (number or (student, teacher) pair), vocab_size, chunk_size / memory_budget,
+    fp32_weight_grad (see `fused_linear_decomposed_kl`) and
     components: True (default) keeps the gradients of std, vis and lp apart, so out.std, out.vis
       and out.lp are each differentiable (exact steering: one backward per component) and
       out.total too; False computes only the combined gradient (2 matmuls and one kl_backward
@@ -276,8 +277,8 @@ class FusedLinearVGSLoss(VGSLoss):
     def __init__(self, gamma: float = 2.0, lam: float = 0.01, lp_quantile: float = 0.7,
                  adaptive: bool = False, eta=None, reduction: str = "sequence", *,
                  components: bool = True, logit_scale: Pair = 1.0, softcap: Optional[Pair] = None,
-                 chunk_size: Optional[int] = None, memory_budget: Optional[int] = None,
-                 fp32_weight_grad: bool = True, **kwargs):
+                 vocab_size: Optional[int] = None, chunk_size: Optional[int] = None,
+                 memory_budget: Optional[int] = None, fp32_weight_grad: bool = True, **kwargs):
         super().__init__(gamma, lam, lp_quantile, adaptive, eta, reduction, **kwargs)
         if self.steer != "visual":
             raise ValueError(f"steer={self.steer!r} is implemented on logits only (VGSLoss); "
@@ -286,7 +287,8 @@ class FusedLinearVGSLoss(VGSLoss):
             raise ValueError("FusedLinearVGSLoss needs a scalar reduction ('sequence', 'token', "
                              "'sum'); use fused_linear_decomposed_kl for per-position terms")
         self.components, self.logit_scale, self.softcap = components, logit_scale, softcap
-        self.chunk_size, self.memory_budget, self.fp32_weight_grad = chunk_size, memory_budget, fp32_weight_grad
+        self.vocab_size, self.chunk_size, self.memory_budget = vocab_size, chunk_size, memory_budget
+        self.fp32_weight_grad = fp32_weight_grad
 
     def forward(self, h_s: Tensor, h_u: Optional[Tensor], w_student: Tensor, h_a: Tensor,
                 h_b: Optional[Tensor], w_teacher: Tensor, mask: Optional[Tensor] = None, *,
@@ -295,6 +297,8 @@ class FusedLinearVGSLoss(VGSLoss):
         """Shapes as `fused_linear_decomposed_kl`; returns VGSLossOutput like VGSLoss.forward."""
         mono = self.monolithic or (h_u is None and h_b is None)
         h_u, h_b = (None, None) if mono else (h_u, h_b)
+        w_student, w_teacher, bias_student, bias_teacher = vocab_heads(w_student, w_teacher, bias_student,
+                                                                       bias_teacher, self.vocab_size)
         check_inputs(h_s, h_u, w_student, h_a, h_b, w_teacher, mask, bias_student, bias_teacher,
                      self.temperature, self.softcap, self.chunk_size)
         lead = h_s.shape[:-1]

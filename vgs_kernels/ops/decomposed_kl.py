@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -58,8 +59,11 @@ class KLTerms(NamedTuple):
 # ----------------------------------------------------------------------------- input checks
 
 
-def _check_inputs(s, u, a, b, mask, temperature: float = 1.0) -> None:
+def _check_inputs(s, u, a, b, mask, temperature: float = 1.0, beta: float = 1.0) -> None:
     """Raises TypeError / ValueError naming the offending argument."""
+    if divergence(beta) != REVERSE and u is not None:
+        raise ValueError(f"beta={beta}: the four-term split (u, b given) is of the reverse KL (the paper's VGS); "
+                         "forward KL and JSD are the monolithic mode's (u = b = None)")
     if (u is None) != (b is None):
         raise ValueError("u and b must be given together (decomposed mode) or both be None "
                          f"(monolithic mode); got u={'None' if u is None else 'tensor'}, "
@@ -136,6 +140,34 @@ def acc_dtype(*xs: Optional[Tensor]) -> torch.dtype:
     return torch.float64 if any(x is not None and x.dtype == torch.float64 for x in xs) else torch.float32
 
 
+# The divergence of the monolithic mode, TRL's beta (p = softmax(s/T), q = softmax(a/T)): 1 the reverse
+# KL(p ‖ q) (the default, and the only one the four-term split takes), 0 the forward KL(q ‖ p), between
+# them the generalised JSD beta KL(q ‖ m) + (1 - beta) KL(p ‖ m), log m = logaddexp(log p + log(1 - beta),
+# log q + log beta). A kernel specialisation each (Triton constexpr DIV, C++ template parameter).
+REVERSE, FORWARD, JSD = 0, 1, 2
+
+
+def divergence(beta: float) -> int:
+    """The divergence mode of TRL's beta; ValueError outside [0, 1]."""
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0 <= beta <= 1:
+        raise ValueError(f"beta must be a number in [0, 1] (1: reverse KL, 0: forward KL, between: the "
+                         f"generalised JSD), got {beta!r}")
+    return REVERSE if beta == 1 else FORWARD if beta == 0 else JSD
+
+
+def _jsd_parts(lp: Tensor, lq: Tensor, beta: float) -> Tuple[Tensor, Tensor]:
+    """(KL(p ‖ m), KL(q ‖ m)) per row from log-probabilities [N, V] (0 < beta < 1)."""
+    lm = _log_m(lp, lq, beta)
+    return _kl_parts(lp, lp, lm).sum(-1), _kl_parts(lq, lq, lm).sum(-1)
+
+
+def _log_m(lp: Tensor, lq: Tensor, beta: float) -> Tensor:
+    """log((1 - beta) p + beta q); -inf where p = q = 0, without a NaN gradient there."""
+    dead = (lp == -math.inf) & (lq == -math.inf)
+    lm = torch.logaddexp(torch.where(dead, 0.0, lp) + math.log1p(-beta), torch.where(dead, 0.0, lq) + math.log(beta))
+    return torch.where(dead, -math.inf, lm)
+
+
 def _kl_parts(x: Tensor, lx: Tensor, y: Tensor) -> Tensor:
     """e^lx (x - y) per token with the masked-vocabulary limits: 0 where x = -inf, +inf where
     only y = -inf (lx = log-probabilities of x; x, y: logits or log-probabilities)."""
@@ -152,8 +184,9 @@ def _q_logits(xu: Tensor, xa: Tensor, xb: Tensor) -> Tuple[Tensor, Tensor]:
     return torch.where(dead | unbounded, -math.inf, q), unbounded.any(-1)
 
 
-def _forward_reference(s, u, a, b, inv_t: float, mask):
-    """Plain-torch row forward with the same outputs as the kernels (terms [4, N], stats [5, N])."""
+def _forward_reference(s, u, a, b, inv_t: float, mask, beta: float = 1.0):
+    """Plain-torch row forward with the same outputs as the kernels (terms [4, N], stats [5, N]; JSD keeps
+    KL(p ‖ m) in the stats row of the unused u)."""
     mono = u is None
     n, acc = s.shape[0], acc_dtype(s, u, a, b)
     valid = torch.ones(n, dtype=torch.bool, device=s.device) if mask is None else mask
@@ -166,10 +199,17 @@ def _forward_reference(s, u, a, b, inv_t: float, mask):
         return _kl_parts(x, x - lse_x[:, None], y).sum(-1) - lse_x + lse_y
 
     lse_s, lse_a = xs.logsumexp(-1), xa.logsumexp(-1)
-    std = kl(xs, lse_s, xa, lse_a)
+    mode, aux = divergence(beta), zero
+    if mode == REVERSE:
+        std = kl(xs, lse_s, xa, lse_a)
+    elif mode == FORWARD:
+        std = kl(xa, lse_a, xs, lse_s)
+    else:
+        aux, kl_qm = _jsd_parts(xs - lse_s[:, None], xa - lse_a[:, None], beta)
+        std = beta * kl_qm + (1 - beta) * aux
     if mono:
         terms = torch.stack([std, zero, zero, zero])
-        stats = torch.stack([lse_s, zero, lse_a, zero, zero])
+        stats = torch.stack([lse_s, aux, lse_a, zero, zero])
     else:
         xq, unbounded = _q_logits(xu, xa, xb)
         lse_u, lse_b = xu.logsumexp(-1), xb.logsumexp(-1)
@@ -181,7 +221,7 @@ def _forward_reference(s, u, a, b, inv_t: float, mask):
 
 
 def _backward_reference(s, u, a, b, stats, terms, grad_terms, inv_t: float, detach_prior: bool,
-                        mask, out_dtype):
+                        mask, out_dtype, beta: float = 1.0):
     """Plain-torch row backward from the closed-form gradients (docs/ARCHITECTURE.md, "The method"), with exact zeros
     where p (pu) = 0 and terms of zero cotangent dropped, as the kernels do."""
     n, acc = s.shape[0], acc_dtype(s, u, a, b)
@@ -198,6 +238,14 @@ def _backward_reference(s, u, a, b, stats, terms, grad_terms, inv_t: float, deta
         return torch.where(g != 0, g * x, 0.0)
 
     p = (xs - lse_s).exp()
+    mode = divergence(beta)
+    if mode == FORWARD:  # d KL(q ‖ p) / ds = p - q
+        return (weighted(g_std, p - (xa - lse_a).exp()) * inv_t).to(out_dtype or s.dtype), None
+    if mode == JSD:  # (1 - beta) p (log p - log m - KL(p ‖ m)); lse_u's row holds KL(p ‖ m)
+        lp, lq = xs - lse_s, xa - lse_a
+        lm = _log_m(lp, lq, beta)
+        ds = weighted(g_std, (1 - beta) * (torch.where(xs == -math.inf, 0.0, lp - lm) - lse_u))
+        return (torch.where(xs == -math.inf, 0.0, p * ds) * inv_t).to(out_dtype or s.dtype), None
     d_sa = xs - xa
     ds = weighted(g_std, d_sa + lse_a - lse_s - std)
     if u is not None:
@@ -216,9 +264,9 @@ def _backward_reference(s, u, a, b, stats, terms, grad_terms, inv_t: float, deta
 
 def decomposed_kl_reference(s: Tensor, u: Optional[Tensor], a: Tensor, b: Optional[Tensor],
                             mask: Optional[Tensor] = None, temperature: float = 1.0,
-                            detach_prior: bool = True) -> KLTerms:
+                            detach_prior: bool = True, beta: float = 1.0) -> KLTerms:
     """Plain-torch (log_softmax, autograd) version of `decomposed_kl`, for tests and as a spec."""
-    _check_inputs(s, u, a, b, mask, temperature)
+    _check_inputs(s, u, a, b, mask, temperature, beta)
     keep = None if mask is None else valid_mask(mask, (), mask.device)[..., None]
     acc = acc_dtype(s, u, a, b)
 
@@ -230,7 +278,12 @@ def decomposed_kl_reference(s: Tensor, u: Optional[Tensor], a: Tensor, b: Option
         return _kl_parts(lp, lp, lq).sum(-1)
 
     ls, la = logp(s), logp(a.detach())
-    std = kl(ls, la)
+    mode = divergence(beta)
+    if mode == JSD:
+        kl_pm, kl_qm = _jsd_parts(ls, la, beta)
+        std = beta * kl_qm + (1 - beta) * kl_pm
+    else:
+        std = kl(ls, la) if mode == REVERSE else kl(la, ls)
     if u is None:
         vis = lang = vds = torch.zeros_like(std)
     else:
@@ -299,12 +352,16 @@ if triton is not None:
         return tl.where(x == -float("inf"), 0.0, tl.where(d == float("inf"), d, w * d))
 
     @triton.jit
-    def _fwd_block(xs, xu, xa, xb, st, MONO: tl.constexpr, FTZ: tl.constexpr):
-        """Adds one block into the per-lane state st (see _kl_forward_kernel)."""
+    def _fwd_block(xs, xu, xa, xb, st, MONO: tl.constexpr, FTZ: tl.constexpr, DIV: tl.constexpr):
+        """Adds one block into the per-lane state st (see _kl_forward_kernel). A_std: E_p[s - a] (reverse
+        KL), E_q[a - s] (forward), nothing (JSD: its second pass)."""
         m_s, m_u, m_a, m_b, m_q, S_s, S_u, S_a, S_b, S_q, A_std, A_vis, A_lang, A_vds, n_unb = st
         m_s, S_s, old_s, w_s = _lse_step(m_s, S_s, xs, FTZ)
         m_a, S_a, old_a, w_a = _lse_step(m_a, S_a, xa, FTZ)
-        A_std = A_std * old_s + tl.sum(_kl_part(w_s, xs, xa), 1)
+        if DIV == 0:
+            A_std = A_std * old_s + tl.sum(_kl_part(w_s, xs, xa), 1)
+        elif DIV == 1:
+            A_std = A_std * old_a + tl.sum(_kl_part(w_a, xa, xs), 1)
         if not MONO:
             # q* = 0 where pu qa = 0; unbounded (counted, Vis = +inf) where only qb = 0.
             dead = (xu == -float("inf")) | (xa == -float("inf"))
@@ -320,6 +377,22 @@ if triton is not None:
         return m_s, m_u, m_a, m_b, m_q, S_s, S_u, S_a, S_b, S_q, A_std, A_vis, A_lang, A_vds, n_unb
 
     @triton.jit
+    def _log2_m(ls, la, c_p, c_q):
+        """log2((1 - beta) p + beta q) from base-2 log-probabilities (c_p = log2(1 - beta), c_q = log2(beta));
+        -inf where p = q = 0."""
+        x, y = ls + c_p, la + c_q
+        hi = tl.maximum(x, y)
+        safe = tl.where(hi == -float("inf"), 0.0, hi)
+        return tl.where(hi == -float("inf"), hi, safe + tl.log2(tl.exp2(x - safe) + tl.exp2(y - safe)))
+
+    @triton.jit
+    def _jsd_block(xs, xa, l_s, l_a, c_p, c_q, P, Q):
+        """Adds one block's p (log p - log m) and q (log q - log m) (base 2, [R, K] tiles) into P, Q [R]."""
+        ls, la = xs - l_s, xa - l_a
+        lm = _log2_m(ls, la, c_p, c_q)
+        return P + tl.sum(_kl_part(tl.exp2(ls), ls, lm), 1), Q + tl.sum(_kl_part(tl.exp2(la), la, lm), 1)
+
+    @triton.jit
     def _lane_scale(m):
         """Row maximum M of per-lane maxima m and each lane's rescale 2^(m - M) to it."""
         M = tl.max(m, 0)
@@ -327,13 +400,15 @@ if triton is not None:
 
     @triton.jit
     def _kl_forward_kernel(s_ptr, u_ptr, a_ptr, b_ptr, mask_ptr, terms_ptr, stats_ptr,
-                           stride_s, stride_u, stride_a, stride_b, N, V, inv_t,
+                           stride_s, stride_u, stride_a, stride_b, N, V, inv_t, beta,
                            HAS_MASK: tl.constexpr, MONO: tl.constexpr, BLOCK: tl.constexpr,
-                           FTZ: tl.constexpr, K: tl.constexpr):
+                           FTZ: tl.constexpr, K: tl.constexpr, DIV: tl.constexpr):
         """One row per program, one pass over V in [BLOCK // K, K] tiles: running maxima and sums
         (base 2) per tile row of K contiguous elements (one thread's), so the loop has no
         cross-thread reduction and costs 1 + 1/K exps per element per log-sum-exp. Full blocks
-        load unmasked (vectorised); the tail block is masked, its missing columns read as -inf."""
+        load unmasked (vectorised); the tail block is masked, its missing columns read as -inf.
+        DIV (monolithic mode): 0 reverse KL, 1 forward KL (one pass each), 2 JSD of ``beta`` (log m
+        needs both LSEs: a second pass over s and a)."""
         row = tl.program_id(0).to(tl.int64)
         if HAS_MASK:
             valid = tl.load(mask_ptr + row) != 0
@@ -348,18 +423,37 @@ if triton is not None:
         for start in range(0, n_full, BLOCK):
             xs, xu, xa, xb = _load_rows(s_ptr, u_ptr, a_ptr, b_ptr, stride_s, stride_u, stride_a,
                                         stride_b, row, start + cols0, c, None, MONO, False)
-            st = _fwd_block(xs, xu, xa, xb, st, MONO, FTZ)
+            st = _fwd_block(xs, xu, xa, xb, st, MONO, FTZ, DIV)
         cols = V // BLOCK * BLOCK + cols0
+        tail = cols < tl.where(valid, V, 0)
         xs, xu, xa, xb = _load_rows(s_ptr, u_ptr, a_ptr, b_ptr, stride_s, stride_u, stride_a,
-                                    stride_b, row, cols, c, cols < tl.where(valid, V, 0), MONO, True)
-        st = _fwd_block(xs, xu, xa, xb, st, MONO, FTZ)
+                                    stride_b, row, cols, c, tail, MONO, True)
+        st = _fwd_block(xs, xu, xa, xb, st, MONO, FTZ, DIV)
         m_s, m_u, m_a, m_b, m_q, S_s, S_u, S_a, S_b, S_q, A_std, A_vis, A_lang, A_vds, n_unb = st
         # KL(softmax(x) || softmax(y)) = E_x[x - y] - LSE(x) + LSE(y), here in nats from base 2.
         M_s, r_s = _lane_scale(m_s)
         M_a, r_a = _lane_scale(m_a)
-        ss, sa, a_std = tl.sum(S_s * r_s, 0), tl.sum(S_a * r_a, 0), tl.sum(A_std * r_s, 0)
+        ss, sa = tl.sum(S_s * r_s, 0), tl.sum(S_a * r_a, 0)
         lse_s, lse_a = (M_s + tl.log2(ss)) * LN2, (M_a + tl.log2(sa)) * LN2
-        tl.store(terms_ptr + row, tl.where(valid, a_std / ss * LN2 - lse_s + lse_a, 0.0))
+        if DIV == 0:
+            std = tl.sum(A_std * r_s, 0) / ss * LN2 - lse_s + lse_a
+        elif DIV == 1:
+            std = tl.sum(A_std * r_a, 0) / sa * LN2 - lse_a + lse_s
+        else:  # JSD: beta KL(q || m) + (1 - beta) KL(p || m); KL(p || m) kept in the stats row of u
+            l_s, l_a = lse_s * LOG2E, lse_a * LOG2E
+            c_p, c_q = tl.log2(1.0 - beta), tl.log2(beta)
+            P, Q = z, z
+            for start in range(0, n_full, BLOCK):
+                xs, _, xa, _ = _load_rows(s_ptr, u_ptr, a_ptr, b_ptr, stride_s, stride_u, stride_a, stride_b, row,
+                                          start + cols0, c, None, True, False)
+                P, Q = _jsd_block(xs, xa, l_s, l_a, c_p, c_q, P, Q)
+            xs, _, xa, _ = _load_rows(s_ptr, u_ptr, a_ptr, b_ptr, stride_s, stride_u, stride_a, stride_b, row,
+                                      cols, c, tail, True, True)
+            P, Q = _jsd_block(xs, xa, l_s, l_a, c_p, c_q, P, Q)
+            kl_pm, kl_qm = tl.sum(P, 0) * LN2, tl.sum(Q, 0) * LN2
+            std = beta * kl_qm + (1.0 - beta) * kl_pm
+            tl.store(stats_ptr + N + row, tl.where(valid, kl_pm, 0.0))
+        tl.store(terms_ptr + row, tl.where(valid, std, 0.0))
         tl.store(stats_ptr + row, tl.where(valid, lse_s, 0.0))
         tl.store(stats_ptr + 2 * N + row, tl.where(valid, lse_a, 0.0))
         if not MONO:
@@ -388,15 +482,22 @@ if triton is not None:
     @triton.jit
     def _bwd_block(s_ptr, u_ptr, a_ptr, b_ptr, ds_ptr, du_ptr, stride_s, stride_u, stride_a,
                    stride_b, stride_ds, stride_du, row, cols, lm, sm, c, inv_t, k, MONO: tl.constexpr,
-                   DETACH: tl.constexpr, MASKED: tl.constexpr, TAIL: tl.constexpr, FTZ: tl.constexpr):
-        """ds, du of one block; k = the row's constants (base-2 LSEs, cotangents, folded terms).
-        MASKED: loads under lm (-inf elsewhere); TAIL: stores under sm."""
+                   DETACH: tl.constexpr, MASKED: tl.constexpr, TAIL: tl.constexpr, FTZ: tl.constexpr,
+                   DIV: tl.constexpr):
+        """ds, du of one block; k = the row's constants (base-2 LSEs, cotangents, folded terms; the JSD
+        puts beta, KL(p || m), log2(1 - beta), log2(beta) in the slots of g_vis, c_u, l_q, l_u). MASKED:
+        loads under lm (-inf elsewhere); TAIL: stores under sm."""
         l_s, l_u, l_a, l_q, g_std, g_vis, g_lang, c_s, c_u = k
         xs, xu, xa, xb = _load_rows(s_ptr, u_ptr, a_ptr, b_ptr, stride_s, stride_u, stride_a,
                                     stride_b, row, cols, c, lm, MONO, MASKED)
         p = _exp2(xs - l_s, FTZ)
         d_sa = (xs - xa) * LN2  # nats
-        if MONO:
+        if DIV == 1:  # forward KL: p - q
+            ds = _weighted(g_std, p - _exp2(xa - l_a, FTZ))
+        elif DIV == 2:  # JSD: (1 - beta) p (log p - log m - KL(p || m)), the p below
+            ls = xs - l_s
+            ds = _weighted(g_std, (1.0 - g_vis) * ((ls - _log2_m(ls, xa - l_a, l_q, l_u)) * LN2 - c_u))
+        elif MONO:
             ds = _weighted(g_std, d_sa) + c_s
         else:
             d_ub = (xu - xb) * LN2
@@ -413,7 +514,10 @@ if triton is not None:
                 tl.store(du_ptr + row * stride_du + cols, du, mask=sm)
             else:
                 tl.store(du_ptr + row * stride_du + cols, du)
-        ds = tl.where(xs == -float("inf"), 0.0, p * ds * inv_t).to(ds_ptr.dtype.element_ty)
+        if DIV == 1:
+            ds = (ds * inv_t).to(ds_ptr.dtype.element_ty)
+        else:
+            ds = tl.where(xs == -float("inf"), 0.0, p * ds * inv_t).to(ds_ptr.dtype.element_ty)
         if TAIL:
             tl.store(ds_ptr + row * stride_ds + cols, ds, mask=sm)
         else:
@@ -422,8 +526,8 @@ if triton is not None:
     @triton.jit
     def _kl_backward_kernel(s_ptr, u_ptr, a_ptr, b_ptr, mask_ptr, stats_ptr, terms_ptr, g_ptr,
                             ds_ptr, du_ptr, stride_s, stride_u, stride_a, stride_b, stride_ds,
-                            stride_du, N, V, inv_t, HAS_MASK: tl.constexpr, MONO: tl.constexpr,
-                            DETACH: tl.constexpr, BLOCK: tl.constexpr, FTZ: tl.constexpr):
+                            stride_du, N, V, inv_t, beta, HAS_MASK: tl.constexpr, MONO: tl.constexpr,
+                            DETACH: tl.constexpr, BLOCK: tl.constexpr, FTZ: tl.constexpr, DIV: tl.constexpr):
         """ds = p (g_std (log p - log qa - Std) + g_vis (log p - log q* - Vis)) / T and
         du = [g_lang pu (log pu - log qb - Lang) + (not DETACH) g_vis (q* - p)] / T, per-row
         constants folded in first; exact zeros where p (pu) = 0 and terms of zero cotangent
@@ -451,17 +555,20 @@ if triton is not None:
             c_s += _weighted(g_vis, lse_q - lse_s - vis)
             c_u = _weighted(g_lang, lse_b - lse_u - lang)
         k = (lse_s * LOG2E, lse_u * LOG2E, lse_a * LOG2E, lse_q * LOG2E, g_std, g_vis, g_lang, c_s, c_u)
+        if DIV == 2:  # the JSD's constants in the monolithic mode's unused slots (see _bwd_block)
+            kl_pm = tl.where(valid, tl.load(stats_ptr + N + row).to(tl.float32), 0.0)
+            k = (lse_s * LOG2E, tl.log2(beta), lse_a * LOG2E, tl.log2(1.0 - beta), g_std, beta, g_lang, c_s, kl_pm)
         cols0 = tl.arange(0, BLOCK)
         n_full = V // BLOCK * BLOCK
         if valid:
             for start in range(0, n_full, BLOCK):
                 _bwd_block(s_ptr, u_ptr, a_ptr, b_ptr, ds_ptr, du_ptr, stride_s, stride_u, stride_a,
                            stride_b, stride_ds, stride_du, row, start + cols0, None, None, c, inv_t,
-                           k, MONO, DETACH, False, False, FTZ)
+                           k, MONO, DETACH, False, False, FTZ, DIV)
             cols = n_full + cols0
             _bwd_block(s_ptr, u_ptr, a_ptr, b_ptr, ds_ptr, du_ptr, stride_s, stride_u, stride_a,
                        stride_b, stride_ds, stride_du, row, cols, cols < V, cols < V, c, inv_t, k,
-                       MONO, DETACH, True, True, FTZ)
+                       MONO, DETACH, True, True, FTZ, DIV)
         else:  # masked row: exact zeros, nothing read
             for start in range(0, V, BLOCK):
                 cols = start + cols0
@@ -491,13 +598,13 @@ def _triton_launch(x: Tensor, v: int, mono: bool, forward: bool, itemsize: int =
     return ctx, block, 8 if block >= 1024 else 4, 1
 
 
-def _fake_forward(s, u, a, b, inv_temperature, mask):
+def _fake_forward(s, u, a, b, inv_temperature, mask, beta=1.0):
     acc = acc_dtype(s, u, a, b)
     return s.new_empty(4, s.shape[0], dtype=acc), s.new_empty(N_STATS, s.shape[0], dtype=acc)
 
 
 def _fake_backward(s, u, a, b, stats, terms, grad_terms, inv_temperature, detach_prior, mask,
-                   out_dtype):
+                   out_dtype, beta=1.0):
     ds = s.new_empty(s.shape, dtype=out_dtype or s.dtype)
     return ds, (s.new_empty(0) if u is None else u.new_empty(u.shape, dtype=out_dtype or u.dtype))
 
@@ -506,7 +613,7 @@ if triton is not None:
 
     @torch.library.custom_op("vgs_kernels::decomposed_kl_forward_triton", mutates_args=())
     def _forward_triton(s: Tensor, u: Optional[Tensor], a: Tensor, b: Optional[Tensor],
-                        inv_temperature: float, mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+                        inv_temperature: float, mask: Optional[Tensor], beta: float = 1.0) -> Tuple[Tensor, Tensor]:
         mono, (n, v), acc = u is None, s.shape, acc_dtype(s, u, a, b)
         terms = s.new_zeros(4, n, dtype=acc)  # zeros: the kernel skips unused rows when mono
         stats = s.new_zeros(N_STATS, n, dtype=acc)
@@ -518,18 +625,18 @@ if triton is not None:
         with ctx:
             _kl_forward_kernel[(n,)](s, u, a, b, s if mask is None else mask, terms, stats,
                                      s.stride(0), u.stride(0), a.stride(0), b.stride(0), n, v,
-                                     inv_temperature, HAS_MASK=mask is not None, MONO=mono,
-                                     BLOCK=block, FTZ=_ftz(s), K=k, num_warps=warps)
+                                     inv_temperature, beta, HAS_MASK=mask is not None, MONO=mono,
+                                     BLOCK=block, FTZ=_ftz(s), K=k, DIV=divergence(beta), num_warps=warps)
         return terms, stats
 
     @torch.library.custom_op("vgs_kernels::decomposed_kl_backward_triton", mutates_args=())
     def _backward_triton(s: Tensor, u: Optional[Tensor], a: Tensor, b: Optional[Tensor],
                          stats: Tensor, terms: Tensor, grad_terms: Tensor, inv_temperature: float,
                          detach_prior: bool, mask: Optional[Tensor],
-                         out_dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tensor]:
+                         out_dtype: Optional[torch.dtype], beta: float = 1.0) -> Tuple[Tensor, Tensor]:
         mono, (n, v) = u is None, s.shape
         ds, du = _fake_backward(s, u, a, b, stats, terms, grad_terms, inv_temperature,
-                                detach_prior, mask, out_dtype)
+                                detach_prior, mask, out_dtype, beta)
         if n == 0:
             return ds, du
         u, b, du_rows = (s, a, ds) if mono else (u, b, du)
@@ -538,9 +645,9 @@ if triton is not None:
             _kl_backward_kernel[(n,)](s, u, a, b, s if mask is None else mask, stats.contiguous(),
                                       terms.contiguous(), grad_terms.contiguous(), ds, du_rows,
                                       s.stride(0), u.stride(0), a.stride(0), b.stride(0),
-                                      ds.stride(0), du_rows.stride(0), n, v, inv_temperature,
+                                      ds.stride(0), du_rows.stride(0), n, v, inv_temperature, beta,
                                       HAS_MASK=mask is not None, MONO=mono, DETACH=detach_prior,
-                                      BLOCK=block, FTZ=_ftz(s), num_warps=warps)
+                                      BLOCK=block, FTZ=_ftz(s), DIV=divergence(beta), num_warps=warps)
         return ds, du
 
     _forward_triton.register_fake(_fake_forward)
@@ -555,43 +662,55 @@ if HAS_CPP:  # the C++ ops (csrc/decomposed_kl.cpp) get the same shape functions
 
 
 def kl_forward(s: Tensor, u: Optional[Tensor], a: Tensor, b: Optional[Tensor], inv_temperature: float,
-               mask: Optional[Tensor] = None, *, backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
+               mask: Optional[Tensor] = None, *, backend: Optional[str] = None,
+               beta: float = 1.0) -> Tuple[Tensor, Tensor]:
     """Row forward, no autograd.
 
     s, u, a, b: [N, V] logits, any float dtypes, unit stride along V (row stride free); u and b
-    both None = monolithic mode (only Std). mask: bool [N] or None (False rows are not read).
-    Returns terms: [4, N] fp32 (rows std, vis, lang, vds; zero where masked, and vis/lang/vds
-    zero in monolithic mode) and stats: [5, N] fp32 natural-log LSEs of s/T, u/T, a/T, b/T,
-    (u+a-b)/T (the input of `kl_backward`; interchangeable between backends).
+    both None = monolithic mode (only Std, the divergence of ``beta``: `divergence`). mask: bool [N] or
+    None (False rows are not read). Returns terms: [4, N] fp32 (rows std, vis, lang, vds; zero where
+    masked, and vis/lang/vds zero in monolithic mode) and stats: [5, N] fp32 natural-log LSEs of s/T,
+    u/T, a/T, b/T, (u+a-b)/T (the JSD keeps KL(p ‖ m) in the row of u) (the input of `kl_backward`;
+    interchangeable between backends).
     """
-    name = resolve(s.device, backend)
+    name = _backend(s.device, backend, beta)
     if name == "cpp":
         return torch.ops.vgs_kernels.decomposed_kl_forward(s, u, a, b, inv_temperature, mask)
     if name == "triton":
-        return torch.ops.vgs_kernels.decomposed_kl_forward_triton(s, u, a, b, inv_temperature, mask)
-    return _forward_reference(s, u, a, b, inv_temperature, mask)
+        return torch.ops.vgs_kernels.decomposed_kl_forward_triton(s, u, a, b, inv_temperature, mask, float(beta))
+    return _forward_reference(s, u, a, b, inv_temperature, mask, beta)
 
 
 def kl_backward(s: Tensor, u: Optional[Tensor], a: Tensor, b: Optional[Tensor], stats: Tensor,
                 terms: Tensor, grad_terms: Tensor, inv_temperature: float, detach_prior: bool,
                 mask: Optional[Tensor] = None, *, backend: Optional[str] = None,
-                out_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Optional[Tensor]]:
+                out_dtype: Optional[torch.dtype] = None, beta: float = 1.0) -> Tuple[Tensor, Optional[Tensor]]:
     """Row backward, no autograd: ds, du from one cotangent per term per row.
 
-    s, u, a, b, mask, inv_temperature: as given to `kl_forward`; stats [5, N] and terms [4, N]:
+    s, u, a, b, mask, inv_temperature, beta: as given to `kl_forward`; stats [5, N] and terms [4, N]:
     its outputs. grad_terms: [4, N] fp32 cotangents of std, vis, lang (the vds row is ignored:
     nothing flows into the teacher). Returns ds: [N, V] and du: [N, V] (None in monolithic mode),
     in s.dtype / u.dtype, or both in `out_dtype` when given; zero on masked rows.
     """
-    name = resolve(s.device, backend)
+    name = _backend(s.device, backend, beta)
     grad_terms = grad_terms.to(acc_dtype(s, u, a, b)).contiguous()
     if name == "reference":
         return _backward_reference(s, u, a, b, stats, terms, grad_terms, inv_temperature,
-                                   detach_prior, mask, out_dtype)
-    op = (torch.ops.vgs_kernels.decomposed_kl_backward if name == "cpp"
-          else torch.ops.vgs_kernels.decomposed_kl_backward_triton)
-    ds, du = op(s, u, a, b, stats, terms, grad_terms, inv_temperature, detach_prior, mask, out_dtype)
+                                   detach_prior, mask, out_dtype, beta)
+    if name == "cpp":
+        ds, du = torch.ops.vgs_kernels.decomposed_kl_backward(s, u, a, b, stats, terms, grad_terms, inv_temperature,
+                                                               detach_prior, mask, out_dtype)
+    else:
+        ds, du = torch.ops.vgs_kernels.decomposed_kl_backward_triton(s, u, a, b, stats, terms, grad_terms,
+                                                                      inv_temperature, detach_prior, mask,
+                                                                      out_dtype, float(beta))
     return ds, (None if u is None else du)
+
+
+def _backend(device: torch.device, backend: Optional[str], beta: float) -> str:
+    name = resolve(device, backend)
+    # TODO(#29): the C++ kernel's divergence template parameter lands after issue 31's restructuring
+    return "reference" if name == "cpp" and divergence(beta) != REVERSE else name
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -610,10 +729,10 @@ class DecomposedKLFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, s, u, a, b, mask, inv_t: float, detach_prior: bool, backend: Optional[str]):
-        terms, stats = kl_forward(s, u, a, b, inv_t, mask, backend=backend)
+    def forward(ctx, s, u, a, b, mask, inv_t: float, detach_prior: bool, backend: Optional[str], beta: float):
+        terms, stats = kl_forward(s, u, a, b, inv_t, mask, backend=backend, beta=beta)
         ctx.save_for_backward(s, u, a, b, mask, stats, terms)
-        ctx.inv_t, ctx.detach_prior, ctx.backend = inv_t, detach_prior, backend
+        ctx.inv_t, ctx.detach_prior, ctx.backend, ctx.beta = inv_t, detach_prior, backend, beta
         ctx.set_materialize_grads(False)
         std, vis, lang, vds = terms.unbind(0)
         ctx.mark_non_differentiable(vds)  # a statistic of the teacher: no gradient anywhere
@@ -627,17 +746,17 @@ class DecomposedKLFunction(torch.autograd.Function):
         live_u = u is not None and (g_lang is not None or (g_vis is not None and not ctx.detach_prior))
         need_s, need_u = ctx.needs_input_grad[0] and live_s, ctx.needs_input_grad[1] and live_u
         if not (need_s or need_u):
-            return (None,) * 8
+            return (None,) * 9
         zero = terms.new_zeros(terms.shape[1:])
         grad_terms = torch.stack([zero if g is None else g for g in (g_std, g_vis, g_lang)] + [zero])
         ds, du = kl_backward(s, u, a, b, stats, terms, grad_terms, ctx.inv_t, ctx.detach_prior,
-                             mask, backend=ctx.backend)
-        return (ds if need_s else None), (du if need_u else None), None, None, None, None, None, None
+                             mask, backend=ctx.backend, beta=ctx.beta)
+        return (ds if need_s else None), (du if need_u else None), None, None, None, None, None, None, None
 
 
 def decomposed_kl(s: Tensor, u: Optional[Tensor], a: Tensor, b: Optional[Tensor],
                   mask: Optional[Tensor] = None, temperature: float = 1.0, detach_prior: bool = True,
-                  *, backend: Optional[str] = None, check_finite: bool = False) -> KLTerms:
+                  *, backend: Optional[str] = None, check_finite: bool = False, beta: float = 1.0) -> KLTerms:
     """Std, Vis, Lang, VDS per position (docs/ARCHITECTURE.md, "The method"), differentiable w.r.t. s and u.
 
     s, u: student logits with / without the image, a, b: teacher logits with / without it; all
@@ -647,6 +766,8 @@ def decomposed_kl(s: Tensor, u: Optional[Tensor], a: Tensor, b: Optional[Tensor]
     are never read (padding garbage there cannot leak). temperature divides all four rows.
     detach_prior: no gradient from Vis into u through q* (the default; docs/ARCHITECTURE.md).
     backend: force "cpp" | "triton" | "reference" (default: by device, see vgs_kernels.ops.backend).
+    beta: the monolithic mode's divergence, TRL's (`divergence`): 1 the reverse KL KL(p ‖ qa) (default),
+    0 the forward KL(qa ‖ p), between them the generalised JSD; the four-term split is the reverse KL.
     Non-finite logits in a valid row make that row's terms NaN; check_finite=True instead raises
     a ValueError naming the tensor (costs a host synchronisation, so off by default).
 
@@ -654,11 +775,11 @@ def decomposed_kl(s: Tensor, u: Optional[Tensor], a: Tensor, b: Optional[Tensor]
     every backend then accumulates in float64, which is what float64 gradcheck needs). Gradients arrive in s.dtype, u.dtype;
     the teacher rows a, b get none.
     """
-    _check_inputs(s, u, a, b, mask, temperature)
+    _check_inputs(s, u, a, b, mask, temperature, beta)
     lead, v = s.shape[:-1], s.shape[-1]
     rows = [_rows(x, v) for x in (s, u, a, b)]
     row_mask = _row_mask(mask)
-    terms = DecomposedKLFunction.apply(*rows, row_mask, 1.0 / temperature, detach_prior, backend)
+    terms = DecomposedKLFunction.apply(*rows, row_mask, 1.0 / temperature, detach_prior, backend, beta)
     if check_finite:
         _raise_if_not_finite(torch.stack(terms), rows, row_mask)
     return KLTerms(*(t.reshape(lead) for t in terms))

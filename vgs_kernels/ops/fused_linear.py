@@ -43,8 +43,8 @@ from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tup
 import torch
 from torch import Tensor
 
-from vgs_kernels.ops.decomposed_kl import (N_STATS, KLTerms, acc_dtype, decomposed_kl_reference, kl_backward,
-                                           kl_forward, valid_mask)
+from vgs_kernels.ops.decomposed_kl import (N_STATS, REVERSE, KLTerms, acc_dtype, decomposed_kl_reference,
+                                           divergence, kl_backward, kl_forward, valid_mask)
 
 Pair = Union[float, Tuple[float, float]]
 Rows = Union[slice, Tensor]
@@ -226,8 +226,8 @@ class FusedLinearConfig:
     """Everything but the tensors: the heads' transforms, temperature, chunking, backend."""
 
     def __init__(self, temperature, logit_scale, softcap, detach_prior, chunk_size, memory_budget,
-                 fp32_weight_grad, backend):
-        self.inv_t, self.logit_scale, self.softcap = 1.0 / temperature, logit_scale, softcap
+                 fp32_weight_grad, backend, beta: float = 1.0):
+        self.inv_t, self.logit_scale, self.softcap, self.beta = 1.0 / temperature, logit_scale, softcap, beta
         self.detach_prior, self.chunk_size, self.memory_budget = detach_prior, chunk_size, memory_budget
         self.fp32_weight_grad, self.backend = fp32_weight_grad, backend
         self.compute: Optional[Tuple[torch.dtype, torch.dtype]] = None
@@ -267,7 +267,7 @@ class FusedLinearKLFunction(torch.autograd.Function):
         terms = torch.zeros(4, n, dtype=acc, device=h_s.device)
         stats = torch.zeros(N_STATS, n, dtype=acc, device=h_s.device)
         for r in _chunks(n, rows, chunk):
-            terms[:, r], stats[:, r] = kl_forward(*logits(r), cfg.inv_t, backend=cfg.backend)
+            terms[:, r], stats[:, r] = kl_forward(*logits(r), cfg.inv_t, backend=cfg.backend, beta=cfg.beta)
         ctx.save_for_backward(h_s, h_u, w_s, b_s, h_a, h_b, w_t, b_t, rows, stats, terms)
         ctx.cfg = cfg
         ctx.set_materialize_grads(False)
@@ -295,7 +295,7 @@ class FusedLinearKLFunction(torch.autograd.Function):
         def chunk_step(r: Rows) -> None:  # the chunk's logits die on return, before the next chunk's
             s, u, a, b = logits(r)
             ds, du = kl_backward(s, u, a, b, stats[:, r], terms[:, r], grad_terms[:, r], cfg.inv_t,
-                                 cfg.detach_prior, backend=cfg.backend)
+                                 cfg.detach_prior, backend=cfg.backend, beta=cfg.beta)
             if live_s:
                 grads.add(0, r, heads.to_preactivation(ds, s), h_s[r], heads)
             if live_u:
@@ -306,8 +306,12 @@ class FusedLinearKLFunction(torch.autograd.Function):
         return (*grads.outputs(), None, None, None, None, None, None)
 
 
-def check_inputs(h_s, h_u, w_s, h_a, h_b, w_t, mask, b_s, b_t, temperature, softcap, chunk_size) -> None:
+def check_inputs(h_s, h_u, w_s, h_a, h_b, w_t, mask, b_s, b_t, temperature, softcap, chunk_size,
+                 beta: float = 1.0) -> None:
     """Raises TypeError / ValueError naming the offending argument."""
+    if divergence(beta) != REVERSE and h_u is not None:
+        raise ValueError(f"beta={beta}: the four-term split (h_u, h_b given) is of the reverse KL (the paper's "
+                         "VGS); forward KL and JSD are the monolithic mode's (h_u = h_b = None)")
     if (h_u is None) != (h_b is None):
         raise ValueError("h_u and h_b must be given together (decomposed) or both be None (monolithic)")
     named = [(n, t) for n, t in (("h_s", h_s), ("h_u", h_u), ("w_student", w_s), ("h_a", h_a),
@@ -324,7 +328,8 @@ def check_inputs(h_s, h_u, w_s, h_a, h_b, w_t, mask, b_s, b_t, temperature, soft
             raise ValueError(f"{name} must be an LM-head weight [V, H], got shape {tuple(w.shape)}")
     if w_s.shape[0] != w_t.shape[0]:
         raise ValueError(f"student and teacher vocabularies differ: w_student has V={w_s.shape[0]}, "
-                         f"w_teacher has V={w_t.shape[0]} (the KL needs the same vocabulary)")
+                         f"w_teacher has V={w_t.shape[0]} (the KL needs the same vocabulary); heads padded beyond "
+                         "the tokenizer's ids: pass vocab_size=len(tokenizer)")
     if h_s.dim() < 1 or h_s.shape[-1] != w_s.shape[1]:
         raise ValueError(f"h_s must be [..., {w_s.shape[1]}] (the hidden size of w_student), "
                          f"got {tuple(h_s.shape)}")
@@ -367,6 +372,23 @@ def full_tensor(t: Optional[Tensor]) -> Optional[Tensor]:
     return t
 
 
+def vocab_heads(w_s: Tensor, w_t: Tensor, b_s: Optional[Tensor], b_t: Optional[Tensor],
+                vocab_size: Optional[int]) -> Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+    """The heads as the kernels take them: DTensors gathered (`full_tensor`), and with ``vocab_size`` = n
+    their first n rows (views: the rows beyond n are never read and get a zero gradient), for heads
+    padded beyond the tokenizer's ids (Qwen2.5-VL-7B: 152,064 rows, 3B: 151,936, for 151,665 ids)."""
+    w_s, w_t, b_s, b_t = map(full_tensor, (w_s, w_t, b_s, b_t))
+    if vocab_size is None:
+        return w_s, w_t, b_s, b_t
+    sizes = (w_s.shape[0] if w_s.dim() == 2 else None, w_t.shape[0] if w_t.dim() == 2 else None)
+    if (isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1
+            or any(v is not None and vocab_size > v for v in sizes)):
+        raise ValueError(f"vocab_size must be an int in [1, the smaller head's rows]: w_student has "
+                         f"{sizes[0]} rows, w_teacher {sizes[1]}, got vocab_size={vocab_size!r}")
+    cut = lambda x: None if x is None else x[:vocab_size]  # noqa: E731
+    return cut(w_s), cut(w_t), cut(b_s), cut(b_t)
+
+
 def flatten(h: Optional[Tensor]) -> Optional[Tensor]:
     return None if h is None else h.reshape(-1, h.shape[-1])
 
@@ -378,7 +400,8 @@ def fused_linear_decomposed_kl(h_s: Tensor, h_u: Optional[Tensor], w_student: Te
                                logit_scale: Pair = 1.0, softcap: Optional[Pair] = None,
                                detach_prior: bool = True, chunk_size: Optional[int] = None,
                                memory_budget: Optional[int] = None, fp32_weight_grad: bool = True,
-                               backend: Optional[str] = None) -> KLTerms:
+                               backend: Optional[str] = None, beta: float = 1.0,
+                               vocab_size: Optional[int] = None) -> KLTerms:
     """`decomposed_kl` of the LM heads' logits without materialising them.
 
     h_s, h_u: student hidden states with / without the image [..., H_s]; w_student: [V, H_s] (may
@@ -388,15 +411,17 @@ def fused_linear_decomposed_kl(h_s: Tensor, h_u: Optional[Tensor], w_student: Te
     (student, teacher) pair, also for logit_scale). mask: bool or 0/1 of the leading shape; masked
     positions are skipped (0 terms, 0 gradients). chunk_size: positions per chunk (default: from
     `memory_budget` bytes, see `chunk_rows`). fp32_weight_grad: accumulate dW over chunks in fp32.
-    Returns KLTerms of the leading shape, float32 (float64 for float64 inputs), differentiable
-    w.r.t. h_s, h_u, w_student and bias_student; the teacher gets no gradient.
+    beta: the monolithic mode's divergence (`decomposed_kl`). vocab_size: both distributions over the
+    first n ids (`vocab_heads`: padded heads of different sizes). Returns KLTerms of the leading shape,
+    float32 (float64 for float64 inputs), differentiable w.r.t. h_s, h_u, w_student and bias_student;
+    the teacher gets no gradient.
     """
-    w_student, w_teacher, bias_student, bias_teacher = map(full_tensor, (w_student, w_teacher, bias_student,
-                                                                         bias_teacher))
+    w_student, w_teacher, bias_student, bias_teacher = vocab_heads(w_student, w_teacher, bias_student,
+                                                                   bias_teacher, vocab_size)
     check_inputs(h_s, h_u, w_student, h_a, h_b, w_teacher, mask, bias_student, bias_teacher, temperature,
-                 softcap, chunk_size)
+                 softcap, chunk_size, beta)
     cfg = FusedLinearConfig(temperature, logit_scale, softcap, detach_prior, chunk_size, memory_budget,
-                  fp32_weight_grad, backend)
+                            fp32_weight_grad, backend, beta)
     terms = FusedLinearKLFunction.apply(flatten(h_s), flatten(h_u), w_student, bias_student, flatten(h_a),
                                         flatten(h_b), w_teacher, bias_teacher, valid_rows(mask), cfg)
     return KLTerms(*(t.reshape(h_s.shape[:-1]) for t in terms))
@@ -417,12 +442,16 @@ def head_logits(h: Tensor, w: Tensor, bias: Optional[Tensor] = None, logit_scale
 def fused_linear_decomposed_kl_reference(h_s, h_u, w_student, h_a, h_b, w_teacher, mask=None, *,
                                          bias_student=None, bias_teacher=None, temperature=1.0,
                                          logit_scale: Pair = 1.0, softcap: Optional[Pair] = None,
-                                         detach_prior=True) -> KLTerms:
+                                         detach_prior=True, beta: float = 1.0,
+                                         vocab_size: Optional[int] = None) -> KLTerms:
     """Materialise the four logit tensors, then `decomposed_kl_reference` (tests, spec)."""
     (sc_s, sc_t), (cap_s, cap_t) = as_pair(logit_scale, "logit_scale"), as_pair(softcap, "softcap")
+    if vocab_size is not None:
+        w_student, w_teacher = w_student[:vocab_size], w_teacher[:vocab_size]
+        bias_student, bias_teacher = (None if x is None else x[:vocab_size] for x in (bias_student, bias_teacher))
     stu = [None if h is None else head_logits(h, w_student, bias_student, sc_s, cap_s) for h in (h_s, h_u)]
     tea = [None if h is None else head_logits(h, w_teacher, bias_teacher, sc_t, cap_t) for h in (h_a, h_b)]
-    return decomposed_kl_reference(stu[0], stu[1], tea[0], tea[1], mask, temperature, detach_prior)
+    return decomposed_kl_reference(stu[0], stu[1], tea[0], tea[1], mask, temperature, detach_prior, beta)
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -523,7 +552,7 @@ def _fused_loss(h_s, h_u, w_s, b_s, h_a, h_b, w_t, b_t, rows, valid, weights, ga
 
     def main_step(r: Rows) -> None:  # phase 2 on rows r: the Std and Vis gradients
         s, u, a, b = logits(r)
-        t, st = kl_forward(s, u, a, b, inv_t, backend=be)
+        t, st = kl_forward(s, u, a, b, inv_t, backend=be, beta=cfg.beta)
         terms[:n_terms, r] = t[:n_terms]
         if want_entropy:  # H(p) = log V - KL(p ‖ uniform): one more read of s
             flat = s.new_zeros(1, s.shape[1]).expand_as(s)
@@ -533,7 +562,7 @@ def _fused_loss(h_s, h_u, w_s, b_s, h_a, h_b, w_t, b_t, rows, valid, weights, ga
                 continue
             cot = torch.zeros_like(t)
             cot[0], cot[1] = c_std * weights[r], c_vis * w_vis[r]
-            ds, du = kl_backward(s, u, a, b, st, t, cot, inv_t, cfg.detach_prior, backend=be)
+            ds, du = kl_backward(s, u, a, b, st, t, cot, inv_t, cfg.detach_prior, backend=be, beta=cfg.beta)
             g.add(0, r, heads.to_preactivation(ds, s), h_s[r], heads)
             if not mono and not cfg.detach_prior and c_vis != 0:
                 g.add(1, r, heads.to_preactivation(du, u), h_u[r], heads)
