@@ -29,7 +29,7 @@ from torch import Tensor
 
 from vgs_kernels.ops.decomposed_kl import acc_dtype, decomposed_kl, kl_forward, valid_mask
 from vgs_kernels.losses.base import DistillationLoss
-from vgs_kernels.ops.fused_linear import (HeadPair, Pair, as_pair, chunk_rows, compute_dtype, full_tensor,
+from vgs_kernels.ops.fused_linear import (HeadPair, Pair, as_pair, chunk_rows, compute_dtype,
                                          fused_linear_decomposed_kl, vocab_heads)
 
 
@@ -66,9 +66,10 @@ def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> 
 @torch.no_grad()
 def head_token_logprobs(h: Tensor, w: Tensor, tokens: Tensor, bias: Optional[Tensor] = None,
                         temperature: float = 1.0, logit_scale: float = 1.0, softcap: Optional[float] = None,
-                        chunk_size: Optional[int] = None) -> Tensor:
-    """`token_logprobs` of the head's logits (h [..., H], w [V, H], tokens [...]), a chunk of rows at a time."""
-    out, w, bias = acc_dtype(h), full_tensor(w), full_tensor(bias)
+                        chunk_size: Optional[int] = None, vocab_size: Optional[int] = None) -> Tensor:
+    """`token_logprobs` of the head's logits (h [..., H], w [V, H], tokens [...]), a chunk of rows at a time;
+    vocab_size: over the first n ids (`vocab_heads`)."""
+    out, (w, _, bias, _) = acc_dtype(h), vocab_heads(w, w, bias, bias, vocab_size)
     heads = HeadPair(w, bias, w, bias, (compute_dtype(h),) * 2, out, logit_scale, softcap)
     n, flat_tok, rows = tokens.numel(), tokens.reshape(-1), h.reshape(-1, h.shape[-1])
     chunk = chunk_size or chunk_rows(n, w.shape[0], torch.finfo(out).bits // 8, device=h.device)
@@ -132,8 +133,9 @@ class VAOPDLoss(DistillationLoss):
                                         bias_student=bias_student, bias_teacher=bias_teacher,
                                         temperature=self.temperature, logit_scale=logit_scale, softcap=softcap,
                                         chunk_size=chunk_size).std
-        gap = [head_token_logprobs(h, w_teacher, tokens, bias_teacher, self.temperature, as_pair(logit_scale, "logit_scale")[1],
-                                   as_pair(softcap, "softcap")[1], chunk_size) for h in (h_a, h_weak)]
+        gap = [head_token_logprobs(h, w_teacher, tokens, bias_teacher, self.temperature,
+                                   as_pair(logit_scale, "logit_scale")[1], as_pair(softcap, "softcap")[1], chunk_size)
+                   for h in (h_a, h_weak)]
         return self.combine(kl, log_gap(*gap), valid, group_ids)
 
     def combine(self, kl: Tensor, va_raw: Tensor, valid: Tensor, group_ids: Tensor) -> VAOPDOutput:

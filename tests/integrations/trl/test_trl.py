@@ -110,10 +110,11 @@ def test_update_matches_independent_computation(setup, tmp_path, policy):
         try:
             with pytest.warns(vgs.SteeringConflictWarning):
                 for step in range(3):
-                    trainer.steer.health.measured(100 + step, torch.tensor(-0.25))
+                    trainer.steer.health.measured(100 + step, torch.tensor(-0.25), torch.tensor([1.0, -2.0, 0.1]),
+                                                  ("std", "vis", "lp"), ())
         finally:
             transformers.trainer.logger.removeHandler(handler)
-        assert len(records) == 1 and "-0.250" in records[0].getMessage()
+        assert len(records) == 1 and "-0.250" in records[0].getMessage() and "'vis' opposes" in records[0].getMessage()
 
 
 def test_sum_without_vgs_terms_equals_trl(setup, tmp_path):
@@ -138,20 +139,23 @@ def test_sum_without_vgs_terms_equals_trl(setup, tmp_path):
     assert not all(torch.equal(p, q) for p, q in zip(vgs_model.parameters(), student.parameters()))
 
 
-def test_opd_equals_trl(setup, tmp_path):
-    """method='opd' is trl.DistillationTrainer(beta=1) step for step: accumulation, clipping engaged
+@pytest.mark.parametrize("beta", [1.0, 0.0, 0.5])
+def test_opd_equals_trl(setup, tmp_path, beta):
+    """method='opd' is trl.DistillationTrainer(beta) step for step, for the reverse KL, the forward KL and the
+    JSD: accumulation, clipping engaged
     (max_grad_norm below the measured norms), a logit_scale and a softcap that the forwards apply (TRL reads
     them from the configs, the trainer measures the forwards), temperature != 1; the loss, grad_norm and
     entropy TRL logs are equal too."""
     proc, student, teacher, ds = setup
     suppress = VisionTokens.from_model(student, proc).ids().tolist()
     gen = {"do_sample": False, "suppress_tokens": suppress}
+    clip = 0.02 if beta == 0.5 else 0.05  # below the measured norms (the JSD's are smaller)
     s, t = applies_config_transform(copy.deepcopy(student)), applies_config_transform(copy.deepcopy(teacher))
     s.config.text_config.final_logit_softcapping, t.config.text_config.logit_scale = 3.0, 1.5
     runs = []
-    for cls, cfg_cls, kw in [(VGSDistillationTrainer, VGSDistillationConfig, dict(method="opd")),
-                             (trl.DistillationTrainer, trl.DistillationConfig, dict(beta=1.0))]:
-        args = config(tmp_path / cls.__name__, cfg_cls, generation_kwargs=gen, max_grad_norm=0.05,
+    for cls, cfg_cls, kw in [(VGSDistillationTrainer, VGSDistillationConfig, dict(method="opd", beta=beta)),
+                             (trl.DistillationTrainer, trl.DistillationConfig, dict(beta=beta))]:
+        args = config(tmp_path / cls.__name__, cfg_cls, generation_kwargs=gen, max_grad_norm=clip,
                       temperature=1.3, **kw)
         tr = cls(model=copy.deepcopy(s), teacher_model=t, args=args, train_dataset=ds, processing_class=proc)
         tr.train()
@@ -160,12 +164,13 @@ def test_opd_equals_trl(setup, tmp_path):
     assert ours.steer is None and len(our_log) == 3
     for mine, theirs in zip(our_log, ref_log):
         assert mine == pytest.approx(theirs, rel=1e-5)
-        assert mine[1] > 0.05  # clipping engaged
+        assert mine[1] > clip  # clipping engaged
     for (name, p), q in zip(ours.model.named_parameters(), ref.model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
     assert not all(torch.equal(p, q) for p, q in zip(ours.model.parameters(), s.parameters()))
-    with pytest.raises(ValueError, match="method='opd'.*reverse KL"):
-        config(tmp_path, method="opd", beta=0.5)
+    for method in ("vgs", "va_opd"):  # rows of the reverse KL say why
+        with pytest.raises(ValueError, match=f"method='{method}' trains on the reverse KL.*(Eq. 9|definition)"):
+            config(tmp_path, method=method, beta=0.5, **({"num_generations": 2} if method == "va_opd" else {}))
     with pytest.raises(ValueError, match="method must be one of"):
         config(tmp_path, method="nope")
 
@@ -259,10 +264,11 @@ def test_bad_input_raises_at_construction(setup, tmp_path):
     with pytest.raises(ValueError, match="train_dataset.*image"):
         VGSDistillationTrainer(model=copy.deepcopy(student), teacher_model=teacher, args=args,
                                train_dataset=ds.remove_columns("image"), processing_class=proc)
-    bigger = tiny_processor("qwen2_vl", task.WORDS + ["extra", "words", "here"])
-    with pytest.raises(ValueError, match="teacher_model"):
-        VGSDistillationTrainer(model=copy.deepcopy(student), teacher_model=tiny_vlm("qwen2_vl", bigger), args=args,
+    smaller = tiny_processor("qwen2_vl", task.WORDS[:-3])  # another tokenizer: its head misses ids
+    with pytest.raises(ValueError, match="teacher_model's [0-9]+, but the processor's tokenizer has"):
+        VGSDistillationTrainer(model=copy.deepcopy(student), teacher_model=tiny_vlm("qwen2_vl", smaller), args=args,
                                train_dataset=ds, processing_class=proc)
+    bigger = tiny_processor("qwen2_vl", task.WORDS + ["extra", "words", "here"])
     with pytest.raises(ValueError, match="processing_class"):
         VGSDistillationTrainer(model=copy.deepcopy(student), teacher_model=teacher, args=args, train_dataset=ds,
                                processing_class=bigger)
@@ -280,3 +286,57 @@ def test_importing_the_package_does_not_import_trl():
     code = "import sys, vgs_kernels, vgs_kernels.integrations; assert 'trl' not in sys.modules, 'trl imported'"
     root = os.path.join(os.path.dirname(__file__), "..", "..", "..")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
+
+
+def padded(model, rows):
+    """model with its vocabulary grown to `rows` (as Qwen2.5-VL-7B's 152,064 and 3B's 151,936 are past the
+    tokenizer's 151,665 ids); the new head rows are large, so that reading one would show."""
+    m = copy.deepcopy(model)
+    n = m.get_output_embeddings().weight.shape[0]
+    m.resize_token_embeddings(rows, mean_resizing=False)
+    with torch.no_grad():
+        m.get_output_embeddings().weight[n:] = 50.0
+    return m
+
+
+def test_padded_heads_opd_equals_trl_on_the_vocabulary(setup, tmp_path):
+    """Heads padded differently beyond the tokenizer (TRL refuses the pair): method='opd' on them is
+    trl.DistillationTrainer on the unpadded models, step for step (the padded rows are never read and never
+    sampled), with the forward KL; every other method trains on them too."""
+    proc, student, teacher, ds = setup
+    n = len(proc.tokenizer)
+    assert student.get_output_embeddings().weight.shape[0] == n
+    gen = {"do_sample": False, "suppress_tokens": VisionTokens.from_model(student, proc).ids().tolist()}
+    s_pad, t_pad = padded(student, n + 5), padded(teacher, n + 13)
+    runs = []
+    for cls, cfg_cls, s, t, kw in [(VGSDistillationTrainer, VGSDistillationConfig, s_pad, t_pad, dict(method="opd")),
+                                   (trl.DistillationTrainer, trl.DistillationConfig, student, teacher, {})]:
+        args = config(tmp_path / cls.__name__, cfg_cls, generation_kwargs=gen, max_steps=2, beta=0.0, **kw)
+        tr = cls(model=copy.deepcopy(s), teacher_model=t, args=args, train_dataset=ds, processing_class=proc)
+        tr.train()
+        runs.append((tr, [(h["loss"], h["grad_norm"]) for h in tr.state.log_history if "loss" in h]))
+    (ours, our_log), (ref, ref_log) = runs
+    assert set(range(n, n + 5)) <= set(ours.generation_kwargs["suppress_tokens"])
+    for mine, theirs in zip(our_log, ref_log):
+        assert mine == pytest.approx(theirs, rel=1e-5)
+    for (name, p), q in zip(ours.model.named_parameters(), ref.model.parameters()):
+        if p.shape != q.shape:  # the padded embedding / head: the first n rows as TRL's, the rest untouched
+            assert torch.equal(p[n:], s_pad.get_parameter(name)[n:]), name
+            p = p[:n]
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    for method in ("vgs", "va_opd"):
+        args = config(tmp_path / method, method=method, max_steps=1, generation_kwargs=gen,
+                      **({"num_generations": 2} if method == "va_opd" else {}))
+        tr = VGSDistillationTrainer(model=copy.deepcopy(s_pad), teacher_model=t_pad, args=args, train_dataset=ds,
+                                    processing_class=proc)
+        tr.train()
+        assert np.isfinite(tr.state.log_history[0]["loss"]) and tr.state.log_history[0]["loss"] < 10, method
+        assert torch.equal(tr.model.get_output_embeddings().weight[n:], s_pad.get_output_embeddings().weight[n:])
+
+
+def test_heads_smaller_than_the_vocabulary_raise(setup, tmp_path):
+    proc, student, teacher, ds = setup
+    n = len(proc.tokenizer)
+    with pytest.raises(ValueError, match=f"model's LM head has {n} rows and teacher_model's {n - 3}.*{n} ids"):
+        VGSDistillationTrainer(model=student, teacher_model=padded(teacher, n - 3), args=config(tmp_path),
+                               train_dataset=ds, processing_class=proc)

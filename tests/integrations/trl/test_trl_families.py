@@ -7,6 +7,7 @@ trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
 from vgs_kernels.integrations.trl import VGSDistillationTrainer  # noqa: E402
+from vgs_kernels.integrations.trl.base import lm_heads  # noqa: E402
 from vgs_kernels.testing import tiny_processor, tiny_vlm  # noqa: E402
 from vgs_kernels.vlm import VisionTokens  # noqa: E402
 
@@ -52,6 +53,6 @@ def test_heads_take_the_transform_the_forward_applies():
     student, teacher = (tiny_vlm("gemma3", proc, seed=i, **SIZES) for i in (0, 1))
     for m in (student, teacher):
         m.config.get_text_config().final_logit_softcapping = 7.0
-    heads = VGSDistillationTrainer._heads(student, teacher)
+    heads = lm_heads(student, teacher)
     assert heads.softcap == (None, None) and heads.logit_scale == (1.0, 1.0)
     assert heads.w_s is student.get_output_embeddings().weight and heads.w_t is teacher.get_output_embeddings().weight

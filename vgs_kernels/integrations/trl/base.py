@@ -38,8 +38,12 @@ class SteeredTrainerMixin:
         student = self.accelerator.unwrap_model(self.model)
         check_models(student, teacher, self.processing_class)
         self.vision = VisionTokens.from_model(student, self.processing_class)
-        # A sampled vision id (not only the image token TRL suppresses) would corrupt the rollout.
-        suppress = sorted(set(self.generation_kwargs.get("suppress_tokens") or []) | set(self.vision.ids().tolist()))
+        self._vocab = head_vocabulary(student, teacher, self.processing_class)
+        # A sampled vision id (not only the image token TRL suppresses) would corrupt the rollout, and so would
+        # an id beyond the vocabulary the losses compare (heads padded differently)
+        beyond = range(self._vocab, vocab_size(student)) if self._vocab is not None else ()
+        suppress = sorted(set(self.generation_kwargs.get("suppress_tokens") or []) | set(self.vision.ids().tolist())
+                          | set(beyond))
         self.generation_kwargs["suppress_tokens"] = suppress
         self.generation_config.suppress_tokens = suppress
         self.method, self.loss_fn = method, method.build(self.args)
@@ -72,11 +76,8 @@ class SteeredTrainerMixin:
     def _generate_and_score_completions(self, inputs):
         return add_rollout_inputs(self, inputs, super()._generate_and_score_completions(inputs))
 
-    @staticmethod
-    def _heads(student, teacher) -> Heads:
-        # the logit transform each forward applies, measured once per model (not read from its config)
-        s, t = LMHead.from_model(student), LMHead.from_model(teacher)
-        return Heads(s.weight, s.bias, t.weight, t.bias, (s.logit_scale, t.logit_scale), (s.softcap, t.softcap))
+    def _heads(self, student, teacher) -> Heads:
+        return lm_heads(student, teacher, self._vocab)
 
     def _distill_loss(self, unwrapped_student, inputs, num_items_in_batch):
         """The row's passes and loss on a micro-batch: (total, entropy_sum (NaN: not computed), n_valid)."""
@@ -202,11 +203,28 @@ def check_models(student, teacher, processor) -> None:
         t_ids = VisionTokens.from_model(teacher, processor).ids().tolist()
     except ValueError as err:
         raise ValueError(f"teacher_model: {err}") from None
-    if vocab_size(teacher) != vocab_size(student):
-        raise ValueError(f"teacher_model has a vocabulary of {vocab_size(teacher)} but model has "
-                         f"{vocab_size(student)}: VGS needs one tokenizer and vocabulary")
+    head_vocabulary(student, teacher, processor)
     if t_ids != ids:
         raise ValueError(f"teacher_model and model disagree on the vision token ids ({t_ids} vs {ids})")
+
+
+def lm_heads(student, teacher, vocab: Optional[int] = None) -> Heads:
+    """The two heads with the logit transform each forward applies (measured once per model, not read
+    from its config: vgs_kernels.LMHead) and the vocabulary the losses compare (`head_vocabulary`)."""
+    s, t = LMHead.from_model(student), LMHead.from_model(teacher)
+    return Heads(s.weight, s.bias, t.weight, t.bias, (s.logit_scale, t.logit_scale), (s.softcap, t.softcap), vocab)
+
+
+def head_vocabulary(student, teacher, processor) -> Optional[int]:
+    """None when both LM heads have the same rows (TRL's case: the whole heads), else the processor's
+    vocabulary len(tokenizer), which both heads must cover: heads padded differently beyond it (Qwen2.5-VL-7B:
+    152,064 rows, 3B: 151,936, for 151,665 ids) are compared over those ids. ValueError naming the sizes
+    when a head is smaller than the vocabulary (another tokenizer)."""
+    n, v_s, v_t = len(processor.tokenizer), vocab_size(student), vocab_size(teacher)
+    if min(v_s, v_t) < n:
+        raise ValueError(f"model's LM head has {v_s} rows and teacher_model's {v_t}, but the processor's tokenizer "
+                         f"has {n} ids: both heads must cover it (a smaller head is another tokenizer's)")
+    return None if v_s == v_t else n
 
 
 def add_rollout_inputs(trainer, inputs, out: dict) -> dict:

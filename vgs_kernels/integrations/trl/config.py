@@ -29,6 +29,12 @@ class SteeringArguments:
     steering_patience: Optional[int] = field(default=3, metadata={
         "help": "SteeringConflictWarning after this many uphill measurements in a row (None: never)."})
 
+    @property
+    def divergence_beta(self) -> float:
+        """The distillation divergence (TRL's DistillationConfig.beta): the reverse KL (1.0) unless the
+        config says otherwise (VGSDistillationConfig's beta; GRPO's beta is its KL penalty, not this)."""
+        return 1.0
+
     def check_steering(self, trainer: str, steered: bool = True) -> None:
         """Raises ValueError naming the field for settings the hook or ``trainer`` would refuse later
         (``steered``: the method's backward goes through the hook)."""

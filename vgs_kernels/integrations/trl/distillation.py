@@ -19,6 +19,7 @@ way in the README is the route).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -38,7 +39,8 @@ class VGSDistillationConfig(SteeringArguments, DistillationConfig):
     """A ``trl.DistillationConfig`` with the steering fields (config.py) and the method table's.
 
     method: the row of METHODS. num_generations: rollouts per prompt (va_opd groups them). va_*: VA-OPD's
-    settings. ``beta`` (TRL's divergence) must stay 1.0: VGS splits the reverse KL and "opd" is it.
+    settings. ``beta``: TRL's divergence (1 reverse KL, 0 forward KL, between: JSD); "opd" takes every
+    beta, "vgs" and "va_opd" are of the reverse KL (their rows say why).
     """
 
     method: str = field(default="vgs", metadata={"help": f"Distillation method, one of {tuple(METHODS)}."})
@@ -47,6 +49,10 @@ class VGSDistillationConfig(SteeringArguments, DistillationConfig):
     va_top_frac: float = field(default=0.2, metadata={"help": "va_opd: share of each rollout's tokens in H."})
     va_lam: float = field(default=0.5, metadata={"help": "va_opd: weight of H's mean KL (lambda)."})
     va_tau: float = field(default=1.0, metadata={"help": "va_opd: temperature of the rollout softmax (tau)."})
+
+    @property
+    def divergence_beta(self) -> float:
+        return self.beta
 
     def __post_init__(self):
         super().__post_init__()
@@ -63,10 +69,22 @@ class VGSDistillationConfig(SteeringArguments, DistillationConfig):
         if self.num_generations > 1 and self.method != "va_opd":
             raise ValueError(f"num_generations={self.num_generations} groups rollouts for method='va_opd'; "
                              f"method={self.method!r} would train on repeated prompts: drop it")
-        if self.beta != 1.0:
-            raise ValueError(f"beta={self.beta}: method={self.method!r} trains on the reverse KL (beta=1.0; VGS "
-                             "decomposes it, 'opd' is it); forward KL / JSD are not in the kernel yet: set beta=1.0")
+        why = METHODS[self.method].reverse_kl_only
+        if self.beta != 1.0 and why:
+            raise ValueError(f"beta={self.beta}: method={self.method!r} trains on the reverse KL (beta=1.0): {why}; "
+                             "method='opd' takes every beta")
         self.check_steering("VGSDistillationTrainer", METHODS[self.method].steered)
+
+
+@contextlib.contextmanager
+def _config_vocab(model: torch.nn.Module, vocab: int):
+    """model's text config says ``vocab`` inside (for TRL's same-vocabulary check), its own value after."""
+    cfg = model.config.get_text_config()
+    own, cfg.vocab_size = cfg.vocab_size, vocab
+    try:
+        yield
+    finally:
+        cfg.vocab_size = own
 
 
 class VGSDistillationTrainer(SteeredTrainerMixin, DistillationTrainer):
@@ -93,9 +111,12 @@ class VGSDistillationTrainer(SteeredTrainerMixin, DistillationTrainer):
             raise ValueError(f"train_dataset has columns {columns} but no 'image' or 'images' column: VGS "
                              "splits the visual from the language part of the loss and needs an image per prompt")
         processor = kwargs.get("processing_class", rest[1] if len(rest) > 1 else None)
+        same_vocab = contextlib.nullcontext()
         if processor is not None and all(isinstance(m, torch.nn.Module) for m in (model, teacher_model)):
             check_models(model, teacher_model, processor)  # before TRL's own, less specific, checks
-        super().__init__(model, teacher_model, args, train_dataset, *rest, **kwargs)
+            same_vocab = _config_vocab(teacher_model, model.config.get_text_config().vocab_size)
+        with same_vocab:  # TRL refuses heads padded differently; the losses compare the tokenizer's ids
+            super().__init__(model, teacher_model, args, train_dataset, *rest, **kwargs)
         teacher = self.accelerator.unwrap_model(self.teacher_model) if self.teacher_model is not None else None
         self._setup_method(METHODS[args.method], teacher)  # models loaded from names by TRL checked too
 

@@ -18,8 +18,10 @@ TEXT_KEYS = ("token_type_ids", "mm_token_type_ids")
 
 
 class Heads(NamedTuple):
-    """The two LM heads as the losses take them: weights [V, H], biases [V] or None, and the
-    (student, teacher) logit_scale and final_logit_softcapping pairs of the model configs."""
+    """The two LM heads as the losses take them: weights [V_s, H_s], [V_t, H_t], biases or None, the
+    (student, teacher) logit_scale and softcap pairs their forwards apply (vgs_kernels.LMHead), and
+    vocab_size: None when both heads have the same rows, else the tokenizer's vocabulary (heads padded
+    differently beyond it, as Qwen2.5-VL-7B's and 3B's: the losses compare the first vocab_size ids)."""
 
     w_s: Tensor
     b_s: Optional[Tensor]
@@ -27,6 +29,7 @@ class Heads(NamedTuple):
     b_t: Optional[Tensor]
     logit_scale: Tuple[float, float]
     softcap: Tuple[Optional[float], Optional[float]]
+    vocab_size: Optional[int] = None
 
 
 LossResult = Tuple[Tensor, Optional[Tensor], Any]
@@ -47,7 +50,9 @@ class Method(NamedTuple):
     * ``log(metrics, out, mask, num_items_in_batch)``: the row's own metrics into TRL's ``_metrics``;
     * ``rollouts(trainer, inputs, out)``: extra per-rollout tensors added to the generation batch ``out``
       (dict of [B_gen, ...] tensors, split and shuffled into micro-batches by TRL with the rest): what
-      must see the whole generation batch or is computed once per rollout; None: nothing.
+      must see the whole generation batch or is computed once per rollout; None: nothing;
+    * ``reverse_kl_only``: why the row trains on the reverse KL only (TRL's ``beta`` must be 1), or None
+      when it takes every ``beta`` (the config checks it).
     """
 
     passes: Tuple[str, ...]
@@ -56,6 +61,7 @@ class Method(NamedTuple):
     loss: Callable[..., LossResult]
     log: Callable[[dict, Any, Tensor, Any], None]
     rollouts: Optional[Callable[[Any, list, dict], None]] = None
+    reverse_kl_only: Optional[str] = None
 
     @property
     def text_only(self) -> bool:

@@ -61,7 +61,8 @@ def rollouts(trainer, inputs: list, out: dict) -> None:
     for view_args, view_kwargs in ((full, vision), weak):
         h, heads = teacher_hidden(trainer, view_args, view_kwargs)
         gap.append(head_token_logprobs(h, heads.w_t, ids.to(h.device), heads.b_t, args.temperature,
-                                       heads.logit_scale[1], heads.softcap[1]).to(ids.device))
+                                       heads.logit_scale[1], heads.softcap[1],
+                                       vocab_size=heads.vocab_size).to(ids.device))
     va = fn.visual_advantage(gap[0] - gap[1], valid)
     group_ids = torch.arange(ids.shape[0], device=ids.device) // args.num_generations
     weights, n_prompts = fn.rollout_weights(va, valid, group_ids)
@@ -78,7 +79,7 @@ def loss(trainer, inputs, hidden, heads: Heads, mask, num_items_in_batch) -> Los
     kl = fused_linear_decomposed_kl(hidden["student"], None, heads.w_s, hidden["teacher"], None, heads.w_t, valid,
                                     bias_student=heads.b_s, bias_teacher=heads.b_t,
                                     temperature=trainer.args.temperature, logit_scale=heads.logit_scale,
-                                    softcap=heads.softcap).std
+                                    softcap=heads.softcap, vocab_size=heads.vocab_size).std
     loss_k, high = trainer.loss_fn.rollout_losses(kl, inputs["va"].to(kl.device), valid)
     return (inputs["va_weight"].to(loss_k.device) * loss_k).sum(), None, (kl.detach(), high, valid)
 
@@ -89,4 +90,5 @@ def log(m: dict, out, loss_mask, num_items_in_batch) -> None:
     m["va/kl_high"].append(float(kl[high].mean()) if bool(high.any()) else math.nan)
 
 
-ROW = Method(("student", "teacher"), False, build, loss, log, rollouts)
+ROW = Method(("student", "teacher"), False, build, loss, log, rollouts,
+             reverse_kl_only="VA-OPD weighs the per-token reverse KL (its definition, losses/va_opd.py)")

@@ -15,7 +15,7 @@ def build(args) -> FusedLinearVGSLoss:
 def loss(trainer, inputs, hidden, heads: Heads, mask, num_items_in_batch) -> LossResult:
     fn = trainer.loss_fn
     fn.components = trainer._needs_components()
-    fn.logit_scale, fn.softcap = heads.logit_scale, heads.softcap
+    fn.logit_scale, fn.softcap, fn.vocab_size = heads.logit_scale, heads.softcap, heads.vocab_size
     out = fn(hidden["student"], hidden["student_text"], heads.w_s, hidden["teacher"], hidden["teacher_text"],
              heads.w_t, mask.bool(), bias_student=heads.b_s, bias_teacher=heads.b_t,
              num_items_in_batch=num_items_in_batch)
@@ -33,4 +33,5 @@ def log(m: dict, out, loss_mask, num_items_in_batch) -> None:
 
 
 # VGS (docs/ARCHITECTURE.md, the paper's loss): four passes, FusedLinearVGSLoss, the steering hook
-ROW = Method(("student", "student_text", "teacher", "teacher_text"), True, build, loss, log)
+ROW = Method(("student", "student_text", "teacher", "teacher_text"), True, build, loss, log,
+             reverse_kl_only="VGS splits the reverse KL into its visual and language terms (the paper's Eq. 9)")
