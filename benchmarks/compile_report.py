@@ -120,9 +120,10 @@ def recording(into: List[Launch], case: Callable[[], str]) -> Iterator[None]:
         JITFunction.run, _backend.TRITON_INTERPRET = saved_run, saved_interp
 
 
-def _kl_call(dtype_s, dtype_t, v, mono, mask, detach, misaligned=False, n=16):
+def _kl_call(dtype_s, dtype_t, v, mono, mask, detach, misaligned=False, beta=1.0, n=16):
     """One decomposed_kl forward + backward. `mask`: False (none), True (bool) or a mask dtype (0/1
-    numbers: the wrapper turns every mask into a bool row mask, so they share its launches)."""
+    numbers: the wrapper turns every mask into a bool row mask, so they share its launches); beta: the
+    monolithic mode's divergence (DIV)."""
     import vgs_kernels as vgs
 
     def rows(dtype, grad):
@@ -132,7 +133,7 @@ def _kl_call(dtype_s, dtype_t, v, mono, mask, detach, misaligned=False, n=16):
     s, a = rows(dtype_s, True), rows(dtype_t, False)
     u, b = (None, None) if mono else (rows(dtype_s, True), rows(dtype_t, False))
     m = None if mask is False else (torch.arange(n) % 3 != 0).to(torch.bool if mask is True else mask)
-    t = vgs.decomposed_kl(s, u, a, b, m, detach_prior=detach, backend="triton")
+    t = vgs.decomposed_kl(s, u, a, b, m, detach_prior=detach, backend="triton", beta=beta)
     (t.std.sum() + t.vis.sum() + t.lang.sum()).backward()
 
 
@@ -154,10 +155,11 @@ def _dtype_name(d: torch.dtype) -> str:
     return str(d).replace("torch.", "")
 
 
-def _kl_label(ds, dt, v, mono, mask, detach, misaligned) -> str:
+def _kl_label(ds, dt, v, mono, mask, detach, misaligned, beta=1.0) -> str:
     mask_word = "" if mask is False else " mask" if mask is True else f" mask={_dtype_name(mask)}"
     return (f"decomposed_kl s={_dtype_name(ds)} t={_dtype_name(dt)} V={v}{' mono' if mono else ''}"
-            f"{mask_word}{'' if detach else ' detach_prior=False'}{' misaligned' if misaligned else ''}")
+            f"{mask_word}{'' if detach else ' detach_prior=False'}{' misaligned' if misaligned else ''}"
+            f"{'' if beta == 1.0 else f' beta={beta}'}")
 
 
 MASK_DTYPES = (torch.int64, torch.int32, torch.uint8, torch.float32, torch.bfloat16, torch.float16)
@@ -178,6 +180,8 @@ def calls(full: bool, n_params: int) -> Iterator[Tuple[str, Callable[[], None]]]
                  for detach in ((True,) if mono else (True, False))]
         kl = [(ds, dt, v, *f, mis) for ds, dt in pairs for v in (V_EST, 1000, 1001, 32000) for f in flags
               for mis in (False, True)]
+        kl += [(ds, dt, v, True, mask, True, False, beta) for ds, dt in pairs for v in (V_EST, 1001)
+               for mask in (False, True) for beta in (0.0, 0.5)]
     else:  # every student x teacher dtype mix the wrappers accept, at the widest tile (V_EST), four-term
         # (4 rows: the register-heavy case) with and without a mask; monolithic per dtype; masks of every dtype (they share the bool launches)
         mixes = [(s, t) for s in (f32, bf16, f16) for t in (f32, bf16, f16)]
@@ -186,6 +190,9 @@ def calls(full: bool, n_params: int) -> Iterator[Tuple[str, Callable[[], None]]]
         kl += [(bf16, bf16, V_EST, False, m, True, False) for m in MASK_DTYPES]
         kl += [(f16, f32, 1001, True, True, True, False), (bf16, e4, V_EST, False, True, False, False),
                (f32, f32, 1000, False, False, True, True)]
+        # the monolithic mode's other divergences (forward KL, JSD: a second pass), every dtype, one mixed pair
+        kl += [(d, d, V_EST, True, mask, True, False, beta) for d in (f32, bf16, f16) for beta in (0.0, 0.5)
+               for mask in (False, True)] + [(f32, f16, 1001, True, True, True, False, 0.5)]
     for a in kl:
         yield _kl_label(*a), (lambda a=a: _kl_call(*a))
     # Tables: one tensor, a few, the Qwen3-VL-2B list (n_params tensors), thousands.

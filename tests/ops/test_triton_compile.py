@@ -55,6 +55,14 @@ def test_every_launched_specialisation_compiles_for_sm80_sm90_gfx942_without_spi
                 for te in names:
                     base = f"decomposed_kl s={s} t={te} V={cr.V_EST}"
                     assert {base, base + " mask"} | ({base + " mono"} if s == te else set()) <= cases, (kern, tgt, base)
+    # The monolithic mode's forward KL and JSD (DIV 1, 2) compiled for every dtype, with and without a mask.
+    for kern in ("_kl_forward_kernel", "_kl_backward_kernel"):
+        for tgt in cr.TARGET_SPECS:
+            cases = {c for r in results if r["kernel"] == kern and r["target"] == tgt for c in r["cases"]}
+            for d in names:
+                for beta in ("0.0", "0.5"):
+                    base = f"decomposed_kl s={d} t={d} V={cr.V_EST} mono"
+                    assert {f"{base} beta={beta}", f"{base} mask beta={beta}"} <= cases, (kern, tgt, base, beta)
     # Masks of every dtype reach the kernels as the bool row mask: one specialisation for all.
     mask_case = f"decomposed_kl s=bfloat16 t=bfloat16 V={cr.V_EST} mask"
     for r in results:
