@@ -6,8 +6,9 @@
     vgs-bench --suite fused-linear --goal       # the issue-7 case (N=2048, H=1024, V=151,936)
     vgs-bench --suite trl                       # VGSDistillationTrainer vs trl.DistillationTrainer (needs trl)
     vgs-bench --suite trl-grpo                  # VGSGRPOTrainer (Eq. 22) vs trl.GRPOTrainer (needs trl)
-    vgs-bench --suite opd --goal                # plain OPD loss vs TRL's _chunked_divergence_loss + the
-                                                # four-matmul floor, + N=4096 H=1024 V=151,936 fp32 (needs trl)
+    vgs-bench --suite opd --goal                # plain OPD loss vs TRL's _chunked_divergence_loss, beta 1, 0,
+                                                # 0.5, + the four-matmul floor, + N=4096 H=1024 V=151,936 fp32
+                                                # (needs trl; --beta 1 for the reverse KL only)
     vgs-bench --suite loss -N 512,2048 -V 32000,151936 --modes fwd,bwd,fwdbwd --repeats 10
 
 Prints one markdown table per suite, writes results.csv, results.md and PNG plots to --out.
@@ -101,6 +102,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="opd suite: comma-separated hidden sizes (with -N: replaces the preset's cases, --dtype, "
                         "--pad; default H 1024)")
     p.add_argument("--pad", type=float, default=0.0, help="opd suite with -N: share of padding positions")
+    p.add_argument("--beta", type=lambda x: tuple(float(b) for b in x.split(",")), default=None,
+                   help="opd suite: TRL's beta values, comma-separated (default: 1,0,0.5: reverse KL, forward KL, JSD)")
     p.add_argument("--modes", default=None, help="loss suite: comma-separated from fwd,bwd,fwdbwd")
     p.add_argument("--steering-scale", type=int, default=None,
                    help="steering suite: divide Qwen3-VL-2B widths and depths by this (1 = full 2.1 B)")
@@ -188,8 +191,9 @@ def jobs(args: argparse.Namespace) -> List[Job]:
                  if args.N else list(args.preset.opd))
         sizes += [GOAL_OPD] if args.goal and GOAL_OPD not in sizes else []
         for n, h, v, dt, pad in sizes:
-            out.append(Job(f"opd N={n} H={h} V={v} {dt} pad={pad}", suite_opd.N_IMPLS,
-                           lambda c=(n, h, v, dt, dev, pad): suite_opd.cases(*c)))
+            betas = args.beta or suite_opd.BETAS
+            out.append(Job(f"opd N={n} H={h} V={v} {dt} pad={pad}", suite_opd.N_IMPLS * len(betas),
+                           lambda c=(n, h, v, dt, dev, pad): suite_opd.cases(*c, betas=betas)))
     return out
 
 

@@ -1,11 +1,12 @@
-"""Suite — plain OPD (the reverse KL of trl.DistillationTrainer(beta=1)) against TRL's own loss.
+"""Suite — plain OPD (trl.DistillationTrainer(beta): 1 the reverse KL, 0 the forward KL, 0.5 the JSD) against
+TRL's own loss with the same beta.
 
 The benchmark a TRL user looks at: forward + backward of the loss from hidden states and LM heads,
 ending with the gradients of the student's hidden states and head weight, for
 
 * ``vgs fused OPD``: `vgs_kernels.fused_chunked_divergence_loss` (the drop-in, gradients computed in
   forward while a chunk's logits are fresh: four [N, H] x [H, V]-sized products);
-* ``trl chunked``: `trl.trainer.distillation_trainer._chunked_divergence_loss(beta=1)` (the
+* ``trl chunked``: `trl.trainer.distillation_trainer._chunked_divergence_loss(beta)` (the
   reference of the agreement check; tiles recomputed in backward: six products; on a CPU it
   projects every position, padding included, as TRL does off Triton devices);
 * ``4-matmul floor``: the four products an exact fused reverse KL cannot avoid (both heads forward,
@@ -29,8 +30,12 @@ FLOOR_CHUNK = 1024
 ROWS = 4  # B: rollouts per micro-batch
 
 
+BETAS = (1.0, 0.0, 0.5)
+
+
 def cases(n: int, h: int, v: int, dtype: torch.dtype, device: torch.device, pad: float = 0.0,
-          seed: int = 0) -> List[Case]:
+          seed: int = 0, betas=BETAS) -> List[Case]:
+    """One case per beta on the same inputs (the floor does not depend on it)."""
     import vgs_kernels as vgs
     from trl.trainer.distillation_trainer import _chunked_divergence_loss
 
@@ -53,9 +58,9 @@ def cases(n: int, h: int, v: int, dtype: torch.dtype, device: torch.device, pad:
         for x in leaves.values():
             x.grad = None
 
-    def timed(loss_fn):
+    def timed(loss_fn, beta):
         def step(_):
-            loss = loss_fn(h_s, h_t, w_s, w_t, mask, 1.0)[0]
+            loss = loss_fn(h_s, h_t, w_s, w_t, mask, beta)[0]
             loss.backward()
             return {"loss": loss.detach(), **{"d" + name: x.grad for name, x in leaves.items()}}
         return step
@@ -77,8 +82,8 @@ def cases(n: int, h: int, v: int, dtype: torch.dtype, device: torch.device, pad:
         return None
 
     params = {"N": int(mask.sum()), "H": h, "V": v, "dtype": str(dtype).replace("torch.", ""), "pad": pad}
-    return [Case("opd", params, [
-        Impl("vgs fused OPD", timed(vgs.fused_chunked_divergence_loss), setup, reference="trl chunked"),
-        Impl("trl chunked", timed(_chunked_divergence_loss), setup),
+    return [Case("opd", {**params, "beta": beta}, [
+        Impl("vgs fused OPD", timed(vgs.fused_chunked_divergence_loss, beta), setup, reference="trl chunked"),
+        Impl("trl chunked", timed(_chunked_divergence_loss, beta), setup),
         Impl("4-matmul floor", floor, setup),
-    ], baselines=["trl chunked", "4-matmul floor"], tolerance=max(tolerance(dtype), 2e-3))]
+    ], baselines=["trl chunked", "4-matmul floor"], tolerance=max(tolerance(dtype), 2e-3)) for beta in betas]
