@@ -30,8 +30,11 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include <sys/mman.h>
+
+#include "elem.h"
 
 namespace {
 
@@ -210,8 +213,13 @@ struct RowOut {
 
   template <typename acc_t, typename out_t>
   static void cast(const acc_t* in, int64_t n, out_t* out) {
+    if constexpr (std::is_same_v<acc_t, float> && !std::is_floating_point_v<out_t>) {
+      // c10's scalar conversions do not vectorise (bf16's branches on NaN): the shared raw ones
+      vgs::from_float<out_t>(in, n, reinterpret_cast<typename vgs::Elem<out_t>::raw*>(out));
+    } else {
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) out[j] = static_cast<out_t>(in[j]);
+      for (int64_t j = 0; j < n; ++j) out[j] = static_cast<out_t>(in[j]);
+    }
   }
 
   void zero_row(int64_t r) const { std::memset(data + r * row_bytes, 0, row_bytes); }
