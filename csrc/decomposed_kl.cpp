@@ -132,8 +132,8 @@ struct RowIn {
   template <typename acc_t>
   Range<acc_t> load(int64_t r, int64_t c, int64_t n, acc_t it, acc_t* out, QBuild<acc_t>* q = nullptr) const {
     const char* row = data + r * row_bytes;
-    const auto line = [](const char* p) { return reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(p) & ~uintptr_t(63)); };
-    for (const char *p = line(row + (c + n) * elem), *e = row + std::min(c + n + kChunk, cols) * elem; p < e; p += 64)
+    const auto next = reinterpret_cast<uintptr_t>(row + (c + n) * elem) & ~uintptr_t(63);  // its first line
+    for (auto p = reinterpret_cast<const char*>(next); p < row + std::min(c + n + kChunk, cols) * elem; p += 64)
       __builtin_prefetch(p);
     switch (dtype) {
       case at::kFloat: return scaled(reinterpret_cast<const float*>(row) + c, n, it, out, q);
@@ -146,13 +146,13 @@ struct RowIn {
 
   template <typename in_t, typename acc_t>
   static Range<acc_t> scaled(const in_t* x, int64_t n, acc_t it, acc_t* out, QBuild<acc_t>* q) {
-    return q ? scaled<true>(x, n, it, out, *q) : scaled<false>(x, n, it, out, *q);
+    return q ? scaled<true>(x, n, it, out, q) : scaled<false>(x, n, it, out, q);
   }
 
   // Lane-wise reductions, so that GCC vectorises them (a float max reduction does not vectorise
   // under strict FP).
   template <bool kQ, typename in_t, typename acc_t>
-  static Range<acc_t> scaled(const in_t* __restrict x, int64_t n, acc_t it, acc_t* __restrict out, QBuild<acc_t>& q) {
+  static Range<acc_t> scaled(const in_t* __restrict x, int64_t n, acc_t it, acc_t* __restrict out, QBuild<acc_t>* q) {
     constexpr int L = kLanes<acc_t>;
     acc_t hi[L], lo[L], fin[L], qhi[L];
     std::fill(hi, hi + L, kNegInf<acc_t>);
@@ -166,8 +166,8 @@ struct RowIn {
       lo[l] = v < lo[l] ? v : lo[l];
       fin[l] += v * acc_t(0);
       if constexpr (kQ) {
-        const acc_t qv = q.u[j] + (q.a[j] - v);
-        q.out[j] = qv;
+        const acc_t qv = q->u[j] + (q->a[j] - v);
+        q->out[j] = qv;
         qhi[l] = qv > qhi[l] ? qv : qhi[l];
       }
     };
@@ -184,7 +184,7 @@ struct RowIn {
       rg.fin += fin[l];
       qhi[0] = std::max(qhi[0], qhi[l]);
     }
-    if constexpr (kQ) q.hi = qhi[0];
+    if constexpr (kQ) q->hi = qhi[0];
     return rg;
   }
 };
@@ -373,7 +373,8 @@ void forward_row(const Inputs& in, int64_t r, acc_t it, acc_t* terms, acc_t* sta
     acc_t scale[5] = {1, 1, 1, 1, 1}, ref[5] = {0, 0, 0, 0, 0};
     for (int k = 0; k < 5; ++k) {
       if (!used(k)) continue;
-      if (mk[k] != kNegInf<acc_t>) scale[k] = std::exp(m[k] - mk[k]), ref[k] = mk[k];  // else: all masked
+      if (mk[k] != kNegInf<acc_t>)  // else: all masked so far
+        scale[k] = mk[k] == m[k] ? acc_t(1) : std::exp(m[k] - mk[k]), ref[k] = mk[k];
       m[k] = mk[k];
     }
     for (int k = 0; k < 5; ++k) acc[k] *= scale[k];
