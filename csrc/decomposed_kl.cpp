@@ -2,11 +2,18 @@
 // gradients ds, du from per-term cotangents in one more pass (math: docs/ARCHITECTURE.md, "The method"; Python side,
 // fake kernels and the reference: vgs_kernels/ops/decomposed_kl.py).
 //
-// Rows are processed in parallel (at::parallel_for). Each row is walked in L1-sized chunks: the
-// chunk is converted to the accumulation type (fp32, or fp64 when an input is fp64) and scaled
-// by 1/T, its maxima update the running maxima (rescaling what was summed so far, as in online
-// softmax), then one vectorised loop does every exp and sum. 4 exps per element in forward (q*'s
-// from the u, a, b ones, see forward_row), so a vectorisable polynomial exp (vexp) makes it fast.
+// Rows are handed to the threads one at a time (for_rows). Each row is walked in L1-sized chunks. One
+// load pass per input row converts the chunk to the accumulation type (fp32, or fp64 when an input is
+// fp64), scales it by 1/T, prefetches the row's next chunk and records the chunk's max, min and
+// finiteness (b's pass also builds q = u + (a - b) and its max); then the running maxima are updated
+// (rescaling what was summed so far, as in online softmax) and two vectorised loops do every exp and
+// sum. A polynomial exp that GCC vectorises (vexp) makes it fast.
+//
+// Lean chunks: where every logit of the chunk is finite and within kLean of its max (of its LSE in the
+// backward), which the load passes tell, the chunk takes lexp (vexp without its clamps and -inf / NaN
+// handling), plain products instead of the masked-vocabulary selects and, in the forward, q*'s sum
+// from the u, a, b exponentials (a division instead of a fifth exp). Other chunks take the general
+// path, exact for masked vocabulary and non-finite logits.
 //
 // Masked vocabulary (exact math, docs/ARCHITECTURE.md): a token at -inf in x has probability 0 and adds
 // nothing to KL(softmax(x) || softmax(y)); a live token at -inf in y makes it +inf. q* = 0 where
@@ -17,17 +24,25 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include <sys/mman.h>
 
+#include "elem.h"
+
 namespace {
 
-constexpr int64_t kChunk = 512;  // 5 buffers x 512 x 4 B = 10 KiB: stays in L1
+// 6 buffers x 512 x 4 B = 12 KiB, plus the next chunk's 4 x 2 KiB being prefetched: stays in L1.
+constexpr int64_t kChunk = 512;
+
+template <typename acc_t>
+constexpr int kLanes = 64 / sizeof(acc_t);  // one 512-bit vector: the lane-wise reductions' width
 
 // exp(x) for x <= 88 (callers pass x - max <= 0), as Cephes expf: 2^n * P(r), |r| <= ln2/2,
 // within ~1 ulp; exactly 0 below -87 (so exp(-inf) = 0); NaN in gives NaN out. Written with
@@ -50,39 +65,127 @@ constexpr int64_t kChunk = 512;  // 5 buffers x 512 x 4 B = 10 KiB: stays in L1
   return x >= -87.0f ? e : (x < -87.0f ? 0.0f : x);
 }
 
+// vexp for x in [-87, 88] (lean chunks), bit for bit, without the clamps and the final selects (a
+// third of vexp's instructions). 2^n comes from the shifter sum's bits, not from a float-to-int
+// conversion: an input out of range gives a wrong value, never undefined behaviour.
+[[gnu::always_inline]] inline float lexp(float x) {
+  const float t = x * 1.44269504088896341f + 12582912.0f;  // 1.5 * 2^23 + n, n in the low bits
+  const float n = t - 12582912.0f;
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = (p * r * r + r) + 1.0f;
+  const uint32_t bits = (std::bit_cast<uint32_t>(t) - 0x4B400000u + 127u) << 23;  // (n + 127) << 23
+  return y * std::bit_cast<float>(bits);
+}
+
 inline double vexp(double x) { return std::exp(x); }
+inline double lexp(double x) { return std::exp(x); }
+
+// Lean chunks: exponents x - max (x - LSE) >= -kLean, so lexp is exact there.
+constexpr double kLean = 87;
+
+template <bool kLeanChunk, typename acc_t>
+[[gnu::always_inline]] inline acc_t chunk_exp(acc_t x) {
+  if constexpr (kLeanChunk) return lexp(x);
+  else return vexp(x);
+}
 
 template <typename acc_t>
 constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
 
+// What a load pass learns about its chunk: max and min (NaN ignored) and fin, a sum of x * 0:
+// exactly 0 when every value is finite, NaN when one is +-inf or NaN.
+template <typename acc_t>
+struct Range {
+  acc_t hi, lo, fin;
+  bool finite() const { return fin == acc_t(0); }
+};
+
+// b's load pass also builds q = u + (a - b) into `out` (a - b first: finfo.min in all four stays
+// finite) and its max into `hi` (the lean path's q; the general path rebuilds it with the masks).
+template <typename acc_t>
+struct QBuild {
+  const acc_t* u;
+  const acc_t* a;
+  acc_t* out;
+  acc_t hi;
+};
+
 // Rows of a 2-D tensor with unit stride along V, read as acc_t (any float dtype).
 struct RowIn {
   const char* data = nullptr;
-  int64_t row_bytes = 0;
+  int64_t row_bytes = 0, cols = 0, elem = 0;
   at::ScalarType dtype = at::kFloat;
 
   RowIn() = default;
   explicit RowIn(const at::Tensor& x)
       : data(static_cast<const char*>(x.data_ptr())), row_bytes(x.stride(0) * x.element_size()),
-        dtype(x.scalar_type()) {}
+        cols(x.size(1)), elem(x.element_size()), dtype(x.scalar_type()) {}
 
-  // out[j] = it * x[r, c + j] for j < n.
+  // out[j] = it * x[r, c + j] for j < n, and the chunk's Range (with q: QBuild). Prefetches the
+  // row's next chunk first: the hardware prefetcher alone leaves the loads waiting on memory.
   template <typename acc_t>
-  void load(int64_t r, int64_t c, int64_t n, acc_t it, acc_t* out) const {
+  Range<acc_t> load(int64_t r, int64_t c, int64_t n, acc_t it, acc_t* out, QBuild<acc_t>* q = nullptr) const {
     const char* row = data + r * row_bytes;
+    const auto next = reinterpret_cast<uintptr_t>(row + (c + n) * elem) & ~uintptr_t(63);  // its first line
+    for (auto p = reinterpret_cast<const char*>(next); p < row + std::min(c + n + kChunk, cols) * elem; p += 64)
+      __builtin_prefetch(p);
     switch (dtype) {
-      case at::kFloat: return scaled(reinterpret_cast<const float*>(row) + c, n, it, out);
-      case at::kDouble: return scaled(reinterpret_cast<const double*>(row) + c, n, it, out);
-      case at::kBFloat16: return scaled(reinterpret_cast<const c10::BFloat16*>(row) + c, n, it, out);
-      case at::kHalf: return scaled(reinterpret_cast<const c10::Half*>(row) + c, n, it, out);
+      case at::kFloat: return scaled(reinterpret_cast<const float*>(row) + c, n, it, out, q);
+      case at::kDouble: return scaled(reinterpret_cast<const double*>(row) + c, n, it, out, q);
+      case at::kBFloat16: return scaled(reinterpret_cast<const c10::BFloat16*>(row) + c, n, it, out, q);
+      case at::kHalf: return scaled(reinterpret_cast<const c10::Half*>(row) + c, n, it, out, q);
       default: TORCH_CHECK(false, "decomposed_kl: unsupported dtype ", dtype);
     }
   }
 
   template <typename in_t, typename acc_t>
-  static void scaled(const in_t* x, int64_t n, acc_t it, acc_t* out) {
+  static Range<acc_t> scaled(const in_t* x, int64_t n, acc_t it, acc_t* out, QBuild<acc_t>* q) {
+    return q ? scaled<true>(x, n, it, out, q) : scaled<false>(x, n, it, out, q);
+  }
+
+  // Lane-wise reductions, so that GCC vectorises them (a float max reduction does not vectorise
+  // under strict FP).
+  template <bool kQ, typename in_t, typename acc_t>
+  static Range<acc_t> scaled(const in_t* __restrict x, int64_t n, acc_t it, acc_t* __restrict out, QBuild<acc_t>* q) {
+    constexpr int L = kLanes<acc_t>;
+    acc_t hi[L], lo[L], fin[L], qhi[L];
+    std::fill(hi, hi + L, kNegInf<acc_t>);
+    std::fill(lo, lo + L, -kNegInf<acc_t>);
+    std::fill(fin, fin + L, acc_t(0));
+    std::fill(qhi, qhi + L, kNegInf<acc_t>);
+    const auto step = [&](int64_t j, int l) [[gnu::always_inline]] {
+      const acc_t v = static_cast<acc_t>(x[j]) * it;
+      out[j] = v;
+      hi[l] = v > hi[l] ? v : hi[l];
+      lo[l] = v < lo[l] ? v : lo[l];
+      fin[l] += v * acc_t(0);
+      if constexpr (kQ) {
+        const acc_t qv = q->u[j] + (q->a[j] - v);
+        q->out[j] = qv;
+        qhi[l] = qv > qhi[l] ? qv : qhi[l];
+      }
+    };
+    int64_t j = 0;
+    for (; j + L <= n; j += L) {
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) out[j] = static_cast<acc_t>(x[j]) * it;
+      for (int l = 0; l < L; ++l) step(j + l, l);
+    }
+    for (; j < n; ++j) step(j, 0);
+    Range<acc_t> rg{hi[0], lo[0], fin[0]};
+    for (int l = 1; l < L; ++l) {
+      rg.hi = std::max(rg.hi, hi[l]);
+      rg.lo = std::min(rg.lo, lo[l]);
+      rg.fin += fin[l];
+      qhi[0] = std::max(qhi[0], qhi[l]);
+    }
+    if constexpr (kQ) q->hi = qhi[0];
+    return rg;
   }
 };
 
@@ -110,48 +213,47 @@ struct RowOut {
 
   template <typename acc_t, typename out_t>
   static void cast(const acc_t* in, int64_t n, out_t* out) {
+    if constexpr (std::is_same_v<acc_t, float> && !std::is_floating_point_v<out_t>) {
+      // c10's scalar conversions do not vectorise (bf16's branches on NaN): the shared raw ones
+      vgs::from_float<out_t>(in, n, reinterpret_cast<typename vgs::Elem<out_t>::raw*>(out));
+    } else {
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) out[j] = static_cast<out_t>(in[j]);
+      for (int64_t j = 0; j < n; ++j) out[j] = static_cast<out_t>(in[j]);
+    }
   }
 
   void zero_row(int64_t r) const { std::memset(data + r * row_bytes, 0, row_bytes); }
 };
 
-// Max (kMax) or min of x[0, n) (NaN ignored: NaN reaches the terms through the sums instead).
-// Lane-wise so that GCC vectorises it: a float max reduction does not vectorise under strict FP.
-template <bool kMax, typename acc_t>
-acc_t chunk_extreme(const acc_t* x, int64_t n) {
-  constexpr int64_t L = 16;
-  constexpr acc_t init = kMax ? kNegInf<acc_t> : -kNegInf<acc_t>;
-  const auto pick = [](acc_t v, acc_t m) { return kMax ? (v > m ? v : m) : (v < m ? v : m); };
-  acc_t lane[L];
-  std::fill(lane, lane + L, init);
-  int64_t j = 0;
-  for (; j + L <= n; j += L) {
-#pragma omp simd
-    for (int64_t l = 0; l < L; ++l) lane[l] = pick(x[j + l], lane[l]);
-  }
-  for (; j < n; ++j) lane[0] = pick(x[j], lane[0]);
-  acc_t m = lane[0];
-  for (int64_t l = 1; l < L; ++l) m = pick(lane[l], m);
-  return m;
+// f(r) for r in [0, N), rows handed out one at a time: a thread that the OS preempts (a busy
+// machine) delays its current row only, not a static share of them.
+template <typename F>
+void for_rows(int64_t N, const F& f) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(N, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    for (int64_t r; (r = next.fetch_add(1, std::memory_order_relaxed)) < N;) f(r);
+  });
 }
 
 // e^(x - m) (x - y): one token's part of sum e^(x - m) (x - y), with the masked-vocabulary
 // limits: 0 where x = -inf (p = 0, whatever y), +inf where only y = -inf (even if e underflowed).
-template <typename acc_t>
+// Lean chunks have neither: the plain product.
+template <bool kLeanChunk, typename acc_t>
 [[gnu::always_inline]] inline acc_t kl_part(acc_t e, acc_t x, acc_t y) {
+  const acc_t d = x - y;
+  if constexpr (kLeanChunk) return e * d;
   // Selects on computed values only, then one product: GCC if-converts (and so vectorises) a
   // select, not a floating-point operation inside a branch (-ftrapping-math).
-  const acc_t d = x - y;
-  return (x == kNegInf<acc_t> ? acc_t(0) : d) * (d == -kNegInf<acc_t> ? acc_t(1) : e);
+  else return (x == kNegInf<acc_t> ? acc_t(0) : d) * (d == -kNegInf<acc_t> ? acc_t(1) : e);
 }
 
 // A term's share of the gradient, dropped when its cotangent is 0 (so that an infinite term
-// nobody differentiates cannot turn a finite gradient into NaN through 0 * inf).
-template <typename acc_t>
+// nobody differentiates cannot turn a finite gradient into NaN through 0 * inf). Lean chunks
+// have no infinite term: the plain product.
+template <bool kLeanChunk, typename acc_t>
 [[gnu::always_inline]] inline acc_t weighted(acc_t g, acc_t x) {
-  return g * (g != acc_t(0) ? x : acc_t(0));  // select, then multiply: stays vectorisable
+  if constexpr (kLeanChunk) return g * x;
+  else return g * (g != acc_t(0) ? x : acc_t(0));  // select, then multiply: stays vectorisable
 }
 
 struct Inputs {
@@ -160,46 +262,84 @@ struct Inputs {
   int64_t V;
 };
 
-// q*'s sum from the u, a, b exponentials: e^(q - mq) = eu ea / eb * e^(mu + ma - mb - mq). Used on
-// a chunk only where that is exact to rounding: every b logit of the chunk within kQGuard of its
-// running max (so eb >= e^-30 never underflows, and a product eu ea that underflows drops a term
-// below e^(-87 + 30) of the running max's) and the scalar factor in range. Otherwise (masked
-// tokens or very negative logits in b) the chunk takes the fifth exp.
-constexpr double kQGuard = 30, kQRange = 80;
+// The lean forward takes q*'s sum from the u, a, b exponentials: e^(q - R) = eu (ea / eb) with
+// R = mu + (ma - mb), times e^(R - mq) per chunk. That is exact to rounding where every b logit of
+// the chunk is within kQGuard of its max (ea / eb <= e^30 never overflows) and R - mq <= kQRange:
+// a term of weight >= e^-47 against q's max is then >= e^-87 against R (no underflow in eu (ea / eb)).
+constexpr double kQGuard = 30, kQRange = 40;
 
 // Per-row sums over one chunk: e^(x - m) for s, u, a, b, q and sum e^(x - m) (x - y) of the four
-// KLs, added into acc = {S_s, S_u, S_a, S_b, S_q, A_std, A_vis, A_lang, A_vds}.
-template <typename acc_t, bool kFastQ>
-void chunk_sums(const acc_t* xs, const acc_t* xu, const acc_t* xa, const acc_t* xb,
-                const acc_t* xq, int64_t n, const acc_t* ref, acc_t cq, acc_t* acc) {
+// KLs, added into acc = {S_s, S_u, S_a, S_b, S_q, A_std, A_vis, A_lang, A_vds}. Two loops, s and a
+// then u and b: one loop of all four exps needed more than the 32 vector registers (its nine
+// accumulators and the exps' constants) and spilled on every iteration. Lean chunks (see above):
+// lexp, plain products, S_q from the division (cq = e^(R - mq)); general ones: a fifth exp.
+template <typename acc_t, bool kMono, bool kLeanChunk>
+void chunk_sums(const acc_t* xs, const acc_t* xu, const acc_t* xa, const acc_t* xb, const acc_t* xq,
+                acc_t* ea_buf, int64_t n, const acc_t* ref, acc_t cq, acc_t* acc) {
   const acc_t ms = ref[0], mu = ref[1], ma = ref[2], mb = ref[3], mq = ref[4];
-  acc_t ss = 0, su = 0, sa = 0, sb = 0, sq = 0, a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-#pragma omp simd reduction(+ : ss, su, sa, sb, sq, a0, a1, a2, a3)
+  acc_t ss = 0, sa = 0, a0 = 0, a1 = 0, a3 = 0;
+#pragma omp simd reduction(+ : ss, sa, a0, a1, a3)
   for (int64_t j = 0; j < n; ++j) {
-    const acc_t es = vexp(xs[j] - ms), eu = vexp(xu[j] - mu), ea = vexp(xa[j] - ma),
-                eb = vexp(xb[j] - mb);
+    const acc_t es = chunk_exp<kLeanChunk>(xs[j] - ms), ea = chunk_exp<kLeanChunk>(xa[j] - ma);
     ss += es;
-    su += eu;
     sa += ea;
-    sb += eb;
-    if constexpr (kFastQ)
-      sq += eu * ea / eb * cq;
-    else
-      sq += vexp(xq[j] - mq);
-    a0 += kl_part(es, xs[j], xa[j]);
-    a1 += kl_part(es, xs[j], xq[j]);
-    a2 += kl_part(eu, xu[j], xb[j]);
-    a3 += kl_part(ea, xa[j], xb[j]);
+    a0 += kl_part<kLeanChunk>(es, xs[j], xa[j]);
+    if constexpr (!kMono) {
+      a1 += kl_part<kLeanChunk>(es, xs[j], xq[j]);
+      a3 += kl_part<kLeanChunk>(ea, xa[j], xb[j]);
+      if constexpr (kLeanChunk) ea_buf[j] = ea;
+    }
   }
-  const acc_t add[9] = {ss, su, sa, sb, sq, a0, a1, a2, a3};
-  for (int k = 0; k < 9; ++k) acc[k] += add[k];
+  acc[0] += ss, acc[2] += sa, acc[5] += a0;
+  if constexpr (!kMono) {
+    acc_t su = 0, sb = 0, sq = 0, a2 = 0;
+#pragma omp simd reduction(+ : su, sb, sq, a2)
+    for (int64_t j = 0; j < n; ++j) {
+      const acc_t eu = chunk_exp<kLeanChunk>(xu[j] - mu), eb = chunk_exp<kLeanChunk>(xb[j] - mb);
+      su += eu;
+      sb += eb;
+      if constexpr (kLeanChunk)
+        sq += eu * (ea_buf[j] / eb);
+      else
+        sq += vexp(xq[j] - mq);
+      a2 += kl_part<kLeanChunk>(eu, xu[j], xb[j]);
+    }
+    acc[1] += su, acc[3] += sb, acc[4] += kLeanChunk ? sq * cq : sq;
+    acc[6] += a1, acc[7] += a2, acc[8] += a3;
+  }
+}
+
+// The general path's q: u + (a - b) with q* = 0 (-inf) where pu qa = 0, and -inf where only qb = 0
+// (unbounded: counted into *unbounded, then Vis = +inf). Returns its max.
+template <typename acc_t>
+acc_t masked_q(const acc_t* xu, const acc_t* xa, const acc_t* xb, int64_t n, acc_t* xq, int64_t* unbounded) {
+  constexpr int L = kLanes<acc_t>;
+  acc_t hi[L];
+  std::fill(hi, hi + L, kNegInf<acc_t>);
+  int64_t count = 0;
+  const auto step = [&](int64_t j, int l) [[gnu::always_inline]] {
+    const acc_t q = xu[j] + (xa[j] - xb[j]);
+    const bool dead = xu[j] == kNegInf<acc_t> || xa[j] == kNegInf<acc_t>;
+    const bool inf = !dead && xb[j] == kNegInf<acc_t>;
+    count += inf ? 1 : 0;
+    xq[j] = dead || inf ? kNegInf<acc_t> : q;
+    hi[l] = xq[j] > hi[l] ? xq[j] : hi[l];
+  };
+  int64_t j = 0;
+  for (; j + L <= n; j += L) {
+#pragma omp simd reduction(+ : count)
+    for (int l = 0; l < L; ++l) step(j + l, l);
+  }
+  for (; j < n; ++j) step(j, 0);
+  *unbounded += count;
+  return *std::max_element(hi, hi + L);
 }
 
 // One row of the forward. terms/stats: this row's column of the [4, N] / [5, N] outputs.
 // NaN or +inf logits make the row's terms NaN (they reach the sums); -inf is a masked token.
 template <typename acc_t, bool kMono>
 void forward_row(const Inputs& in, int64_t r, acc_t it, acc_t* terms, acc_t* stats, int64_t N) {
-  alignas(64) acc_t xs[kChunk], xu[kChunk], xa[kChunk], xb[kChunk], xq[kChunk];
+  alignas(64) acc_t xs[kChunk], xu[kChunk], xa[kChunk], xb[kChunk], xq[kChunk], ea[kChunk];
   // Running maxima of s, u, a, b, q = u + a - b; acc: see chunk_sums (std, vis scale with s;
   // lang with u; vds with a).
   acc_t m[5], acc[9] = {0, 0, 0, 0, 0, 0, 0, 0, 0};
@@ -208,52 +348,41 @@ void forward_row(const Inputs& in, int64_t r, acc_t it, acc_t* terms, acc_t* sta
   constexpr auto used = [](int k) { return !kMono || k == 0 || k == 2; };  // mono: s and a only
   for (int64_t c = 0; c < in.V; c += kChunk) {
     const int64_t n = std::min(kChunk, in.V - c);
-    in.s.load(r, c, n, it, xs);
-    in.a.load(r, c, n, it, xa);
+    Range<acc_t> rg[4];
+    QBuild<acc_t> q{xu, xa, xq, kNegInf<acc_t>};
+    rg[0] = in.s.load(r, c, n, it, xs);
+    rg[2] = in.a.load(r, c, n, it, xa);
     if constexpr (!kMono) {
-      in.u.load(r, c, n, it, xu);
-      in.b.load(r, c, n, it, xb);
-      int64_t unbounded = 0;
-#pragma omp simd reduction(+ : unbounded)
-      for (int64_t j = 0; j < n; ++j) {
-        const acc_t q = xu[j] + (xa[j] - xb[j]);  // a - b first: finfo.min in all four stays finite
-        const bool dead = xu[j] == kNegInf<acc_t> || xa[j] == kNegInf<acc_t>;  // pu qa = 0
-        const bool inf = !dead && xb[j] == kNegInf<acc_t>;
-        unbounded += inf ? 1 : 0;
-        xq[j] = dead || inf ? kNegInf<acc_t> : q;  // unbounded ones: counted, then Vis = +inf
-      }
-      q_unbounded += unbounded;
+      rg[1] = in.u.load(r, c, n, it, xu);
+      rg[3] = in.b.load(r, c, n, it, xb, &q);
     }
-    const acc_t* xk[5] = {xs, xu, xa, xb, xq};
+    acc_t mk[5];  // the maxima with this chunk
+    bool lean = true;
+    for (int k = 0; k < 4; ++k) {
+      if (!used(k)) continue;
+      mk[k] = std::max(m[k], rg[k].hi);
+      lean = lean && rg[k].finite() && rg[k].lo >= mk[k] - acc_t(kLean);
+    }
+    acc_t rq = 0;
+    if constexpr (!kMono) {
+      mk[4] = std::max(m[4], q.hi);  // every q finite where lean
+      rq = mk[1] + (mk[2] - mk[3]) - mk[4];  // R - mq, R formed as q is
+      lean = lean && rg[3].lo >= mk[3] - acc_t(kQGuard) && std::isfinite(rq) && rq <= acc_t(kQRange);
+      if (!lean) mk[4] = std::max(m[4], masked_q(xu, xa, xb, n, xq, &q_unbounded));
+    }
     acc_t scale[5] = {1, 1, 1, 1, 1}, ref[5] = {0, 0, 0, 0, 0};
     for (int k = 0; k < 5; ++k) {
       if (!used(k)) continue;
-      const acc_t mk = std::max(m[k], chunk_extreme<true>(xk[k], n));
-      if (mk != kNegInf<acc_t>) scale[k] = std::exp(m[k] - mk), ref[k] = mk;  // else: all masked
-      m[k] = mk;
+      if (mk[k] != kNegInf<acc_t>)  // else: all masked so far
+        scale[k] = mk[k] == m[k] ? acc_t(1) : std::exp(m[k] - mk[k]), ref[k] = mk[k];
+      m[k] = mk[k];
     }
     for (int k = 0; k < 5; ++k) acc[k] *= scale[k];
     acc[5] *= scale[0], acc[6] *= scale[0], acc[7] *= scale[1], acc[8] *= scale[2];
-    if constexpr (kMono) {
-      const acc_t ms = ref[0], ma = ref[2];
-      acc_t ss = 0, sa = 0, a0 = 0;
-#pragma omp simd reduction(+ : ss, sa, a0)
-      for (int64_t j = 0; j < n; ++j) {
-        const acc_t es = vexp(xs[j] - ms);
-        ss += es;
-        a0 += kl_part(es, xs[j], xa[j]);
-        sa += vexp(xa[j] - ma);
-      }
-      acc[0] += ss, acc[2] += sa, acc[5] += a0;
-    } else {
-      const acc_t rq = ref[1] + ref[2] - ref[3] - ref[4];
-      const bool fast = chunk_extreme<false>(xb, n) >= m[3] - acc_t(kQGuard) && std::isfinite(rq) &&
-                        std::abs(rq) <= acc_t(kQRange) && m[4] != kNegInf<acc_t>;
-      if (fast)
-        chunk_sums<acc_t, true>(xs, xu, xa, xb, xq, n, ref, std::exp(rq), acc);
-      else
-        chunk_sums<acc_t, false>(xs, xu, xa, xb, xq, n, ref, acc_t(0), acc);
-    }
+    if (lean)
+      chunk_sums<acc_t, kMono, true>(xs, xu, xa, xb, xq, ea, n, ref, std::exp(rq), acc);
+    else
+      chunk_sums<acc_t, kMono, false>(xs, xu, xa, xb, xq, ea, n, ref, acc_t(0), acc);
   }
   acc_t lse[5] = {0, 0, 0, 0, 0};
   for (int k = 0; k < 5; ++k)
@@ -269,6 +398,46 @@ void forward_row(const Inputs& in, int64_t r, acc_t it, acc_t* terms, acc_t* sta
   for (int k = 0; k < 5; ++k) stats[k * N] = lse[k];
 }
 
+// Per-row constants of the backward (see backward_row).
+template <typename acc_t>
+struct Grad {
+  acc_t it, lse_s, lse_u, lse_q, g_std, g_vis, g_lang, c_s, c_u;
+};
+
+// ds, du over one chunk (see backward_row). Lean chunks (every logit finite, exponents >= -kLean):
+// lexp and no selects; q*'s exponent (not detached) is clamped at -kLean instead: at most e^-87
+// too much in q* - p, which no large factor multiplies.
+template <typename acc_t, bool kMono, bool kDetach, bool kLeanChunk>
+void grad_chunk(const Grad<acc_t>& k, const acc_t* xs, const acc_t* xu, const acc_t* xa, const acc_t* xb,
+                int64_t n, acc_t* ds, acc_t* du) {
+  constexpr acc_t ninf = kNegInf<acc_t>;
+  const auto w = [](acc_t g, acc_t x) [[gnu::always_inline]] { return weighted<kLeanChunk>(g, x); };
+  if constexpr (kMono) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const acc_t v = k.it * chunk_exp<kLeanChunk>(xs[j] - k.lse_s) * (w(k.g_std, xs[j] - xa[j]) + k.c_s);
+      ds[j] = kLeanChunk || xs[j] != ninf ? v : acc_t(0);
+    }
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const acc_t p = chunk_exp<kLeanChunk>(xs[j] - k.lse_s), d_sa = xs[j] - xa[j], d_ub = xu[j] - xb[j];
+      // log p - log q* - (lse_q - lse_s) = s - (u + a - b)
+      const acc_t vs = k.it * p * (w(k.g_std, d_sa) + w(k.g_vis, d_sa - d_ub) + k.c_s);
+      ds[j] = kLeanChunk || xs[j] != ninf ? vs : acc_t(0);
+      acc_t v = chunk_exp<kLeanChunk>(xu[j] - k.lse_u) * (w(k.g_lang, d_ub) + k.c_u);
+      v = kLeanChunk || xu[j] != ninf ? v : acc_t(0);
+      if constexpr (!kDetach) {
+        const acc_t x = d_ub + xa[j] - k.lse_q;
+        const bool dead = xu[j] == ninf || xa[j] == ninf;  // pu qa = 0: q* = 0
+        const acc_t eq = kLeanChunk ? lexp(x < -acc_t(kLean) ? -acc_t(kLean) : x) : vexp(x);
+        v += w(k.g_vis, (kLeanChunk || !dead ? eq : acc_t(0)) - p);
+      }
+      du[j] = k.it * v;
+    }
+  }
+}
+
 // One row of the backward: ds = (1/T) p ⊙ (g_std (log p - log qa - Std) + g_vis (log p - log q* - Vis)),
 // du = (1/T) [pu ⊙ g_lang (log pu - log qb - Lang) + (not detached) g_vis (q* - p)], expanded so
 // that every per-row constant is folded in before the loop. Tokens with p = 0 (pu = 0) get exact
@@ -277,44 +446,24 @@ template <typename acc_t, bool kMono, bool kDetach>
 void backward_row(const Inputs& in, int64_t r, acc_t it, const acc_t* stats, const acc_t* terms,
                   const acc_t* g, int64_t N, const RowOut& ds_out, const RowOut* du_out) {
   alignas(64) acc_t xs[kChunk], xu[kChunk], xa[kChunk], xb[kChunk], ds[kChunk], du[kChunk];
-  constexpr acc_t ninf = kNegInf<acc_t>;
-  const acc_t lse_s = stats[0], lse_u = stats[N], lse_a = stats[2 * N], lse_b = stats[3 * N],
-              lse_q = stats[4 * N];
-  const acc_t g_std = g[0], g_vis = kMono ? acc_t(0) : g[N], g_lang = g[2 * N];
-  const acc_t c_s = weighted(g_std, lse_a - lse_s - terms[0]) +
-                    (kMono ? acc_t(0) : weighted(g_vis, lse_q - lse_s - terms[N]));
-  const acc_t c_u = kMono ? acc_t(0) : weighted(g_lang, lse_b - lse_u - terms[2 * N]);
+  Grad<acc_t> k{it, stats[0], stats[N], stats[4 * N], g[0], kMono ? acc_t(0) : g[N], g[2 * N], 0, 0};
+  const acc_t lse_a = stats[2 * N], lse_b = stats[3 * N];
+  k.c_s = weighted<false>(k.g_std, lse_a - k.lse_s - terms[0]) +
+          (kMono ? acc_t(0) : weighted<false>(k.g_vis, k.lse_q - k.lse_s - terms[N]));
+  k.c_u = kMono ? acc_t(0) : weighted<false>(k.g_lang, lse_b - k.lse_u - terms[2 * N]);
   for (int64_t c = 0; c < in.V; c += kChunk) {
     const int64_t n = std::min(kChunk, in.V - c);
-    in.s.load(r, c, n, it, xs);
-    in.a.load(r, c, n, it, xa);
-    if constexpr (kMono) {
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) {
-        const acc_t v = it * vexp(xs[j] - lse_s) * (weighted(g_std, xs[j] - xa[j]) + c_s);
-        ds[j] = xs[j] == ninf ? acc_t(0) : v;
-      }
-    } else {
-      in.u.load(r, c, n, it, xu);
-      in.b.load(r, c, n, it, xb);
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) {
-        const acc_t p = vexp(xs[j] - lse_s), d_sa = xs[j] - xa[j], d_ub = xu[j] - xb[j];
-        // log p - log q* - (lse_q - lse_s) = s - (u + a - b)
-        const acc_t vs = it * p * (weighted(g_std, d_sa) + weighted(g_vis, d_sa - d_ub) + c_s);
-        ds[j] = xs[j] == ninf ? acc_t(0) : vs;
-        acc_t v = vexp(xu[j] - lse_u) * (weighted(g_lang, d_ub) + c_u);
-        v = xu[j] == ninf ? acc_t(0) : v;
-        if constexpr (!kDetach) {
-          const bool dead = xu[j] == ninf || xa[j] == ninf;  // pu qa = 0: q* = 0
-          const acc_t eq = vexp(d_ub + xa[j] - lse_q);
-          const acc_t q = dead ? acc_t(0) : eq;
-          v += weighted(g_vis, q - p);
-        }
-        du[j] = it * v;
-      }
-      du_out->store(r, c, n, du);
+    const Range<acc_t> rs = in.s.load(r, c, n, it, xs), ra = in.a.load(r, c, n, it, xa);
+    bool lean = rs.finite() && ra.finite() && rs.lo >= k.lse_s - acc_t(kLean);
+    if constexpr (!kMono) {
+      const Range<acc_t> ru = in.u.load(r, c, n, it, xu), rb = in.b.load(r, c, n, it, xb);
+      lean = lean && ru.finite() && rb.finite() && ru.lo >= k.lse_u - acc_t(kLean);
     }
+    if (lean)
+      grad_chunk<acc_t, kMono, kDetach, true>(k, xs, xu, xa, xb, n, ds, du);
+    else
+      grad_chunk<acc_t, kMono, kDetach, false>(k, xs, xu, xa, xb, n, ds, du);
+    if constexpr (!kMono) du_out->store(r, c, n, du);
     ds_out.store(r, c, n, ds);
   }
 }
@@ -388,14 +537,12 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& s, const std::optio
     auto* t = terms.data_ptr<scalar_t>();
     auto* st = stats.data_ptr<scalar_t>();
     const auto it = static_cast<scalar_t>(inv_temperature);
-    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        if (p.in.mask && !p.in.mask[r]) continue;  // zeros, never read
-        if (p.mono)
-          forward_row<scalar_t, true>(p.in, r, it, t + r, st + r, N);
-        else
-          forward_row<scalar_t, false>(p.in, r, it, t + r, st + r, N);
-      }
+    for_rows(N, [&](int64_t r) {
+      if (p.in.mask && !p.in.mask[r]) return;  // zeros, never read
+      if (p.mono)
+        forward_row<scalar_t, true>(p.in, r, it, t + r, st + r, N);
+      else
+        forward_row<scalar_t, false>(p.in, r, it, t + r, st + r, N);
     });
   });
   return {terms, stats};
@@ -425,23 +572,21 @@ std::tuple<at::Tensor, at::Tensor> backward(
     const auto* tp = te.data_ptr<scalar_t>();
     const auto* gp = g.data_ptr<scalar_t>();
     const auto it = static_cast<scalar_t>(inv_temperature);
-    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        if (p.in.mask && !p.in.mask[r]) {
-          ds_out.zero_row(r);
-          if (!p.mono) du_out.zero_row(r);
-          continue;
-        }
-        const auto* sr = stp + r;
-        const auto* tr = tp + r;
-        const auto* gr = gp + r;
-        if (p.mono)
-          backward_row<scalar_t, true, true>(p.in, r, it, sr, tr, gr, N, ds_out, nullptr);
-        else if (detach_prior)
-          backward_row<scalar_t, false, true>(p.in, r, it, sr, tr, gr, N, ds_out, &du_out);
-        else
-          backward_row<scalar_t, false, false>(p.in, r, it, sr, tr, gr, N, ds_out, &du_out);
+    for_rows(N, [&](int64_t r) {
+      if (p.in.mask && !p.in.mask[r]) {
+        ds_out.zero_row(r);
+        if (!p.mono) du_out.zero_row(r);
+        return;
       }
+      const auto* sr = stp + r;
+      const auto* tr = tp + r;
+      const auto* gr = gp + r;
+      if (p.mono)
+        backward_row<scalar_t, true, true>(p.in, r, it, sr, tr, gr, N, ds_out, nullptr);
+      else if (detach_prior)
+        backward_row<scalar_t, false, true>(p.in, r, it, sr, tr, gr, N, ds_out, &du_out);
+      else
+        backward_row<scalar_t, false, false>(p.in, r, it, sr, tr, gr, N, ds_out, &du_out);
     });
   });
   return {ds, du};

@@ -327,6 +327,83 @@ def test_finfo_min_in_all_four_rows(backend, dtype, mode):
         torch.testing.assert_close(o.double(), r, atol=1e-5, rtol=GRAD_RTOL[dtype])
 
 
+# One row per case, over several of the C++ kernel's 512-wide chunks: clean chunks take its lean path
+# (clamp-free exp, no masked-vocabulary selects, q*'s sum from the u, a, b exponentials), chunks with
+# one of these take the general one, and a row mixes both.
+CHUNK_EDGES = {
+    "masked": lambda x, r: x[r, 600:610].fill_(-float("inf")),             # -inf in chunk 1 only
+    "far_below": lambda x, r: x[r, 1100:1130].sub_(200.0),                  # beyond exp's -87 in chunk 2
+    "zeros": lambda x, r: x[r, 1536:].zero_(),                             # the last chunks all 0
+    "wide": lambda x, r: x[r].mul_(5.0),                                   # spans > 87 nats in every chunk
+    "just_in": lambda x, r: x[r, 1100:1130].sub_(80.0),                    # within the lean range
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("which", ["s", "u", "a", "b", "suab"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_and_general_chunks_in_one_row(backend, which, dtype):
+    rows = logits((len(CHUNK_EDGES) + 1, 4 * 512 + 37), torch.float64, seed=7)  # last row: untouched
+    for r, edge in enumerate(CHUNK_EDGES.values()):
+        for k in which:
+            edge(rows["suab".index(k)], r)
+    rows = [x.to(dtype) for x in rows]
+    oracle = [x.double().clamp_min(-1e4) for x in rows]
+    # Cotangent 0 on the terms that are +inf by definition (a live token masked in the second
+    # distribution): the loss stays finite, and so must the gradients.
+    inf_terms = {"s": "", "u": "vis", "a": "std vis", "b": "vis lang vds", "suab": ""}[which].split()
+    cot = torch.rand(4, len(rows[0]), dtype=torch.float64) + 0.5
+    for i, name in enumerate(vgs.KLTerms._fields):
+        if name in inf_terms:
+            cot[i, 0] = 0.0
+    for detach in (True, False):
+        ref, ref_g = run(decomposed_kl_reference, *oracle, cot, detach_prior=detach)
+        out, out_g = run(vgs.decomposed_kl, *rows, cot.float(), backend=backend, detach_prior=detach)
+        for name, o, r in zip(vgs.KLTerms._fields, out, ref):
+            if name in inf_terms:
+                assert o[0] == float("inf"), name
+                o, r = o[1:], r[1:]
+            torch.testing.assert_close(o.double(), r, atol=1e-5, rtol=2e-5, msg=lambda m: f"{name}: {m}")
+        for name, o, r in zip(("ds", "du"), out_g, ref_g):
+            assert o.isfinite().all(), name
+            torch.testing.assert_close(o.double(), r, atol=1e-5, rtol=GRAD_RTOL[dtype],
+                                       msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("spike", [30.0, 60.0])
+def test_prior_and_teacher_peaking_apart(backend, spike):
+    """u and a peak at different tokens: q's max lies far below mu + ma - mb, the reference the
+    lean chunks take q*'s sum against (30: within their range; 60: past it, the general path)."""
+    s, u, a, b = logits((2, 3 * 512), seed=8, scale=1.0)
+    u[:, 5] += spike
+    a[:, 700] += spike
+    check_against_reference(backend, (2, 3 * 512), torch.float32, "prior_grad", seed=8)  # sanity
+    cot = torch.rand(4, 2) + 0.5
+    ref, ref_g = run(decomposed_kl_reference, *(x.double() for x in (s, u, a, b)), cot.double(),
+                     detach_prior=False)
+    out, out_g = run(vgs.decomposed_kl, s, u, a, b, cot, backend=backend, detach_prior=False)
+    for name, o, r in zip(vgs.KLTerms._fields, out, ref):
+        torch.testing.assert_close(o.double(), r, atol=1e-5, rtol=2e-5, msg=lambda m: f"{name}: {m}")
+    for o, r in zip(out_g, ref_g):
+        torch.testing.assert_close(o.double(), r, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_in_a_lean_chunk(backend):
+    """NaN passes the lean chunks' range checks (max and min ignore it): it must still make the
+    row's terms NaN there, as in the general path, and leave the other rows exact."""
+    rows = logits((3, 3 * 512), seed=9)
+    for k in range(4):
+        bad = [x.clone() for x in rows]
+        bad[k][1, 700] = float("nan")
+        out = vgs.decomposed_kl(*bad, backend=backend)
+        ref = vgs.decomposed_kl(*rows, backend=backend)
+        assert any(t[1].isnan() for t in out), "suab"[k]
+        for o, r in zip(out, ref):
+            assert torch.equal(o[[0, 2]], r[[0, 2]])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_masked_vocabulary_row_api(backend):
     """Teacher-only -inf: Std is +inf on the row API too, the stats say which LSE is unbounded,
