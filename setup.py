@@ -18,6 +18,7 @@ setup(
         CppExtension(
             "vgs_kernels._C",
             sorted(glob.glob("csrc/*.cpp")),
+            depends=sorted(glob.glob("csrc/*.h")),  # rebuilt when a header changes, and shipped in an sdist
             extra_compile_args={"cxx": cxx},
             extra_link_args=["-fopenmp"],
         )
