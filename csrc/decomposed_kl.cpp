@@ -15,6 +15,11 @@
 // from the u, a, b exponentials (a division instead of a fifth exp). Other chunks take the general
 // path, exact for masked vocabulary and non-finite logits.
 //
+// The monolithic mode's divergence (TRL's beta; vgs_kernels.ops.decomposed_kl.divergence) is a template
+// parameter kDiv: the reverse KL(p || q) (beta = 1), the forward KL(q || p) (beta = 0: the same single
+// pass, weighted by q) or the generalised JSD beta KL(q || m) + (1 - beta) KL(p || m), whose log m needs
+// both LSEs: a second pass over s and a (jsd_row). Its KL(p || m) goes to the stats row of the absent u.
+//
 // Masked vocabulary (exact math, docs/ARCHITECTURE.md): a token at -inf in x has probability 0 and adds
 // nothing to KL(softmax(x) || softmax(y)); a live token at -inf in y makes it +inf. q* = 0 where
 // pu or qa is 0; where only qb is 0, q* is unbounded there: Vis = +inf and LSE(q) = +inf.
@@ -97,6 +102,35 @@ template <bool kLeanChunk, typename acc_t>
 
 template <typename acc_t>
 constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+
+enum Div : int { kReverse = 0, kForward = 1, kJsd = 2 };  // vgs_kernels.ops.decomposed_kl's REVERSE, ...
+
+// log(x) for x in [1, 2] (the JSD's log(1 + e^-d)), as Cephes logf: x = m 2^e with m in [sqrt(1/2),
+// sqrt(2)], a polynomial in m - 1; within ~1 ulp, selects only (vectorises).
+[[gnu::always_inline]] inline float log12(float x) {
+  const bool big = x > 1.41421356f;
+  const float e = big ? 1.0f : 0.0f, f = (big ? x * 0.5f : x) - 1.0f, z = f * f;
+  float p = 7.0376836292e-2f;
+  p = p * f - 1.1514610310e-1f;
+  p = p * f + 1.1676998740e-1f;
+  p = p * f - 1.2420140846e-1f;
+  p = p * f + 1.4249322787e-1f;
+  p = p * f - 1.6668057665e-1f;
+  p = p * f + 2.0000714765e-1f;
+  p = p * f - 2.4999993993e-1f;
+  p = p * f + 3.3333331174e-1f;
+  return (f + ((f * z * p - 2.12194440e-4f * e) - 0.5f * z)) + 0.693359375f * e;
+}
+inline double log12(double x) { return std::log(x); }
+
+// log((1 - beta) p + beta q) from log p + log(1 - beta) (x) and log q + log(beta) (y): the larger plus
+// log(1 + e^(smaller - larger)); -inf where both are (p = q = 0).
+template <typename acc_t>
+[[gnu::always_inline]] inline acc_t log_m(acc_t x, acc_t y) {
+  const acc_t hi = x > y ? x : y, lo = x > y ? y : x;
+  const acc_t t = vexp(hi == kNegInf<acc_t> ? acc_t(0) : lo - hi);  // in [0, 1]
+  return hi == kNegInf<acc_t> ? hi : hi + log12(acc_t(1) + t);
+}
 
 // What a load pass learns about its chunk: max and min (NaN ignored) and fin, a sum of x * 0:
 // exactly 0 when every value is finite, NaN when one is +-inf or NaN.
@@ -269,11 +303,12 @@ struct Inputs {
 constexpr double kQGuard = 30, kQRange = 40;
 
 // Per-row sums over one chunk: e^(x - m) for s, u, a, b, q and sum e^(x - m) (x - y) of the four
-// KLs, added into acc = {S_s, S_u, S_a, S_b, S_q, A_std, A_vis, A_lang, A_vds}. Two loops, s and a
+// KLs, added into acc = {S_s, S_u, S_a, S_b, S_q, A_std, A_vis, A_lang, A_vds} (monolithic: A_std of
+// kDiv, E_p[s - a] or E_q[a - s]; nothing for the JSD, whose second pass is jsd_row). Two loops, s and a
 // then u and b: one loop of all four exps needed more than the 32 vector registers (its nine
 // accumulators and the exps' constants) and spilled on every iteration. Lean chunks (see above):
 // lexp, plain products, S_q from the division (cq = e^(R - mq)); general ones: a fifth exp.
-template <typename acc_t, bool kMono, bool kLeanChunk>
+template <typename acc_t, bool kMono, bool kLeanChunk, int kDiv = kReverse>
 void chunk_sums(const acc_t* xs, const acc_t* xu, const acc_t* xa, const acc_t* xb, const acc_t* xq,
                 acc_t* ea_buf, int64_t n, const acc_t* ref, acc_t cq, acc_t* acc) {
   const acc_t ms = ref[0], mu = ref[1], ma = ref[2], mb = ref[3], mq = ref[4];
@@ -283,7 +318,8 @@ void chunk_sums(const acc_t* xs, const acc_t* xu, const acc_t* xa, const acc_t* 
     const acc_t es = chunk_exp<kLeanChunk>(xs[j] - ms), ea = chunk_exp<kLeanChunk>(xa[j] - ma);
     ss += es;
     sa += ea;
-    a0 += kl_part<kLeanChunk>(es, xs[j], xa[j]);
+    if constexpr (kDiv == kReverse) a0 += kl_part<kLeanChunk>(es, xs[j], xa[j]);
+    if constexpr (kDiv == kForward) a0 += kl_part<kLeanChunk>(ea, xa[j], xs[j]);
     if constexpr (!kMono) {
       a1 += kl_part<kLeanChunk>(es, xs[j], xq[j]);
       a3 += kl_part<kLeanChunk>(ea, xa[j], xb[j]);
@@ -335,10 +371,32 @@ acc_t masked_q(const acc_t* xu, const acc_t* xa, const acc_t* xb, int64_t n, acc
   return *std::max_element(hi, hi + L);
 }
 
+// The JSD's second pass over one row, from its LSEs: beta KL(q || m) + (1 - beta) KL(p || m), with
+// KL(p || m) into *kl_pm. lp, lq, log m are finite or -inf; the masked-vocabulary limits as kl_part's.
+template <typename acc_t>
+acc_t jsd_row(const Inputs& in, int64_t r, acc_t it, acc_t lse_s, acc_t lse_a, acc_t beta, acc_t* kl_pm) {
+  alignas(64) acc_t xs[kChunk], xa[kChunk];
+  const acc_t cp = std::log1p(-beta), cq = std::log(beta);
+  acc_t sp = 0, sq = 0;
+  for (int64_t c = 0; c < in.V; c += kChunk) {
+    const int64_t n = std::min(kChunk, in.V - c);
+    in.s.load(r, c, n, it, xs);
+    in.a.load(r, c, n, it, xa);
+#pragma omp simd reduction(+ : sp, sq)
+    for (int64_t j = 0; j < n; ++j) {
+      const acc_t lp = xs[j] - lse_s, lq = xa[j] - lse_a, lm = log_m(lp + cp, lq + cq);
+      sp += kl_part<false>(vexp(lp), lp, lm);
+      sq += kl_part<false>(vexp(lq), lq, lm);
+    }
+  }
+  *kl_pm = sp;
+  return beta * sq + (acc_t(1) - beta) * sp;
+}
+
 // One row of the forward. terms/stats: this row's column of the [4, N] / [5, N] outputs.
 // NaN or +inf logits make the row's terms NaN (they reach the sums); -inf is a masked token.
-template <typename acc_t, bool kMono>
-void forward_row(const Inputs& in, int64_t r, acc_t it, acc_t* terms, acc_t* stats, int64_t N) {
+template <typename acc_t, bool kMono, int kDiv = kReverse>
+void forward_row(const Inputs& in, int64_t r, acc_t it, acc_t* terms, acc_t* stats, int64_t N, double beta = 1) {
   alignas(64) acc_t xs[kChunk], xu[kChunk], xa[kChunk], xb[kChunk], xq[kChunk], ea[kChunk];
   // Running maxima of s, u, a, b, q = u + a - b; acc: see chunk_sums (std, vis scale with s;
   // lang with u; vds with a).
@@ -378,17 +436,19 @@ void forward_row(const Inputs& in, int64_t r, acc_t it, acc_t* terms, acc_t* sta
       m[k] = mk[k];
     }
     for (int k = 0; k < 5; ++k) acc[k] *= scale[k];
-    acc[5] *= scale[0], acc[6] *= scale[0], acc[7] *= scale[1], acc[8] *= scale[2];
+    acc[5] *= scale[kDiv == kForward ? 2 : 0], acc[6] *= scale[0], acc[7] *= scale[1], acc[8] *= scale[2];
     if (lean)
-      chunk_sums<acc_t, kMono, true>(xs, xu, xa, xb, xq, ea, n, ref, std::exp(rq), acc);
+      chunk_sums<acc_t, kMono, true, kDiv>(xs, xu, xa, xb, xq, ea, n, ref, std::exp(rq), acc);
     else
-      chunk_sums<acc_t, kMono, false>(xs, xu, xa, xb, xq, ea, n, ref, acc_t(0), acc);
+      chunk_sums<acc_t, kMono, false, kDiv>(xs, xu, xa, xb, xq, ea, n, ref, acc_t(0), acc);
   }
   acc_t lse[5] = {0, 0, 0, 0, 0};
   for (int k = 0; k < 5; ++k)
     if (used(k)) lse[k] = m[k] + std::log(acc[k]);
   // KL(softmax(x) || softmax(y)) = E_x[x - y] - LSE(x) + LSE(y)
-  terms[0] = acc[5] / acc[0] - lse[0] + lse[2];
+  if constexpr (kDiv == kReverse) terms[0] = acc[5] / acc[0] - lse[0] + lse[2];
+  if constexpr (kDiv == kForward) terms[0] = acc[5] / acc[2] - lse[2] + lse[0];
+  if constexpr (kDiv == kJsd) terms[0] = jsd_row(in, r, it, lse[0], lse[2], acc_t(beta), &lse[1]);
   if constexpr (!kMono) {
     if (q_unbounded > 0) lse[4] = -kNegInf<acc_t>;
     terms[N] = q_unbounded > 0 ? lse[4] : acc[6] / acc[0] - lse[0] + lse[4];
@@ -402,17 +462,30 @@ void forward_row(const Inputs& in, int64_t r, acc_t it, acc_t* terms, acc_t* sta
 template <typename acc_t>
 struct Grad {
   acc_t it, lse_s, lse_u, lse_q, g_std, g_vis, g_lang, c_s, c_u;
+  acc_t lse_a = 0, beta = 1, kl_pm = 0;  // the monolithic mode's forward KL and JSD
 };
 
 // ds, du over one chunk (see backward_row). Lean chunks (every logit finite, exponents >= -kLean):
 // lexp and no selects; q*'s exponent (not detached) is clamped at -kLean instead: at most e^-87
 // too much in q* - p, which no large factor multiplies.
-template <typename acc_t, bool kMono, bool kDetach, bool kLeanChunk>
+template <typename acc_t, bool kMono, bool kDetach, bool kLeanChunk, int kDiv = kReverse>
 void grad_chunk(const Grad<acc_t>& k, const acc_t* xs, const acc_t* xu, const acc_t* xa, const acc_t* xb,
                 int64_t n, acc_t* ds, acc_t* du) {
   constexpr acc_t ninf = kNegInf<acc_t>;
   const auto w = [](acc_t g, acc_t x) [[gnu::always_inline]] { return weighted<kLeanChunk>(g, x); };
-  if constexpr (kMono) {
+  if constexpr (kDiv == kForward) {  // d KL(q || p) / ds = p - q
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j)
+      ds[j] = k.it * w(k.g_std, chunk_exp<kLeanChunk>(xs[j] - k.lse_s) - chunk_exp<kLeanChunk>(xa[j] - k.lse_a));
+  } else if constexpr (kDiv == kJsd) {  // (1 - beta) p (log p - log m - KL(p || m)); 0 where p = 0
+    const acc_t cp = std::log1p(-k.beta), cq = std::log(k.beta), g = k.g_std * (acc_t(1) - k.beta);
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const acc_t lp = xs[j] - k.lse_s, lm = log_m(lp + cp, xa[j] - k.lse_a + cq);
+      const acc_t v = k.it * vexp(lp) * weighted<false>(g, lp - lm - k.kl_pm);
+      ds[j] = xs[j] != ninf ? v : acc_t(0);
+    }
+  } else if constexpr (kMono) {
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
       const acc_t v = k.it * chunk_exp<kLeanChunk>(xs[j] - k.lse_s) * (w(k.g_std, xs[j] - xa[j]) + k.c_s);
@@ -442,27 +515,29 @@ void grad_chunk(const Grad<acc_t>& k, const acc_t* xs, const acc_t* xu, const ac
 // du = (1/T) [pu ⊙ g_lang (log pu - log qb - Lang) + (not detached) g_vis (q* - p)], expanded so
 // that every per-row constant is folded in before the loop. Tokens with p = 0 (pu = 0) get exact
 // zeros and terms with a zero cotangent are dropped (masked vocabulary, see the file comment).
-template <typename acc_t, bool kMono, bool kDetach>
+template <typename acc_t, bool kMono, bool kDetach, int kDiv = kReverse>
 void backward_row(const Inputs& in, int64_t r, acc_t it, const acc_t* stats, const acc_t* terms,
-                  const acc_t* g, int64_t N, const RowOut& ds_out, const RowOut* du_out) {
+                  const acc_t* g, int64_t N, const RowOut& ds_out, const RowOut* du_out, double beta = 1) {
   alignas(64) acc_t xs[kChunk], xu[kChunk], xa[kChunk], xb[kChunk], ds[kChunk], du[kChunk];
   Grad<acc_t> k{it, stats[0], stats[N], stats[4 * N], g[0], kMono ? acc_t(0) : g[N], g[2 * N], 0, 0};
   const acc_t lse_a = stats[2 * N], lse_b = stats[3 * N];
+  k.lse_a = lse_a, k.beta = acc_t(beta), k.kl_pm = stats[N];
   k.c_s = weighted<false>(k.g_std, lse_a - k.lse_s - terms[0]) +
           (kMono ? acc_t(0) : weighted<false>(k.g_vis, k.lse_q - k.lse_s - terms[N]));
   k.c_u = kMono ? acc_t(0) : weighted<false>(k.g_lang, lse_b - k.lse_u - terms[2 * N]);
   for (int64_t c = 0; c < in.V; c += kChunk) {
     const int64_t n = std::min(kChunk, in.V - c);
     const Range<acc_t> rs = in.s.load(r, c, n, it, xs), ra = in.a.load(r, c, n, it, xa);
-    bool lean = rs.finite() && ra.finite() && rs.lo >= k.lse_s - acc_t(kLean);
+    bool lean = rs.finite() && ra.finite() && rs.lo >= k.lse_s - acc_t(kLean) &&
+                (kDiv != kForward || ra.lo >= lse_a - acc_t(kLean));
     if constexpr (!kMono) {
       const Range<acc_t> ru = in.u.load(r, c, n, it, xu), rb = in.b.load(r, c, n, it, xb);
       lean = lean && ru.finite() && rb.finite() && ru.lo >= k.lse_u - acc_t(kLean);
     }
     if (lean)
-      grad_chunk<acc_t, kMono, kDetach, true>(k, xs, xu, xa, xb, n, ds, du);
+      grad_chunk<acc_t, kMono, kDetach, true, kDiv>(k, xs, xu, xa, xb, n, ds, du);
     else
-      grad_chunk<acc_t, kMono, kDetach, false>(k, xs, xu, xa, xb, n, ds, du);
+      grad_chunk<acc_t, kMono, kDetach, false, kDiv>(k, xs, xu, xa, xb, n, ds, du);
     if constexpr (!kMono) du_out->store(r, c, n, du);
     ds_out.store(r, c, n, ds);
   }
@@ -528,8 +603,11 @@ Prepared prepare(const at::Tensor& s_, const std::optional<at::Tensor>& u_, cons
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& s, const std::optional<at::Tensor>& u,
                                            const at::Tensor& a, const std::optional<at::Tensor>& b,
                                            double inv_temperature,
-                                           const std::optional<at::Tensor>& mask) {
+                                           const std::optional<at::Tensor>& mask, double beta) {
   const Prepared p = prepare(s, u, a, b, mask);
+  const int div = beta == 1 ? kReverse : beta == 0 ? kForward : kJsd;
+  TORCH_CHECK(beta >= 0 && beta <= 1 && (p.mono || div == kReverse),
+              "decomposed_kl: beta must be in [0, 1], and 1 with u and b (the four-term split), got ", beta);
   const int64_t N = s.size(0);
   auto terms = at::zeros({4, N}, s.options().dtype(p.acc));
   auto stats = at::zeros({5, N}, s.options().dtype(p.acc));
@@ -539,7 +617,11 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& s, const std::optio
     const auto it = static_cast<scalar_t>(inv_temperature);
     for_rows(N, [&](int64_t r) {
       if (p.in.mask && !p.in.mask[r]) return;  // zeros, never read
-      if (p.mono)
+      if (div == kForward)
+        forward_row<scalar_t, true, kForward>(p.in, r, it, t + r, st + r, N);
+      else if (div == kJsd)
+        forward_row<scalar_t, true, kJsd>(p.in, r, it, t + r, st + r, N, beta);
+      else if (p.mono)
         forward_row<scalar_t, true>(p.in, r, it, t + r, st + r, N);
       else
         forward_row<scalar_t, false>(p.in, r, it, t + r, st + r, N);
@@ -552,8 +634,11 @@ std::tuple<at::Tensor, at::Tensor> backward(
     const at::Tensor& s, const std::optional<at::Tensor>& u, const at::Tensor& a,
     const std::optional<at::Tensor>& b, const at::Tensor& stats, const at::Tensor& terms,
     const at::Tensor& grad_terms, double inv_temperature, bool detach_prior,
-    const std::optional<at::Tensor>& mask, std::optional<at::ScalarType> out_dtype) {
+    const std::optional<at::Tensor>& mask, std::optional<at::ScalarType> out_dtype, double beta) {
   const Prepared p = prepare(s, u, a, b, mask);
+  const int div = beta == 1 ? kReverse : beta == 0 ? kForward : kJsd;
+  TORCH_CHECK(beta >= 0 && beta <= 1 && (p.mono || div == kReverse),
+              "decomposed_kl: beta must be in [0, 1], and 1 with u and b (the four-term split), got ", beta);
   const int64_t N = s.size(0);
   TORCH_CHECK(stats.sizes() == at::IntArrayRef({5, N}), "decomposed_kl: stats must be [5, ", N,
               "], got ", stats.sizes());
@@ -581,7 +666,11 @@ std::tuple<at::Tensor, at::Tensor> backward(
       const auto* sr = stp + r;
       const auto* tr = tp + r;
       const auto* gr = gp + r;
-      if (p.mono)
+      if (div == kForward)
+        backward_row<scalar_t, true, true, kForward>(p.in, r, it, sr, tr, gr, N, ds_out, nullptr);
+      else if (div == kJsd)
+        backward_row<scalar_t, true, true, kJsd>(p.in, r, it, sr, tr, gr, N, ds_out, nullptr, beta);
+      else if (p.mono)
         backward_row<scalar_t, true, true>(p.in, r, it, sr, tr, gr, N, ds_out, nullptr);
       else if (detach_prior)
         backward_row<scalar_t, false, true>(p.in, r, it, sr, tr, gr, N, ds_out, &du_out);
@@ -596,10 +685,10 @@ std::tuple<at::Tensor, at::Tensor> backward(
 
 TORCH_LIBRARY_FRAGMENT(vgs_kernels, m) {
   m.def("decomposed_kl_forward(Tensor s, Tensor? u, Tensor a, Tensor? b, float inv_temperature, "
-        "Tensor? mask) -> (Tensor terms, Tensor stats)");
+        "Tensor? mask, float beta=1.0) -> (Tensor terms, Tensor stats)");
   m.def("decomposed_kl_backward(Tensor s, Tensor? u, Tensor a, Tensor? b, Tensor stats, "
         "Tensor terms, Tensor grad_terms, float inv_temperature, bool detach_prior, Tensor? mask, "
-        "ScalarType? out_dtype) -> (Tensor ds, Tensor du)");
+        "ScalarType? out_dtype, float beta=1.0) -> (Tensor ds, Tensor du)");
 }
 
 TORCH_LIBRARY_IMPL(vgs_kernels, CPU, m) {

@@ -673,9 +673,10 @@ def kl_forward(s: Tensor, u: Optional[Tensor], a: Tensor, b: Optional[Tensor], i
     u/T, a/T, b/T, (u+a-b)/T (the JSD keeps KL(p ‖ m) in the row of u) (the input of `kl_backward`;
     interchangeable between backends).
     """
-    name = _backend(s.device, backend, beta)
+    divergence(beta)
+    name = resolve(s.device, backend)
     if name == "cpp":
-        return torch.ops.vgs_kernels.decomposed_kl_forward(s, u, a, b, inv_temperature, mask)
+        return torch.ops.vgs_kernels.decomposed_kl_forward(s, u, a, b, inv_temperature, mask, float(beta))
     if name == "triton":
         return torch.ops.vgs_kernels.decomposed_kl_forward_triton(s, u, a, b, inv_temperature, mask, float(beta))
     return _forward_reference(s, u, a, b, inv_temperature, mask, beta)
@@ -692,25 +693,20 @@ def kl_backward(s: Tensor, u: Optional[Tensor], a: Tensor, b: Optional[Tensor], 
     nothing flows into the teacher). Returns ds: [N, V] and du: [N, V] (None in monolithic mode),
     in s.dtype / u.dtype, or both in `out_dtype` when given; zero on masked rows.
     """
-    name = _backend(s.device, backend, beta)
+    divergence(beta)
+    name = resolve(s.device, backend)
     grad_terms = grad_terms.to(acc_dtype(s, u, a, b)).contiguous()
     if name == "reference":
         return _backward_reference(s, u, a, b, stats, terms, grad_terms, inv_temperature,
                                    detach_prior, mask, out_dtype, beta)
     if name == "cpp":
         ds, du = torch.ops.vgs_kernels.decomposed_kl_backward(s, u, a, b, stats, terms, grad_terms, inv_temperature,
-                                                               detach_prior, mask, out_dtype)
+                                                               detach_prior, mask, out_dtype, float(beta))
     else:
         ds, du = torch.ops.vgs_kernels.decomposed_kl_backward_triton(s, u, a, b, stats, terms, grad_terms,
                                                                       inv_temperature, detach_prior, mask,
                                                                       out_dtype, float(beta))
     return ds, (None if u is None else du)
-
-
-def _backend(device: torch.device, backend: Optional[str], beta: float) -> str:
-    name = resolve(device, backend)
-    # TODO(#29): the C++ kernel's divergence template parameter lands after issue 31's restructuring
-    return "reference" if name == "cpp" and divergence(beta) != REVERSE else name
 
 
 # ----------------------------------------------------------------------------- autograd
