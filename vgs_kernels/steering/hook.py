@@ -183,7 +183,7 @@ class GradientSteering:
                     loss = loss + c[i] * comps[names[i]]
             else:
                 loss = sum(c[i] * comps[n] for i, n in enumerate(names))
-            self._run_backward(loss, retain_graph)
+            self._grads.run(0, lambda: self._run_backward(loss, retain_graph))
             return
         if out is not None and not out.components:
             raise ValueError(f"GradientSteering(policy={self.policy!r}): this step needs each component's "
