@@ -227,8 +227,20 @@ class ZeroSync(ProcessGroupSync):
                                "the steered gradient inside engine.step()); steer.clip_grad_norm_ would see "
                                "none of DeepSpeed's gradient partitions")
 
-        return [(zero, "step", steered_step), (zero, "state_dict", saving), (zero, "load_state_dict", loading),
-                (hook, "clip_grad_norm_", no_clip)]
+        patched = [(zero, "step", steered_step), (zero, "state_dict", saving), (zero, "load_state_dict", loading),
+                   (hook, "clip_grad_norm_", no_clip)]
+        if hasattr(zero, "process_gradients"):  # ZeRO-1/2
+            process = zero.process_gradients
+
+            def process_defined(param, i):
+                # torch runs a parameter's post-accumulate-grad hook even when the backward gave it no gradient
+                # (reached only through an autograd Function that returned None for it: the fused loss's text-only
+                # side in the std component's backward); ZeRO-1/2's hook would reduce the None
+                if param.grad is not None:
+                    process(param, i)
+
+            patched.append((zero, "process_gradients", process_defined))
+        return patched
 
     def average(self, params: Sequence[Tensor], cols: Rows, names: Sequence[str]) -> None:
         """A combined step: DeepSpeed averaged every gradient in its reduction; the sum of the step's
