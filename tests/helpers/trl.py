@@ -49,6 +49,32 @@ def config(tmp_path, cls=VGSDistillationConfig, **kw):
     return cls(**base)
 
 
+def ds_config(stage, **zero):
+    """A DeepSpeed config for TrainingArguments(deepspeed=...): Trainer fills the "auto" values (micro-batch,
+    accumulation, clipping from max_grad_norm, bf16); under ZeRO-3 no parameter is kept whole for being small,
+    so the LM heads really are partitioned. ``zero``: more zero_optimization settings."""
+    return {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+            "gradient_clipping": "auto", "bf16": {"enabled": "auto"}, "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10 ** 9, "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0,
+                                                              **zero}}
+
+
+def deepspeed_state():
+    """Accelerate's DeepSpeed state on gloo for a spawned CPU worker (Accelerate picks a DeepSpeed backend only
+    for an accelerator); trainer arguments take it with accelerator_config={"use_configured_state": True}. Call it
+    before each trainer (and before building its models: a previous run's ZeRO-3 config would build them
+    partitioned): an Accelerator takes its DeepSpeed plugin only into a fresh AcceleratorState."""
+    from accelerate.state import AcceleratorState, PartialState
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+    unset_hf_deepspeed_config()
+    AcceleratorState._reset_state(reset_partial_state=False)
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    try:
+        PartialState(backend="gloo")
+    finally:
+        del os.environ["ACCELERATE_USE_DEEPSPEED"]
+
+
 def recording(cls):
     """cls that records each micro-batch, the student before each step and .grad right before it."""
 

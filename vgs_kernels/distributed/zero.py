@@ -38,7 +38,8 @@ def _zero_unsupported(engine: Any) -> Optional[str]:
     if engine.zero_quantized_gradients():
         return "zero_optimization.zero_quantized_gradients=true (ZeRO++ qgZ): the reduced gradients are quantised"
     for name, cfg in (("offload_optimizer", engine.zero_offload_optimizer()), ("offload_param", engine.zero_offload_param())):
-        device = getattr(getattr(cfg, "device", None), "value", "none")
+        device = getattr(cfg, "device", None) or "none"
+        device = getattr(device, "value", device)  # DeepSpeed's config keeps the enum's value (a str)
         if device != "none":
             return f"zero_optimization.{name} (device {device!r}): its partitions live in host buffers; drop it"
     if engine.fp16_enabled():
