@@ -59,22 +59,6 @@ def ds_config(stage, **zero):
                                                               **zero}}
 
 
-def deepspeed_state():
-    """Accelerate's DeepSpeed state on gloo for a spawned CPU worker (Accelerate picks a DeepSpeed backend only
-    for an accelerator); trainer arguments take it with accelerator_config={"use_configured_state": True}. Call it
-    before each trainer (and before building its models: a previous run's ZeRO-3 config would build them
-    partitioned): an Accelerator takes its DeepSpeed plugin only into a fresh AcceleratorState."""
-    from accelerate.state import AcceleratorState, PartialState
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-    unset_hf_deepspeed_config()
-    AcceleratorState._reset_state(reset_partial_state=False)
-    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-    try:
-        PartialState(backend="gloo")
-    finally:
-        del os.environ["ACCELERATE_USE_DEEPSPEED"]
-
-
 def recording(cls):
     """cls that records each micro-batch, the student before each step and .grad right before it."""
 

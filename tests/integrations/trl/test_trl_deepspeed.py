@@ -23,7 +23,8 @@ pytest.importorskip("datasets")
 deepspeed = pytest.importorskip("deepspeed")
 
 from helpers.spawn import assert_params_close, no_errors, one_thread, spawn_ranks  # noqa: E402
-from helpers.trl import config, deepspeed_state, ds_config, tiny_qwen  # noqa: E402
+from helpers.trl import config, ds_config, tiny_qwen  # noqa: E402
+from vgs_kernels.testing.cpu_deepspeed import deepspeed_on_cpu  # noqa: E402
 
 WORLD, PER_RANK, STEPS, MAX_NORM = 2, 2, 2, 0.05
 DEADLINE = 420
@@ -50,12 +51,9 @@ def train(path, row, batch, stage=None, gather=True, resume=None, zero=None, **k
     """Trains a fresh copy of the tiny student; ``stage``: under that ZeRO stage (else one process, no DeepSpeed)."""
     from vgs_kernels.integrations.trl import (VGSDistillationConfig, VGSDistillationTrainer, VGSGRPOConfig,
                                               VGSGRPOTrainer)
-    if stage is not None:
-        deepspeed_state()
+    ds_kw = {} if stage is None else dict(deepspeed=ds_config(stage, **(zero or {})), **deepspeed_on_cpu())
     proc, student, teacher, ds = tiny_qwen()
     grpo = row == "grpo"
-    ds_kw = {} if stage is None else dict(deepspeed=ds_config(stage, **(zero or {})),
-                                          accelerator_config={"use_configured_state": True})
     settings = {"max_steps": STEPS, **ROWS[row], **(dict(num_generations=2, beta=0.0, temperature=1.0) if grpo else {}), **kw}
     args = config(path, VGSGRPOConfig if grpo else VGSDistillationConfig, per_device_train_batch_size=batch,
                   max_grad_norm=MAX_NORM, ds3_gather_for_generation=gather,
