@@ -70,8 +70,8 @@ class SteeredTrainerMixin:
         return scheduler
 
     def _attach_steering(self, optimizer, engine=None) -> None:
-        """The hook on the torch optimizer (``engine``: the ZeRO optimizer of that DeepSpeed engine); gamma /
-        lam come with the loss output; every backward it runs is Accelerate's, or the engine's."""
+        """The hook on ``optimizer`` (the torch one, or with ``engine`` that DeepSpeed engine's ZeRO optimizer);
+        gamma / lam come with the loss output; every backward it runs is Accelerate's, or the engine's."""
         inner = getattr(optimizer, "optimizer", optimizer)
         if not self.method.steered or (self.steer is not None and self.steer.optimizer is inner):
             return
