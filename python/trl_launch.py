@@ -41,10 +41,12 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--policy", default="vgs", choices=POLICIES)
     p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--quick", action="store_true", help="a smoke run: one step")
     p.add_argument("--out", default="results/trl_launch")
     args = p.parse_args(argv)
+    args.steps = 1 if args.quick else args.steps
     extra = on_cpu()
-    proc = tiny_processor("qwen2_vl", task.WORDS)
+    proc = tiny_processor("qwen2_vl", task.WORDS, tokenizer="whitespace")
     student, teacher = tiny_vlm("qwen2_vl", proc, seed=0), tiny_vlm("qwen2_vl", proc, hidden=96, seed=1)
     examples = task.sample(64, np.random.default_rng(0))
     ds = Dataset.from_dict({"prompt": [[{"role": "user", "content": e.question}] for e in examples],

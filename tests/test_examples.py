@@ -129,7 +129,7 @@ def test_readme_launch_lines_on_two_cpu_processes(tmp_path):
     for cfg in lines:
         name = os.path.basename(cfg)
         run = subprocess.run([accelerate, "launch", "--config_file", cfg, "--num_processes", "2", "--mixed_precision",
-                              "no", "python/trl_launch.py", "--steps", "1", "--out", str(tmp_path / name)],
+                              "no", "python/trl_launch.py", "--quick", "--out", str(tmp_path / name)],
                              cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                              timeout=300)
         assert run.returncode == 0, f"{name}:\n{run.stderr[-4000:]}"
