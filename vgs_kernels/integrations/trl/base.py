@@ -122,9 +122,9 @@ class SteeredTrainerMixin:
                     hidden[name] = self._forward_redirection(self.teacher_model, teacher, self._get_last_hidden_state,
                                                              teacher, *args, **kwargs).to(dev)
         loss_mask = loss_mask.to(dev)
+        heads = self._heads(unwrapped_student, teacher)  # outside: a ZeRO-3 head forward would re-partition them
         with gathered_heads(unwrapped_student, teacher):
-            total, entropy_sum, out = self.method.loss(self, inputs, hidden, self._heads(unwrapped_student, teacher),
-                                                       loss_mask, num_items_in_batch)
+            total, entropy_sum, out = self.method.loss(self, inputs, hidden, heads, loss_mask, num_items_in_batch)
         self._pending = out
         self.method.log(self._metrics["train" if self.model.training else "eval"], out, loss_mask,
                         num_items_in_batch)
