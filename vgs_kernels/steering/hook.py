@@ -159,8 +159,7 @@ class GradientSteering:
 
         losses: a VGSLossOutput (its weights and component mode come with it) or a dict
         {name: scalar loss}. The names and their order are fixed by the first call (component 0's
-        gradient lives in .grad). Every component must carry a gradient. Calls between two steps add
-        up, as .grad accumulates, for every policy and engine (DeepSpeed: between two engine.step()).
+        gradient lives in .grad). Every component must carry a gradient. Calls between steps add up.
         """
         out = losses if isinstance(losses, VGSLossOutput) else None
         total = self._spec.adopt(out) if out is not None else None
