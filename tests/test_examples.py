@@ -15,7 +15,12 @@ sys.path.insert(0, PYTHON_DIR)
 
 # The scripts of python/ (files with a __main__ block) and the tests that run their smoke paths.
 SMOKE = {"distill_demo.py": "tests/test_demo.py", "optimum_check.py": "tests/test_examples.py",
-         "trl_vgs.py": "tests/test_examples.py"}
+         "trl_vgs.py": "tests/test_examples.py", "trl_launch.py": "tests/test_examples.py"}
+# README "Multi-GPU with TRL": its launch lines, and what Accelerate runs each with on CPU processes
+LAUNCH = re.compile(r"^accelerate launch --config_file (python/accelerate_configs/\S+) python/trl_launch.py$", re.M)
+ON_CPU = {"deepspeed_zero3.yaml": "distributed: DEEPSPEED, processes: 2, student: DeepSpeedEngine",
+          "fsdp2.yaml": "distributed: MULTI_CPU, processes: 2, student: DistributedDataParallel",
+          "ddp.yaml": "distributed: MULTI_CPU, processes: 2, student: DistributedDataParallel"}
 # Tiny pre-training for the examples that build distill_demo's models (distill_demo's own flags).
 TINY = ["--teacher-steps", "10", "--calibrate-steps", "3", "--student-steps", "6", "--ground-steps", "3"]
 
@@ -111,3 +116,21 @@ def test_examples_processor_is_the_whitespace_kind():
     assert text == "<|im_start|>user <|vision_start|><|image_pad|><|vision_end|>hi <|im_end|> <|im_start|>assistant "
     with pytest.raises(ValueError, match="Qwen families"):
         tiny_processor("llava", ["a"], tokenizer="whitespace")
+
+
+def test_readme_launch_lines_on_two_cpu_processes(tmp_path):
+    """README "Multi-GPU with TRL": every `accelerate launch` line runs python/trl_launch.py on 2 CPU processes
+    (its config's num_processes and bf16 overridden: 2, no mixed precision), which trains one exact VGS step
+    under the config's engine (FSDP2 runs as DDP on CPUs: Accelerate enables FSDP on accelerators only)."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    lines = LAUNCH.findall(readme)
+    assert sorted(os.path.basename(c) for c in lines) == sorted(ON_CPU)
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    for cfg in lines:
+        name = os.path.basename(cfg)
+        run = subprocess.run([accelerate, "launch", "--config_file", cfg, "--num_processes", "2", "--mixed_precision",
+                              "no", "python/trl_launch.py", "--quick", "--out", str(tmp_path / name)],
+                             cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                             timeout=300)
+        assert run.returncode == 0, f"{name}:\n{run.stderr[-4000:]}"
+        assert ON_CPU[name] in run.stdout and re.search(r"step 1: vgs/eta \d", run.stdout), run.stdout

@@ -45,6 +45,9 @@ COMMANDS = {
     "--suite steering --goal": BENCH_FLAGS,
     "--suite fused-linear --goal": BENCH_FLAGS,
     "--device cuda": "tests/test_bench_cli.py::test_cli_on_cuda_checks_every_fast_path (needs a CUDA GPU)",
+    **{f"accelerate launch --config_file python/accelerate_configs/{c}.yaml python/trl_launch.py":
+       "tests/test_examples.py::test_readme_launch_lines_on_two_cpu_processes" for c in ("deepspeed_zero3", "fsdp2", "ddp")},
+    "--num_processes 2 --mixed_precision no": "tests/test_examples.py::test_readme_launch_lines_on_two_cpu_processes",
 }
 
 

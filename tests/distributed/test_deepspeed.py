@@ -2,6 +2,11 @@
 concatenated batch, with gradient accumulation 2 and gradient_clipping engaged, for every policy;
 engine.save_checkpoint / load_checkpoint resume is bit-identical, hook state included.
 
+Issue 28: ZeRO-3 once read last step's steered gradient as this step's first component for a parameter
+that component does not reach ("routed_*": an expert only the text-only pass uses, with Vis flowing
+into it, and a frozen layer; both component orders); ZeRO-1/2 at GA=1 kept only the last of two
+steer.backward calls before engine.step() on combined steps ("twice_*"): every backward adds up.
+
 Two gloo processes on CPU run every scenario in one spawn (importing torch, transformers and
 DeepSpeed is most of the time); each writes what it got to a file, compared here with a single
 process on the concatenated batch (no DeepSpeed: torch SGD, steer.clip_grad_norm_).
@@ -13,22 +18,70 @@ import os
 
 import pytest
 import torch
+from torch import nn
 
 import vgs_kernels as vgs
 
 from helpers.spawn import assert_params_close, no_errors, one_thread, spawn_ranks
-from helpers.student import PER_RANK, POLICY_KW, STEPS, WORLD, Student, batch, losses, rank_rows
+from helpers.student import PER_RANK, POLICY_KW, STEPS, VOCAB, WORLD, Student, batch, losses, rank_rows
 
 deepspeed = pytest.importorskip("deepspeed")
 
-GAS = 2            # gradient_accumulation_steps
+GAS = 2            # gradient_accumulation_steps (micro-batches per optimizer step in every scenario)
 CLIP = 0.05        # below every step's gradient norm here: clipping is engaged (checked)
 LR = 0.5
 STAGES = (1, 2, 3)
-SCENARIOS = [f"z{stage}_{policy}" for stage in STAGES for policy in POLICY_KW] + ["z2_bf16"]
+ORDERS = {"std-vis": ("std", "vis"), "vis-std": ("vis", "std")}
+SCENARIOS = ([f"z{stage}_{policy}" for stage in STAGES for policy in POLICY_KW] + ["z2_bf16"]
+             + [f"twice_z{stage}_{policy}" for stage in STAGES for policy in POLICY_KW]
+             + [f"routed_z{stage}_{order}" for stage in STAGES for order in ORDERS])
 TIMEOUT = datetime.timedelta(seconds=60)
-DEADLINE = 240
+DEADLINE = 300
 ATOL, RTOL = 2e-5, 1e-4
+
+
+class Routed(nn.Module):
+    """The student, an expert only the text-only pass is routed to (no gradient from Std, one from Vis
+    with the prior not detached) and a frozen layer (no gradient at all)."""
+
+    def __init__(self, seed):
+        super().__init__()
+        self.student = Student(seed=seed)
+        self.text_expert = nn.Linear(VOCAB, VOCAB, bias=False)
+        self.student.lm.model.layers[0].mlp.requires_grad_(False)
+
+    def forward(self, ids, extra=None, text=False):
+        s = self.student(ids)
+        return s + self.text_expert(s) if text else s
+
+
+def routed_losses(model, data, order, scale=1.0):
+    """Std from a graph without the text-only pass, Vis into both passes, in ``order``."""
+    ids, ids_text, a, b, mask, _ = data
+    s, u = model(ids), model(ids_text, text=True)
+    loss_fn = vgs.VGSLoss(gamma=2.0, detach_prior=False)
+    out = {"std": loss_fn(s, u.detach(), a, b, mask).std, "vis": loss_fn(s, u, a, b, mask).vis}
+    return {n: out[n] * scale for n in ORDERS[order]}
+
+
+def parse(name):
+    """(kind, stage, policy, backward calls per engine.step(), DeepSpeed's gradient_accumulation_steps)."""
+    kind = name.split("_")[0] if name.startswith(("twice", "routed")) else "plain"
+    rest = name if kind == "plain" else name.split("_", 1)[1]
+    stage, policy = int(rest[1]), rest.split("_", 1)[1]
+    policy = "vgs" if kind == "routed" or policy == "bf16" else policy
+    return kind, stage, policy, (GAS if kind == "twice" else 1), (1 if kind == "twice" else GAS)
+
+
+def make_model(name):
+    seed = SCENARIOS.index(name) if name in SCENARIOS else 0
+    return Routed(seed) if name.startswith("routed") else Student(seed=seed)
+
+
+def micro_losses(name, model, data, scale=1.0):
+    if name.startswith("routed"):
+        return routed_losses(model, data, name.split("_")[-1], scale)
+    return {n: v * scale for n, v in losses(model, vgs.VGSLoss(gamma=2.0), data).items()}
 
 
 def config(stage, bf16=False, gas=GAS):
@@ -37,12 +90,13 @@ def config(stage, bf16=False, gas=GAS):
             "zero_optimization": {"stage": stage}, "bf16": {"enabled": bf16}}
 
 
-def engine_for(name, stage, bf16=False):
-    model = Student(seed=SCENARIOS.index(name) if name in SCENARIOS else 0)
+def engine_for(name, stage, bf16=False, gas=GAS):
+    model = make_model(name)
     if bf16:
         model = model.to(torch.bfloat16)
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR),
-                                                   config=config(stage, bf16))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(trainable, lr=LR),
+                                                   config=config(stage, bf16, gas))
     return engine, optimizer
 
 
@@ -52,9 +106,10 @@ def full_params(engine):
         return {n: p.detach().float().clone() for n, p in params}
 
 
-def ds_train(engine, steer, seed, rank, steps=range(STEPS)):
-    """The issue's call shape: steer.backward per micro-batch, engine.step() after each."""
-    loss_fn = vgs.VGSLoss(gamma=2.0)
+def ds_train(engine, steer, name, rank, steps=range(STEPS), per_step=1):
+    """The issue's call shape: steer.backward per micro-batch, engine.step() after every ``per_step``
+    of them (GAS micro-batches per optimizer step)."""
+    seed = SCENARIOS.index(name) if name in SCENARIOS else 99
     rows = rank_rows(rank)
     grams, norms = [], []
     for step in steps:
@@ -62,20 +117,19 @@ def ds_train(engine, steer, seed, rank, steps=range(STEPS)):
             data = batch(seed, step, m, rows)
             if engine.bfloat16_enabled():
                 data = tuple(t.to(torch.bfloat16) if t.is_floating_point() else t for t in data)
-            steer.backward(losses(engine, loss_fn, data))
-            engine.step()
+            steer.backward(micro_losses(name, engine, data))
+            if (m + 1) % per_step == 0:
+                engine.step()
         grams.append(steer.stats["gram"].clone() if steer.stats["mode"] == "exact" else None)
         norms.append(float(engine.get_global_grad_norm()))
     return grams, norms
 
 
 def run_scenario(name, rank):
-    stage, policy = int(name[1]), name.split("_", 1)[1]
-    bf16 = policy == "bf16"
-    policy = "vgs" if bf16 else policy
-    engine, optimizer = engine_for(name, stage, bf16)
+    _, stage, policy, per_step, gas = parse(name)
+    engine, optimizer = engine_for(name, stage, name.endswith("bf16"), gas)
     steer = vgs.GradientSteering(optimizer, policy=policy, gamma=2.0, model=engine, **POLICY_KW[policy])
-    grams, norms = ds_train(engine, steer, SCENARIOS.index(name), rank)
+    grams, norms = ds_train(engine, steer, name, rank, per_step=per_step)
     return {"params": full_params(engine), "grams": grams, "norms": norms}
 
 
@@ -86,16 +140,16 @@ def resume(rank, path):
     for stage in (2, 3):
         engine, optimizer = engine_for("resume", stage)
         steer = vgs.GradientSteering(optimizer, policy="auto", every=2, model=engine)
-        ds_train(engine, steer, 99, rank, range(2))
+        ds_train(engine, steer, "resume", rank, range(2))
         engine.save_checkpoint(os.path.join(path, f"ckpt{stage}"), tag="t")
-        ds_train(engine, steer, 99, rank, range(2, 4))
+        ds_train(engine, steer, "resume", rank, range(2, 4))
         a = full_params(engine), steer.step_count, float(steer.eta_ema)
         engine, optimizer = engine_for("resume", stage)
         torch.manual_seed(123)  # a different init: the checkpoint must restore everything
         steer = vgs.GradientSteering(optimizer, policy="auto", every=2, model=engine)
         engine.load_checkpoint(os.path.join(path, f"ckpt{stage}"), tag="t")
         loaded = steer.step_count, float(steer.eta_ema)
-        ds_train(engine, steer, 99, rank, range(2, 4))
+        ds_train(engine, steer, "resume", rank, range(2, 4))
         out[stage] = {"a": a, "b": (full_params(engine), steer.step_count, float(steer.eta_ema)), "loaded": loaded}
     return out
 
@@ -136,18 +190,17 @@ def ranks(tmp_path_factory):
 
 
 def reference(name):
-    """One process, no DeepSpeed: the concatenated batch, GAS micro-batches of 1/GAS, clipped at CLIP."""
-    policy = name.split("_", 1)[1]
-    policy = "vgs" if policy == "bf16" else policy
+    """One process, no DeepSpeed: the concatenated batch, GAS micro-batches (each divided by DeepSpeed's
+    gradient_accumulation_steps, as engine.backward does), clipped at CLIP."""
+    _, _, policy, _, gas = parse(name)
     seed = SCENARIOS.index(name)
-    model = Student(seed=seed)
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    model = make_model(name)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
     steer = vgs.GradientSteering(optimizer, policy=policy, gamma=2.0, **POLICY_KW[policy])
-    loss_fn = vgs.VGSLoss(gamma=2.0)
     grams, norms = [], []
     for step in range(STEPS):
         for m in range(GAS):
-            steer.backward({n: v / GAS for n, v in losses(model, loss_fn, batch(seed, step, m, slice(None))).items()})
+            steer.backward(micro_losses(name, model, batch(seed, step, m, slice(None)), 1 / gas))
         norms.append(float(steer.clip_grad_norm_(CLIP)))
         optimizer.step()
         optimizer.zero_grad()
@@ -176,7 +229,7 @@ def test_bf16(ranks):
     no_errors(ranks, "z2_bf16")
     want, want_grams, _ = reference("z2_bf16")
     res = ranks[0]["z2_bf16"]
-    moved = max((want[n] - Student(seed=SCENARIOS.index("z2_bf16")).state_dict()[n]).abs().max() for n in want)
+    moved = max((want[n] - make_model("z2_bf16").state_dict()[n]).abs().max() for n in want)
     err = max((res["params"][n] - want[n]).abs().max() for n in want)
     assert err < 0.1 * moved, (err, moved)
     torch.testing.assert_close(res["grams"][0], want_grams[0], atol=1e-4, rtol=5e-2)
@@ -205,7 +258,7 @@ def test_misuse_raises(ranks):
 
 class _Cfg:
     def __init__(self, device="none"):
-        self.device = type("D", (), {"value": device})()
+        self.device = device  # DeepSpeed's offload config keeps the device enum's value, a str
 
 
 class FakeEngine:

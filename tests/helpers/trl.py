@@ -51,6 +51,16 @@ def config(tmp_path, cls=VGSDistillationConfig, **kw):
     return cls(**base)
 
 
+def ds_config(stage, **zero):
+    """A DeepSpeed config for TrainingArguments(deepspeed=...): Trainer fills the "auto" values (micro-batch,
+    accumulation, clipping from max_grad_norm, bf16); under ZeRO-3 no parameter is kept whole for being small,
+    so the LM heads really are partitioned. ``zero``: more zero_optimization settings."""
+    return {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+            "gradient_clipping": "auto", "bf16": {"enabled": "auto"}, "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10 ** 9, "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0,
+                                                              **zero}}
+
+
 def recording(cls):
     """cls that records each micro-batch, the student before each step and .grad right before it."""
 

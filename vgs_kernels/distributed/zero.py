@@ -38,7 +38,8 @@ def _zero_unsupported(engine: Any) -> Optional[str]:
     if engine.zero_quantized_gradients():
         return "zero_optimization.zero_quantized_gradients=true (ZeRO++ qgZ): the reduced gradients are quantised"
     for name, cfg in (("offload_optimizer", engine.zero_offload_optimizer()), ("offload_param", engine.zero_offload_param())):
-        device = getattr(getattr(cfg, "device", None), "value", "none")
+        device = getattr(cfg, "device", None) or "none"
+        device = getattr(device, "value", device)  # DeepSpeed's config keeps the enum's value (a str)
         if device != "none":
             return f"zero_optimization.{name} (device {device!r}): its partitions live in host buffers; drop it"
     if engine.fp16_enabled():
@@ -56,8 +57,17 @@ class ZeroGrads:
     Each component's backward runs through ``engine.backward`` as an accumulation boundary, so
     DeepSpeed reduces it (averaged over the data-parallel group) into its partition buffers; the hook
     adds the local partition into its own buffer for that component (k buffers of 1/world of the
-    model) and zeroes DeepSpeed's, which at the step receives sum_i c_i g_i. Same interface as
-    components.ComponentGrads.
+    model) and zeroes DeepSpeed's, which at the step receives sum_i c_i g_i. A combined backward
+    (``fixed``, ``auto`` between measurements) is component 0 alone, collected the same way, so every
+    ``steer.backward`` between two ``engine.step()`` calls adds to the step, in every stage and policy,
+    as ``.grad`` accumulates (ZeRO-1/2 would otherwise keep only the last backward that is an
+    accumulation boundary, e.g. two calls at GA=1). Same interface as components.ComponentGrads.
+
+    ZeRO-3 keeps each parameter's reduced partition in a persistent buffer that it overwrites or adds
+    into only for the parameters that got a gradient in a backward, and never clears at the step.
+    After a step that buffer still holds the steered gradient written into it, so a parameter that
+    gets no gradient from component 0 (e.g. used only in a pass that only ``vis`` reaches) would count
+    last step's update as this step's component 0: ``start`` zeroes the partitions first.
 
     DeepSpeed's state read or written (public where DeepSpeed has it):
     * ZeRO-3: deepspeed.utils.safe_get_local_grad / safe_set_local_grad.
@@ -82,6 +92,9 @@ class ZeroGrads:
         self.params = [p for p in self.engine.module.parameters() if p.requires_grad]
         self.k = k
         self.clear()
+        if self.stage3:  # last step's steered gradient is still in the partitions (class docstring)
+            for p in self.params:
+                self.local_grad(p).zero_()
 
     def clear(self) -> None:
         self._acc = []
@@ -215,11 +228,30 @@ class ZeroSync(ProcessGroupSync):
                                "the steered gradient inside engine.step()); steer.clip_grad_norm_ would see "
                                "none of DeepSpeed's gradient partitions")
 
-        return [(zero, "step", steered_step), (zero, "state_dict", saving), (zero, "load_state_dict", loading),
-                (hook, "clip_grad_norm_", no_clip)]
+        patched = [(zero, "step", steered_step), (zero, "state_dict", saving), (zero, "load_state_dict", loading),
+                   (hook, "clip_grad_norm_", no_clip)]
+        if hasattr(zero, "process_gradients"):  # ZeRO-1/2
+            process = zero.process_gradients
+
+            def process_defined(param, i):
+                # torch runs a parameter's post-accumulate-grad hook even when the backward gave it no gradient
+                # (reached only through an autograd Function that returned None for it: the fused loss's text-only
+                # side in the std component's backward); ZeRO-1/2's hook would reduce the None
+                if param.grad is not None:
+                    process(param, i)
+
+            patched.append((zero, "process_gradients", process_defined))
+        return patched
 
     def average(self, params: Sequence[Tensor], cols: Rows, names: Sequence[str]) -> None:
-        """Nothing: DeepSpeed averaged every gradient in its reduction."""
+        """A combined step: DeepSpeed averaged every gradient in its reduction; the sum of the step's
+        backward passes (ZeroGrads' component 0) goes back into its partitions."""
+        grads = self._collector_ref
+        for p, col in zip(grads.params, grads.columns()):
+            if col[0] is not None:
+                g = grads.local_grad(p)
+                g.copy_(col[0])
+                grads.set_local_grad(p, g)
 
     def prepare(self, params: Sequence[Tensor], cols: Rows, names: Sequence[str]) -> Tuple[List[Tensor], Rows, Rows]:
         grads, k = self._collector_ref, len(cols[0]) if cols else 1

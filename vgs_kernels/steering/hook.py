@@ -159,7 +159,7 @@ class GradientSteering:
 
         losses: a VGSLossOutput (its weights and component mode come with it) or a dict
         {name: scalar loss}. The names and their order are fixed by the first call (component 0's
-        gradient lives in .grad). Every component must carry a gradient.
+        gradient lives in .grad). Every component must carry a gradient. Calls between steps add up.
         """
         out = losses if isinstance(losses, VGSLossOutput) else None
         total = self._spec.adopt(out) if out is not None else None
@@ -183,7 +183,7 @@ class GradientSteering:
                     loss = loss + c[i] * comps[names[i]]
             else:
                 loss = sum(c[i] * comps[n] for i, n in enumerate(names))
-            self._run_backward(loss, retain_graph)
+            self._grads.run(0, lambda: self._run_backward(loss, retain_graph))
             return
         if out is not None and not out.components:
             raise ValueError(f"GradientSteering(policy={self.policy!r}): this step needs each component's "

@@ -1,8 +1,7 @@
 """VGSDistillationTrainer on 2 gloo processes (Accelerate wraps the student in DDP): the same update as
 one process on the concatenated batch, clipping engaged. (DDP's forward returns the loss through its
 _DDPSink, a new tensor: the trainer's loss check once refused it, so multi-process DDP raised.)
-DeepSpeed in this trainer raises NotImplementedError (issue 24; GradientSteering on an engine is
-tested in tests/distributed/test_deepspeed.py).
+DeepSpeed ZeRO-2/3 in both trainers: test_trl_deepspeed.py.
 
 Greedy rollouts depend only on the parameters; Accelerate gives rank r the r-th of every 2 batches of
 2 prompts, which together are the single process's batch of 4 (the same seeded sampler).

@@ -10,6 +10,12 @@
   Accelerate's; Trainer's ``accelerator.backward(loss)`` is routed to the hook (one backward per
   component on exact steps, one combined backward on ``fixed`` and between ``auto`` measurements); the
   hook steers before Trainer clips and logs ``grad_norm``, so both see the steered gradient;
+* DeepSpeed ZeRO (``TrainingArguments(deepspeed=...)`` or ``accelerate launch`` with a DeepSpeed config):
+  the hook sits on the engine Accelerate builds (created when the engine exists, before a checkpoint is
+  loaded into it); every backward it runs is ``engine.backward``, then one ``engine.step()`` per
+  optimizer step, as Accelerate's own DeepSpeed backward does: the hook steers inside it, before
+  DeepSpeed clips (``gradient_clipping``, from ``max_grad_norm``) and Trainer logs its norm. Under ZeRO-3
+  the LM heads the losses read directly are gathered as TRL gathers them (``gathered_heads``);
 * logs (``vgs/eta``, ``vgs/cos_*``, ...), the hook's SteeringConflictWarning into the Trainer's logger;
 * checkpoints: the hook's state rides in the optimizer's state_dict; the model is saved in the format
   ``resume_from_checkpoint`` reloads (``save_original_format=False``).
@@ -25,6 +31,7 @@ import torch
 import transformers.trainer
 
 from vgs_kernels.integrations.trl.methods import FORWARD_KEYS, TEXT_KEYS, Heads, Method
+from vgs_kernels.integrations.trl.zero3 import gathered_heads
 from vgs_kernels.steering import GradientSteering
 from vgs_kernels.vlm import LMHead, VisionTokens, check_processor, text_only_batch
 from vgs_kernels.vlm.plumbing import vocab_size
@@ -53,21 +60,31 @@ class SteeredTrainerMixin:
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
-        inner = getattr(optimizer, "optimizer", optimizer)
-        if self.is_deepspeed_enabled:
-            raise NotImplementedError(
-                f"{type(self).__name__} with DeepSpeed is not supported yet (the per-component backward of the "
-                "student fails inside ZeRO's gradient hooks in this trainer); train with FSDP2 or DDP, or steer a "
-                "DeepSpeed engine directly: vgs.GradientSteering(optimizer, model=engine) (README, DeepSpeed)")
-        if self.method.steered and (self.steer is None or self.steer.optimizer is not inner):
-            a, acc = self.args, self.accelerator
-            # gamma / lam come with the loss output; every backward the hook runs is Accelerate's
-            backward = functools.partial(type(acc).backward, acc)
-            self.steer = GradientSteering(inner, policy=a.steering_policy, eta=a.eta, every=a.eta_every,
-                                          patience=a.steering_patience,
-                                          backward_fn=lambda loss, **kw: backward(loss, **kw, **self._backward_kwargs))
-            self.steer.health.listeners.append(transformers.trainer.logger.warning)  # SteeringConflictWarning
+        if not self.is_deepspeed_enabled:  # DeepSpeed: on the engine, once it exists (create_scheduler)
+            self._attach_steering(getattr(optimizer, "optimizer", optimizer))
         return optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        # Trainer calls this again right after accelerator.prepare built the engine ("the optimizer won't
+        # change anymore") and before it loads a checkpoint into it, which restores the hook's state
+        wrapped = getattr(self.accelerator, "deepspeed_engine_wrapped", None)
+        if self.is_deepspeed_enabled and wrapped is not None:
+            self._attach_steering(wrapped.engine.optimizer, wrapped.engine)
+        return scheduler
+
+    def _attach_steering(self, optimizer, engine=None) -> None:
+        """The hook on ``optimizer`` (the torch one, or with ``engine`` that DeepSpeed engine's ZeRO optimizer);
+        gamma / lam come with the loss output; every backward it runs is Accelerate's, or the engine's."""
+        inner = getattr(optimizer, "optimizer", optimizer)
+        if not self.method.steered or (self.steer is not None and self.steer.optimizer is inner):
+            return
+        a, acc = self.args, self.accelerator
+        backward = engine.backward if engine is not None else functools.partial(type(acc).backward, acc)
+        self.steer = GradientSteering(optimizer, policy=a.steering_policy, eta=a.eta, every=a.eta_every,
+                                      patience=a.steering_patience, model=engine,
+                                      backward_fn=lambda loss, **kw: backward(loss, **kw, **self._backward_kwargs))
+        self.steer.health.listeners.append(transformers.trainer.logger.warning)  # SteeringConflictWarning
 
     def _needs_components(self) -> bool:
         """Whether the next backward runs per component (exact steps) or combined (and in evaluation)."""
@@ -104,8 +121,9 @@ class SteeredTrainerMixin:
                     hidden[name] = self._forward_redirection(self.teacher_model, teacher, self._get_last_hidden_state,
                                                              teacher, *args, **kwargs).to(dev)
         loss_mask = loss_mask.to(dev)
-        total, entropy_sum, out = self.method.loss(self, inputs, hidden, self._heads(unwrapped_student, teacher),
-                                                   loss_mask, num_items_in_batch)
+        heads = self._heads(unwrapped_student, teacher)  # outside: a ZeRO-3 head forward would re-partition them
+        with gathered_heads(unwrapped_student, teacher):
+            total, entropy_sum, out = self.method.loss(self, inputs, hidden, heads, loss_mask, num_items_in_batch)
         self._pending = out
         self.method.log(self._metrics["train" if self.model.training else "eval"], out, loss_mask,
                         num_items_in_batch)
@@ -132,8 +150,13 @@ class SteeredTrainerMixin:
                 raise RuntimeError(f"{type(self).__name__}: the loss reaching backward is not the steered loss of "
                                    "this micro-batch (was compute_loss overridden, or the loss rescaled?)")
             self._backward_kwargs = kwargs
+            engine = getattr(getattr(acc, "deepspeed_engine_wrapped", None), "engine", None)
             try:
+                if engine is not None:  # as Accelerate's DeepSpeed backward: the boundary, then one step
+                    engine.set_gradient_accumulation_boundary(acc.sync_gradients)
                 self.steer.backward(out)
+                if engine is not None and acc.sync_gradients:
+                    engine.step()  # the hook steers inside it, then DeepSpeed clips and steps
             finally:
                 self._backward_kwargs = {}
 

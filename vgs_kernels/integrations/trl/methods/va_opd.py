@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from vgs_kernels.integrations.trl.methods.row import FORWARD_KEYS, TEXT_KEYS, Heads, LossResult, Method
+from vgs_kernels.integrations.trl.zero3 import gathered_heads
 from vgs_kernels.losses import VAOPDLoss, degrade_image, head_token_logprobs
 from vgs_kernels.ops import fused_linear_decomposed_kl
 from vgs_kernels.vlm import text_only_batch
@@ -60,9 +61,10 @@ def rollouts(trainer, inputs: list, out: dict) -> None:
     gap = []
     for view_args, view_kwargs in ((full, vision), weak):
         h, heads = teacher_hidden(trainer, view_args, view_kwargs)
-        gap.append(head_token_logprobs(h, heads.w_t, ids.to(h.device), heads.b_t, args.temperature,
-                                       heads.logit_scale[1], heads.softcap[1],
-                                       vocab_size=heads.vocab_size).to(ids.device))
+        with gathered_heads(trainer.accelerator.unwrap_model(trainer.teacher_model)):
+            gap.append(head_token_logprobs(h, heads.w_t, ids.to(h.device), heads.b_t, args.temperature,
+                                           heads.logit_scale[1], heads.softcap[1],
+                                           vocab_size=heads.vocab_size).to(ids.device))
     va = fn.visual_advantage(gap[0] - gap[1], valid)
     group_ids = torch.arange(ids.shape[0], device=ids.device) // args.num_generations
     weights, n_prompts = fn.rollout_weights(va, valid, group_ids)
