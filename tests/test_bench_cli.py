@@ -114,3 +114,17 @@ def test_cli_on_cuda_checks_every_fast_path(tmp_path):
     rows = _rows(tmp_path)
     assert [r for r in rows if r["status"] != "ok"] == [] and status == 0
     assert all(float(r["frac_copy_bw"]) > 0 for r in rows if r["suite"] in ("loss", "steering"))
+
+
+def test_accuracy_cli_prints_the_bf16_table(capsys):
+    """python -m benchmarks.accuracy (README, "Exact in bf16"): both rows of each case, ours within 2x TRL's."""
+    pytest.importorskip("trl")
+    from benchmarks import accuracy
+
+    accuracy.main(["--seeds", "1"])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| plain") or line.startswith("| scale")]
+    assert len(rows) == 4 and "fused VGS terms" in out
+    for line in rows:
+        trl, ours = (list(map(float, cell.split(" / "))) for cell in line.strip("|").split("|")[2:4])
+        assert max(ours[1:]) <= 2 * max(trl[1:]), line

@@ -17,6 +17,7 @@ COMMANDS = {
     "make bench": "tests/test_bench_cli.py::test_cli_runs_every_suite_and_writes_outputs (its recipe, python -m "
                   "benchmarks, with --sizes tiny; the recipe: test_makefile_recipes_are_what_the_tests_run)",
     "python -m benchmarks": "tests/test_bench_cli.py::test_cli_runs_every_suite_and_writes_outputs",
+    "python -m benchmarks.accuracy": "tests/test_bench_cli.py::test_accuracy_cli_prints_the_bf16_table",
     "make test": CI,
     "make wheel-check": CI,
     "make lock": "exempt: maintenance, a fresh venv from the network (moves constraints.txt)",
