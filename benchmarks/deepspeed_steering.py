@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from .harness import spawn_two
 
 VARIANTS = ("plain", "vgs", "fixed")
 
@@ -98,13 +98,7 @@ def main():
     p.add_argument("--length", type=int, default=64)
     p.add_argument("--response", type=int, default=32)
     args = p.parse_args()
-    out = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"vgs_ds_bench_{os.getpid()}.pt")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(worker, args=(port, args, out), nprocs=2, start_method="spawn")
-    rows = torch.load(out)
-    os.remove(out)
+    rows = spawn_two(worker, args, "vgs_ds_bench")
     print(f"2 gloo processes (CPU, 1 thread each), Qwen2 {rows[0][2] / 1e6:.1f} M params, batch {args.batch}/rank, "
           f"length {args.length}, response {args.response}, V {args.vocab}; median of {args.steps} steps\n")
     print("| ZeRO stage | variant | ms / step | vs plain |\n|---|---|---|---|")

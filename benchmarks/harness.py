@@ -411,3 +411,22 @@ def tolerance(dtype: torch.dtype) -> float:
     """Agreement tolerance for outputs computed from inputs of `dtype` (fp32 accumulation inside)."""
     return {torch.float64: 1e-9, torch.float32: 2e-4}.get(dtype, 3e-2)
 
+
+def spawn_two(worker: Callable, args: Any, tag: str) -> Any:
+    """Runs ``worker(rank, port, args, out)`` on 2 spawned CPU processes (a free port for their process
+    group); returns what they saved to the file ``out`` (the DeepSpeed benchmarks)."""
+    import os
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    out = os.path.join(tempfile.gettempdir(), f"{tag}_{os.getpid()}.pt")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(worker, args=(port, args, out), nprocs=2, start_method="spawn")
+    try:
+        return torch.load(out)
+    finally:
+        os.remove(out)

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import tempfile
 
 import torch
-import torch.multiprocessing as mp
+
+from .harness import spawn_two
 
 IMPLS = ("trl", "vgs fixed", "vgs exact")
 STAGES = (2, 3)
@@ -107,13 +107,7 @@ def main():
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--tokens", type=int, default=8)
     args = p.parse_args()
-    out = os.path.join(tempfile.gettempdir(), f"vgs_trl_ds_bench_{os.getpid()}.pt")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(worker, args=(port, args, out), nprocs=2, start_method="spawn")
-    res = torch.load(out)
-    os.remove(out)
+    res = spawn_two(worker, args, "vgs_trl_ds_bench")
     print(f"2 gloo processes (CPU, 1 thread each), suite trl's {args.size} Qwen2-VL, {args.batch} prompts x 2 "
           f"micro-batches per rank and step, {args.tokens} greedy tokens; {args.rounds} rounds x {args.steps - 1} "
           f"timed steps\n")

@@ -49,6 +49,20 @@ constexpr int64_t kChunk = 512;
 template <typename acc_t>
 constexpr int kLanes = 64 / sizeof(acc_t);  // one 512-bit vector: the lane-wise reductions' width
 
+// e^(x - n ln2) for n the integer nearest x / ln2 (|x - n ln2| <= ln2 / 2): Cephes expf's polynomial,
+// shared by vexp and lexp.
+[[gnu::always_inline]] inline float exp_reduced(float x, float n) {
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 split in two, exact n*hi
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = (p * r * r + r) + 1.0f;
+  return y;
+}
+
 // exp(x) for x <= 88 (callers pass x - max <= 0), as Cephes expf: 2^n * P(r), |r| <= ln2/2,
 // within ~1 ulp; exactly 0 below -87 (so exp(-inf) = 0); NaN in gives NaN out. Written with
 // selects only, so GCC vectorises it inside `omp simd` loops.
@@ -57,14 +71,7 @@ constexpr int kLanes = 64 / sizeof(acc_t);  // one 512-bit vector: the lane-wise
   xc = xc <= 88.0f ? xc : 88.0f;
   // Round to nearest through the 1.5 * 2^23 shifter (floorf does not vectorise under strict FP).
   const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 split in two, exact n*hi
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float y = (p * r * r + r) + 1.0f;
+  const float y = exp_reduced(xc, n);
   const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
   const float e = y * std::bit_cast<float>(bits);
   return x >= -87.0f ? e : (x < -87.0f ? 0.0f : x);
@@ -76,14 +83,7 @@ constexpr int kLanes = 64 / sizeof(acc_t);  // one 512-bit vector: the lane-wise
 [[gnu::always_inline]] inline float lexp(float x) {
   const float t = x * 1.44269504088896341f + 12582912.0f;  // 1.5 * 2^23 + n, n in the low bits
   const float n = t - 12582912.0f;
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float y = (p * r * r + r) + 1.0f;
+  const float y = exp_reduced(x, n);
   const uint32_t bits = (std::bit_cast<uint32_t>(t) - 0x4B400000u + 127u) << 23;  // (n + 127) << 23
   return y * std::bit_cast<float>(bits);
 }
