@@ -61,9 +61,7 @@ class KLTerms(NamedTuple):
 
 def _check_inputs(s, u, a, b, mask, temperature: float = 1.0, beta: float = 1.0) -> None:
     """Raises TypeError / ValueError naming the offending argument."""
-    if divergence(beta) != REVERSE and u is not None:
-        raise ValueError(f"beta={beta}: the four-term split (u, b given) is of the reverse KL (the paper's VGS); "
-                         "forward KL and JSD are the monolithic mode's (u = b = None)")
+    divergence(beta, four_term=None if u is None else ("u", "b"))
     if (u is None) != (b is None):
         raise ValueError("u and b must be given together (decomposed mode) or both be None "
                          f"(monolithic mode); got u={'None' if u is None else 'tensor'}, "
@@ -147,11 +145,16 @@ def acc_dtype(*xs: Optional[Tensor]) -> torch.dtype:
 REVERSE, FORWARD, JSD = 0, 1, 2
 
 
-def divergence(beta: float) -> int:
-    """The divergence mode of TRL's beta; ValueError outside [0, 1]."""
+def divergence(beta: float, four_term: Optional[Tuple[str, str]] = None) -> int:
+    """The divergence mode of TRL's beta; ValueError outside [0, 1], and for beta != 1 when the four-term
+    split's inputs (named ``four_term``) are given: it is of the reverse KL."""
     if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0 <= beta <= 1:
         raise ValueError(f"beta must be a number in [0, 1] (1: reverse KL, 0: forward KL, between: the "
                          f"generalised JSD), got {beta!r}")
+    if beta != 1 and four_term is not None:
+        u, b = four_term
+        raise ValueError(f"beta={beta}: the four-term split ({u}, {b} given) is of the reverse KL (the paper's "
+                         f"VGS); forward KL and JSD are the monolithic mode's ({u} = {b} = None)")
     return REVERSE if beta == 1 else FORWARD if beta == 0 else JSD
 
 

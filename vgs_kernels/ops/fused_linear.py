@@ -43,7 +43,7 @@ from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tup
 import torch
 from torch import Tensor
 
-from vgs_kernels.ops.decomposed_kl import (N_STATS, REVERSE, KLTerms, acc_dtype, decomposed_kl_reference,
+from vgs_kernels.ops.decomposed_kl import (N_STATS, KLTerms, acc_dtype, decomposed_kl_reference,
                                            divergence, kl_backward, kl_forward, valid_mask)
 
 Pair = Union[float, Tuple[float, float]]
@@ -309,9 +309,7 @@ class FusedLinearKLFunction(torch.autograd.Function):
 def check_inputs(h_s, h_u, w_s, h_a, h_b, w_t, mask, b_s, b_t, temperature, softcap, chunk_size,
                  beta: float = 1.0) -> None:
     """Raises TypeError / ValueError naming the offending argument."""
-    if divergence(beta) != REVERSE and h_u is not None:
-        raise ValueError(f"beta={beta}: the four-term split (h_u, h_b given) is of the reverse KL (the paper's "
-                         "VGS); forward KL and JSD are the monolithic mode's (h_u = h_b = None)")
+    divergence(beta, four_term=None if h_u is None else ("h_u", "h_b"))
     if (h_u is None) != (h_b is None):
         raise ValueError("h_u and h_b must be given together (decomposed) or both be None (monolithic)")
     named = [(n, t) for n, t in (("h_s", h_s), ("h_u", h_u), ("w_student", w_s), ("h_a", h_a),
